@@ -1,0 +1,12 @@
+"""EntroDrop Studio: see inside an LLM's blocks and prune the ones it does not need.
+
+The library never imports gradio. Main entry points:
+
+* :func:`entrodrop.loading.load_model` — bundled alias, local folder, .gguf file or hub id;
+* :func:`entrodrop.data.load_corpus` / :func:`entrodrop.data.make_windows` — calibration text;
+* :func:`entrodrop.calibrate.iter_calibration` — streaming per-block statistics;
+* :func:`entrodrop.select.select_blocks` — entrodrop / cosine / angular / manual drop plans;
+* :mod:`entrodrop.prune`, :mod:`entrodrop.evaluate`, :mod:`entrodrop.export` — apply, check, save.
+"""
+
+__version__ = "0.1.0"

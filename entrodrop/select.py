@@ -1,0 +1,145 @@
+"""Ranking policies that turn calibration scores into a validated :class:`DropPlan`.
+
+* ``entrodrop`` — smallest entropy increase (``delta_entropy[estimator]``) among eligible
+  blocks. Protection ``stage`` (default): blocks in the detected compression stage
+  (layers < stage boundary) and the last layer are never dropped, the paper's two-stage rule;
+  ``released``: layers 0, 1 and L-1 are protected, exactly as the authors' released code.
+* ``cosine`` — LLM-Drop / ShortGPT block influence: smallest ``1 - cos(in, out)``.
+* ``angular`` — Gromov et al.: for whole layers, the contiguous span of ``count`` layers whose
+  input and output residual streams are closest in angle; for sub-blocks, the blocks with the
+  smallest mean angular distance between their input and output.
+* ``manual`` — the layers the caller lists.
+
+Ties break by layer index (lower first). Baselines run unprotected by default (as published),
+except that nothing may drop every block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .arch import BLOCK_KINDS
+from .plan import DroppedBlock, DropPlan
+from .scores import Scores
+
+CRITERIA = ("entrodrop", "cosine", "angular", "manual")
+PROTECTIONS = ("stage", "released", "none")
+DEFAULT_PROTECTION = {"entrodrop": "stage", "cosine": "none", "angular": "none", "manual": "none"}
+
+
+def protected_layers(scores: Scores, protect: str, *, estimator: str = "bucket", stage_boundary: int | None = None) -> dict[int, str]:
+    """Layers that may not be dropped under ``protect``, each with the reason (for the UI)."""
+    L = scores.num_layers
+    if protect == "none":
+        return {}
+    if protect == "released":
+        return {i: "protected in the authors' released code (layers 0, 1 and L-1)" for i in sorted({0, 1, L - 1})}
+    if protect == "stage":
+        boundary = stage_boundary if stage_boundary is not None else scores.stage_boundary.get(estimator)
+        if boundary is None:
+            raise ValueError(f"No stage boundary for estimator {estimator!r}; calibrate with it or pass stage_boundary.")
+        if not 0 <= boundary <= L:
+            raise ValueError(f"stage_boundary must be between 0 and {L}, got {boundary}.")
+        reasons = {i: f"compression stage (entropy still falling before X_{boundary})" for i in range(boundary)}
+        reasons[L - 1] = "last layer (writes the stream the LM head reads)"
+        return reasons
+    raise ValueError(f"Unknown protection {protect!r}; choose from {', '.join(PROTECTIONS)}.")
+
+
+def resolve_count(num_layers: int, count: int | None, fraction: float | None) -> int:
+    """Number of blocks to drop from an explicit count or a fraction of the L blocks of one kind."""
+    if (count is None) == (fraction is None):
+        raise ValueError("Give exactly one of count (number of blocks) or fraction (share of blocks).")
+    if fraction is not None:
+        if not 0 <= fraction < 1:
+            raise ValueError(f"fraction must be in [0, 1), got {fraction}.")
+        return round(fraction * num_layers)
+    if count < 0:
+        raise ValueError(f"count must be 0 or more, got {count}.")
+    return count
+
+
+def rank_blocks(scores: Scores, criterion: str, kind: str, *, estimator: str = "bucket") -> list[tuple[int, float]]:
+    """All blocks of ``kind`` as (layer, score), best candidates to drop first."""
+    blocks = scores.blocks_of(kind)
+    if criterion == "entrodrop":
+        if estimator not in scores.estimators:
+            raise ValueError(
+                f"Estimator {estimator!r} was not calibrated; available: {', '.join(scores.estimators)}."
+            )
+        values = [(b.layer, b.delta_entropy[estimator]) for b in blocks]
+    elif criterion == "cosine":
+        values = [(b.layer, b.cosine_importance) for b in blocks]
+    elif criterion == "angular":
+        values = [(b.layer, b.angular_distance) for b in blocks]
+    else:
+        raise ValueError(f"Criterion {criterion!r} has no ranking; choose from entrodrop, cosine, angular.")
+    return sorted(values, key=lambda lv: (lv[1], lv[0]))
+
+
+def _angular_span(scores: Scores, count: int, eligible: set[int]) -> tuple[int, float]:
+    """Start layer of the contiguous span of ``count`` eligible layers with the smallest distance."""
+    matrix = scores.angular_matrix
+    best: tuple[float, int] | None = None
+    for start in range(scores.num_layers - count + 1):
+        if all(layer in eligible for layer in range(start, start + count)):
+            dist = matrix[start][start + count]
+            if best is None or (dist, start) < best:
+                best = (dist, start)
+    if best is None:
+        raise ValueError(f"No contiguous span of {count} droppable layers; drop fewer or relax protection.")
+    return best[1], best[0]
+
+
+def select_blocks(
+    scores: Scores,
+    criterion: str = "entrodrop",
+    kind: str = "attn",
+    *,
+    count: int | None = None,
+    fraction: float | None = None,
+    estimator: str = "bucket",
+    protect: str | None = None,
+    stage_boundary: int | None = None,
+    layers: Iterable[int] | None = None,
+) -> DropPlan:
+    """Choose blocks of ``kind`` to drop with ``criterion``; returns a validated plan with reasons."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"Unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}.")
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"Unknown block kind {kind!r}; choose from {', '.join(BLOCK_KINDS)}.")
+    L = scores.num_layers
+    meta = {"kind": kind, "estimator": estimator}
+    if criterion == "manual":
+        chosen = sorted(set(layers or []))
+        blocks = [DroppedBlock(layer, kind, "chosen by hand") for layer in chosen]
+        return DropPlan(num_layers=L, blocks=blocks, criterion="manual", meta=meta)
+
+    n = resolve_count(L, count, fraction)
+    protect = protect or DEFAULT_PROTECTION[criterion]
+    protected = protected_layers(scores, protect, estimator=estimator, stage_boundary=stage_boundary)
+    eligible = {layer for layer in range(L) if layer not in protected}
+    meta.update(protect=protect, protected=sorted(protected), count=n)
+    if criterion == "entrodrop" and protect == "stage":
+        meta["stage_boundary"] = stage_boundary if stage_boundary is not None else scores.stage_boundary[estimator]
+    if n > len(eligible):
+        raise ValueError(
+            f"Cannot drop {n} {kind} blocks: only {len(eligible)} of {L} are eligible under protection "
+            f"'{protect}'. Drop fewer, or use protection 'released' or 'none'."
+        )
+    if n == 0:
+        return DropPlan(num_layers=L, blocks=[], criterion=criterion, meta=meta)
+
+    if criterion == "angular" and kind == "layer":
+        start, dist = _angular_span(scores, n, eligible)
+        reason = f"angular: span {start}..{start + n - 1}, distance(X_{start}, X_{start + n}) = {dist:.4f}"
+        blocks = [DroppedBlock(layer, kind, reason) for layer in range(start, start + n)]
+        return DropPlan(num_layers=L, blocks=blocks, criterion=criterion, meta=meta)
+
+    ranked = [(layer, v) for layer, v in rank_blocks(scores, criterion, kind, estimator=estimator) if layer in eligible]
+    label = {"entrodrop": f"delta_entropy[{estimator}]", "cosine": "cosine importance", "angular": "angular distance"}[criterion]
+    blocks = [
+        DroppedBlock(layer, kind, f"{criterion}: {label} = {value:.4g}, rank {rank + 1} of {len(ranked)} eligible")
+        for rank, (layer, value) in enumerate(ranked[:n])
+    ]
+    return DropPlan(num_layers=L, blocks=blocks, criterion=criterion, meta=meta)

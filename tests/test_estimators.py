@@ -1,0 +1,98 @@
+"""Estimators against closed forms and basic invariants."""
+
+import math
+
+import pytest
+import torch
+
+from entrodrop.estimators import (
+    angular_distance,
+    angular_distance_matrix,
+    bucket_entropy,
+    cosine_importance,
+    entropy,
+    knn_entropy,
+    renyi_entropy,
+)
+
+
+def test_bucket_entropy_of_uniform_data_is_d_log_bins():
+    torch.manual_seed(0)
+    z = torch.rand(20000, 8)  # uniform on every dimension
+    assert bucket_entropy(z, bins=20).item() == pytest.approx(8 * math.log(20), rel=0.005)
+    assert bucket_entropy(z, bins=10).item() == pytest.approx(8 * math.log(10), rel=0.005)
+
+
+def test_bucket_entropy_of_constant_dimensions_is_zero():
+    z = torch.ones(50, 6)
+    assert bucket_entropy(z).item() == 0.0
+
+
+def test_bucket_entropy_is_scale_and_shift_invariant_per_dimension():
+    torch.manual_seed(0)
+    z = torch.randn(500, 5)
+    scaled = z * torch.tensor([1.0, 10.0, 0.1, 3.0, 7.0]) + 5
+    assert bucket_entropy(scaled).item() == pytest.approx(bucket_entropy(z).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("d,sigma", [(4, 1.0), (8, 2.0)])
+def test_knn_entropy_of_isotropic_gaussian_matches_closed_form(d, sigma):
+    torch.manual_seed(0)
+    z = torch.randn(3000, d) * sigma
+    expected = d / 2 * math.log(2 * math.pi * math.e * sigma**2)
+    assert knn_entropy(z, k=25).item() == pytest.approx(expected, rel=0.04)
+
+
+def test_knn_entropy_needs_more_tokens_than_k():
+    with pytest.raises(ValueError, match="more than 25 tokens"):
+        knn_entropy(torch.randn(25, 4), k=25)
+
+
+def test_renyi_entropy_is_lower_for_clustered_than_spread_data():
+    torch.manual_seed(0)
+    clustered = torch.cat([torch.randn(150, 8) * 0.05 + 3, torch.randn(150, 8) * 0.05 - 3])
+    spread = torch.randn(300, 8)
+    assert renyi_entropy(clustered).item() < renyi_entropy(spread).item()
+
+
+def test_batched_estimators_equal_one_at_a_time():
+    torch.manual_seed(0)
+    z = torch.randn(3, 64, 16)
+    for name in ("bucket", "knn", "renyi"):
+        batched = entropy(z, name)
+        single = torch.stack([entropy(z[i], name) for i in range(3)])
+        assert batched.shape == (3,)
+        torch.testing.assert_close(batched, single)
+
+
+def test_estimators_compute_in_float32_whatever_the_input_dtype():
+    torch.manual_seed(0)
+    z = torch.randn(128, 16)
+    assert bucket_entropy(z.bfloat16()).dtype == torch.float64
+    assert knn_entropy(z.half()).item() == pytest.approx(knn_entropy(z.half().float()).item(), rel=1e-5)
+
+
+def test_unknown_estimator_is_named():
+    with pytest.raises(ValueError, match="bucket, knn, renyi"):
+        entropy(torch.randn(30, 4), "shannon")
+
+
+def test_cosine_importance_and_angular_distance_closed_forms():
+    torch.manual_seed(0)
+    x = torch.randn(40, 8)
+    assert cosine_importance(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert cosine_importance(x, -x).item() == pytest.approx(2.0, abs=1e-6)
+    assert cosine_importance(x, 3 * x).item() == pytest.approx(0.0, abs=1e-6)  # scale does not matter
+    assert angular_distance(x, x).item() == pytest.approx(0.0, abs=2e-3)
+    e1, e2 = torch.eye(2)[0].expand(5, 2), torch.eye(2)[1].expand(5, 2)
+    assert angular_distance(e1, e2).item() == pytest.approx(0.5, abs=1e-6)  # orthogonal = 90 degrees
+
+
+def test_angular_distance_matrix_is_symmetric_with_zero_diagonal():
+    torch.manual_seed(0)
+    streams = torch.randn(5, 30, 8)
+    m = angular_distance_matrix(streams)
+    assert m.shape == (5, 5)
+    torch.testing.assert_close(m, m.T)
+    assert m.diagonal().abs().max().item() < 2e-3
+    assert m[1, 3].item() == pytest.approx(angular_distance(streams[1], streams[3]).item(), abs=1e-5)
