@@ -115,6 +115,8 @@ def select_blocks(
         blocks = [DroppedBlock(layer, kind, "chosen by hand") for layer in chosen]
         return DropPlan(num_layers=L, blocks=blocks, criterion="manual", meta=meta)
 
+    if criterion == "entrodrop" and estimator not in scores.estimators:
+        raise ValueError(f"Estimator {estimator!r} was not calibrated; available: {', '.join(scores.estimators)}.")
     n = resolve_count(L, count, fraction)
     protect = protect or DEFAULT_PROTECTION[criterion]
     protected = protected_layers(scores, protect, estimator=estimator, stage_boundary=stage_boundary)

