@@ -184,6 +184,7 @@ def iter_calibration(
     model_name: str | None = None,
     calibration: dict | None = None,
     spec: ArchSpec | None = None,
+    skip_first: int = 0,
 ) -> Iterator[CalibrationEvent]:
     """Run calibration batch by batch, yielding a :class:`CalibrationEvent` after each.
 
@@ -202,8 +203,12 @@ def iter_calibration(
     if attention_mask is None:
         attention_mask = torch.ones_like(windows, dtype=torch.bool)
     attention_mask = attention_mask.bool()
+    if skip_first < 0 or skip_first >= windows.shape[1]:
+        raise ValueError(f"skip_first must be between 0 and seq_len - 1 ({windows.shape[1] - 1}), got {skip_first}.")
+    stats_mask = attention_mask.clone()
+    stats_mask[:, :skip_first] = False
     if "knn" in settings.estimators:
-        fewest = min(int(attention_mask[i : i + batch_size].sum()) for i in range(0, len(windows), batch_size))
+        fewest = min(int(stats_mask[i : i + batch_size].sum()) for i in range(0, len(windows), batch_size))
         if fewest <= settings.k:
             raise ValueError(
                 f"knn entropy with k={settings.k} needs more than {settings.k} tokens per batch, but a batch has "
@@ -219,6 +224,7 @@ def iter_calibration(
         "bins": settings.bins,
         "k": settings.k,
         "alpha": settings.alpha,
+        "skip_first": skip_first,
     }
     batches_total = (len(windows) + batch_size - 1) // batch_size
     in_device, stats_device = _input_device(model), _stats_device(model)
@@ -230,6 +236,7 @@ def iter_calibration(
             mask = attention_mask[start : start + batch_size]
             cap.clear()
             base(input_ids=ids, attention_mask=mask.to(in_device).long(), use_cache=False)
+            mask = stats_mask[start : start + batch_size]
             if not cap.complete():
                 raise RuntimeError("Some residual streams were not captured; the architecture adapter is wrong.")
             flat_mask = mask.to(stats_device)

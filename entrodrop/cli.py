@@ -42,6 +42,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated entropy estimators from {','.join(ENTROPY_ESTIMATORS)} (default bucket,knn)")
     p.add_argument("--bins", type=int, default=20, help="bucket estimator: histogram bins per dimension")
     p.add_argument("--knn-k", type=int, default=25, help="knn estimator: neighbour rank k")
+    p.add_argument("--skip-first", type=int, default=0,
+                   help="leave the first N tokens of every window out of the statistics (attention sink); default 0")
 
 
 def load_from_args(args):
@@ -72,7 +74,7 @@ def calibrate_from_args(args, loaded) -> Scores:
     calibration = {"data": args.data, "seed": args.seed}
     events = iter_calibration(
         loaded.model, windows, settings=settings, batch_size=args.batch_size,
-        model_name=loaded.name, calibration=calibration, spec=loaded.arch,
+        model_name=loaded.name, calibration=calibration, spec=loaded.arch, skip_first=args.skip_first,
     )
     last = None
     with tqdm(total=(len(windows) + args.batch_size - 1) // args.batch_size, unit="batch", desc="calibrating",
