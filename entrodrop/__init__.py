@@ -6,7 +6,15 @@ The library never imports gradio. Main entry points:
 * :func:`entrodrop.data.load_corpus` / :func:`entrodrop.data.make_windows` — calibration text;
 * :func:`entrodrop.calibrate.iter_calibration` — streaming per-block statistics;
 * :func:`entrodrop.select.select_blocks` — entrodrop / cosine / angular / manual drop plans;
-* :mod:`entrodrop.prune`, :mod:`entrodrop.evaluate`, :mod:`entrodrop.export` — apply, check, save.
+* :mod:`entrodrop.prune`, :mod:`entrodrop.evaluate`, :mod:`entrodrop.export` — apply, check, save;
+* :func:`load_pruned` — reload a sub-block-pruned export.
 """
 
 __version__ = "0.1.0"
+
+
+def load_pruned(path, **kwargs):
+    """Reload a model exported by ``entrodrop prune`` (any plan); see :func:`entrodrop.export.load_pruned`."""
+    from .export import load_pruned as _load_pruned
+
+    return _load_pruned(path, **kwargs)

@@ -27,6 +27,7 @@ from .estimators import (
     cosine_importance,
     entropy,
 )
+from .loading import input_device
 from .scores import BlockScore, Scores, detect_stage_boundary
 
 logger = logging.getLogger(__name__)
@@ -157,10 +158,6 @@ class RunningStats:
         )
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
 def _stats_device(model: nn.Module) -> torch.device:
     """Statistics run where the model computes: the first CUDA device if any, else CPU."""
     devices = {p.device for p in model.parameters() if p.device.type not in ("meta",)}
@@ -227,7 +224,7 @@ def iter_calibration(
         "skip_first": skip_first,
     }
     batches_total = (len(windows) + batch_size - 1) // batch_size
-    in_device, stats_device = _input_device(model), _stats_device(model)
+    in_device, stats_device = input_device(model), _stats_device(model)
     base = model.base_model  # the decoder without the LM head: logits are not needed
     logger.info("Calibrating %s on %d windows x %d tokens", name, *windows.shape)
     with torch.inference_mode(), capture_residuals(model, spec, device=stats_device) as cap:

@@ -175,8 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = False) -> None:
-    p.add_argument("--criterion", default="entrodrop", choices=CRITERIA)
+def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = False,
+                       extra_criteria: tuple[str, ...] = ()) -> None:
+    help_text = "how blocks are ranked (default entrodrop)"
+    if "loss" in extra_criteria:
+        help_text += "; loss re-scores the best entrodrop candidates by the held-out loss of skipping them"
+    p.add_argument("--criterion", default="entrodrop", choices=(*CRITERIA, *extra_criteria), help=help_text)
     p.add_argument("--kind", default="attn", choices=("attn", "mlp", "layer"), help="granularity (default attn)")
     group = p.add_mutually_exclusive_group(required=count_required)
     group.add_argument("--count", type=int, default=None, help="number of blocks to drop")

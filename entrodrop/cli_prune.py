@@ -59,14 +59,6 @@ def _heldout_windows(args, tokenizer):
     return windows_from_args(eval_args, tokenizer, part="heldout")
 
 
-def _allow_loss_criterion(parser: argparse.ArgumentParser) -> None:
-    """add_selection_args offers the selection criteria; prune also takes the loss-verified one."""
-    for action in parser._actions:
-        if action.dest == "criterion" and action.choices is not None:
-            action.choices = (*action.choices, "loss")
-            action.help = "entrodrop | cosine | angular | manual | loss (loss-verified entrodrop candidates)"
-
-
 def _plan_from_args(args, loaded, *, required: bool):
     """(plan, scores): from --plan (file or 'attn:3,mlp:5'), else selected from --scores or a fresh
     calibration with --criterion/--kind/--count; an empty plan when nothing asks for blocks."""
@@ -220,8 +212,7 @@ def cmd_sweep(args) -> int:
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", default=None, help="plan JSON (from `entrodrop select --out`) or blocks such as 'attn:3,attn:5'")
     p.add_argument("--scores", default=None, help="scores JSON from `entrodrop scan --json` (else calibrate first)")
-    add_selection_args(p)
-    _allow_loss_criterion(p)
+    add_selection_args(p, extra_criteria=("loss",))
 
 
 def _add_check_args(p: argparse.ArgumentParser, *, speed_default: bool) -> None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import block_parameter_count, get_arch, get_layers, get_module
-from .loading import _input_device
+from .loading import input_device
 from .plan import DropPlan
 from .prune import SkippedAttention, count_parameters, plan_parameter_counts, preview_plan
 
@@ -198,7 +198,7 @@ def iter_compare_many(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     pruned_models = dict(pruned_models or {})
-    device = _input_device(model)
+    device = input_device(model)
     counts = {}
     for name, plan in plans.items():
         if name in pruned_models:
@@ -218,7 +218,7 @@ def iter_compare_many(
             for name, plan in plans.items():
                 if name in pruned_models:
                     other = pruned_models[name]
-                    pruned = _logits(other, ids.to(_input_device(other)))
+                    pruned = _logits(other, ids.to(input_device(other)))
                 else:
                     with preview_plan(model, plan):
                         pruned = _logits(model, ids)
@@ -259,7 +259,7 @@ def compare(model: nn.Module, plan: DropPlan, windows: torch.Tensor, *, batch_si
 def mean_loss(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = None, *, batch_size: int = 1) -> float:
     """Mean next-token cross-entropy (nats) of ``model`` on ``windows``, under a preview of ``plan``."""
     windows = _check_windows(windows)
-    device = _input_device(model)
+    device = input_device(model)
     total = 0.0
     count = 0
     with torch.inference_mode(), (preview_plan(model, plan) if plan is not None else nullcontext()):
@@ -361,7 +361,7 @@ def iter_measure_speed(
         logger.info("Prefill length capped at %d tokens by max_position_embeddings=%d", prefill_tokens, max_positions)
     vocab = min(len(tokenizer) if tokenizer is not None else config.vocab_size, config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
-    device = _input_device(model)
+    device = input_device(model)
     ids = torch.randint(0, vocab, (1, prefill_tokens), generator=generator).to(device)
     rounds = warmup + repeats
     dense_runs: list[tuple[float, float]] = []
@@ -412,7 +412,7 @@ def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
 def greedy_generate(model: nn.Module, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy continuation of ``ids`` (1, T): the new token ids only."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = ids.to(_input_device(model))
+    ids = ids.to(input_device(model))
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, pad_token_id=pad, temperature=None, top_p=None,

@@ -267,7 +267,7 @@ def _check_causal_lm(config) -> None:
         )
 
 
-def _input_device(model) -> torch.device:
+def input_device(model) -> torch.device:
     """Where input ids must go; with accelerate offload the hook's execution device, not 'meta'."""
     embeddings = model.get_input_embeddings()
     hook = getattr(embeddings, "_hf_hook", None)
@@ -382,7 +382,7 @@ def load_model(
         name=resolved.name,
         arch=arch,
         dtype=torch_dtype,
-        device=_input_device(model),
+        device=input_device(model),
         gguf_file=resolved.gguf_path,
     )
     report(f"Loaded {loaded.name}: {loaded.num_layers} layers, {arch.family}, on {loaded.device}")
