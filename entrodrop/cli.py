@@ -149,7 +149,11 @@ def cmd_select(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="entrodrop", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="entrodrop",
+        description="Score the blocks of a decoder LM by entropy increase and cosine similarity, "
+        "choose blocks to drop, check and export the pruned model.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
