@@ -319,7 +319,7 @@ def ideal_speedup(model: nn.Module, plan: DropPlan, seq_len: int) -> float:
 
 
 # -- speed -----------------------------------------------------------------------------------------
-def _time_prefill_and_decode(model: nn.Module, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+def time_prefill_and_decode(model: nn.Module, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
     """(seconds for the prefill forward, decode tokens per second with the KV cache)."""
     device = ids.device
     _sync(device)
@@ -368,9 +368,9 @@ def iter_measure_speed(
     pruned_runs: list[tuple[float, float]] = []
     with torch.inference_mode():
         for r in range(rounds):
-            dense = _time_prefill_and_decode(model, ids, decode_tokens)
+            dense = time_prefill_and_decode(model, ids, decode_tokens)
             with preview_plan(model, plan):
-                pruned = _time_prefill_and_decode(model, ids, decode_tokens)
+                pruned = time_prefill_and_decode(model, ids, decode_tokens)
             if r >= warmup:
                 dense_runs.append(dense)
                 pruned_runs.append(pruned)
