@@ -22,10 +22,12 @@ from .arch import ArchSpec, get_arch, get_layers
 from .capture import capture_residuals
 from .estimators import (
     ENTROPY_ESTIMATORS,
-    angular_distance,
     angular_distance_matrix,
-    cosine_importance,
+    angular_from_cosine,
     entropy,
+    importance_from_cosine,
+    token_cosine,
+    unit_tokens,
 )
 from .loading import input_device
 from .scores import BlockScore, Scores, detect_stage_boundary
@@ -99,21 +101,21 @@ class RunningStats:
 
     def add_batch(self, xs: torch.Tensor, ys: torch.Tensor, settings: EstimatorSettings) -> None:
         """Fold one batch in. ``xs``: (L+1, N, d) streams X_0..X_L; ``ys``: (L, N, d) streams Y_l."""
-        L = self.num_layers
-        streams = torch.cat([xs, ys])  # (2L+1, N, d): each distinct tensor measured once
-        for est in self.estimators:
-            h = entropy(streams, est, bins=settings.bins, k=settings.k, alpha=settings.alpha).cpu()
-            self.h_x[est] += h[: L + 1]
-            self.h_y[est] += h[L + 1 :]
+        kw = dict(bins=settings.bins, k=settings.k, alpha=settings.alpha)
+        for est in self.estimators:  # each of the 2L+1 distinct streams measured once
+            self.h_x[est] += entropy(xs, est, **kw).cpu()
+            self.h_y[est] += entropy(ys, est, **kw).cpu()
+        unit_x, unit_y = unit_tokens(xs), unit_tokens(ys)  # each stream normalised once
         pairs = {  # (block input, block output), each (L, N, d)
-            "attn": (xs[:-1], ys),
-            "mlp": (ys, xs[1:]),
-            "layer": (xs[:-1], xs[1:]),
+            "attn": (unit_x[:-1], unit_y),
+            "mlp": (unit_y, unit_x[1:]),
+            "layer": (unit_x[:-1], unit_x[1:]),
         }
         for kind, (block_in, block_out) in pairs.items():
-            self.cos[kind] += cosine_importance(block_in, block_out).cpu()
-            self.ang[kind] += angular_distance(block_in, block_out).cpu()
-        self.ang_matrix += angular_distance_matrix(xs).cpu()
+            cos = token_cosine(block_in, block_out, unit=True)  # (L, N)
+            self.cos[kind] += importance_from_cosine(cos).cpu()
+            self.ang[kind] += angular_from_cosine(cos).cpu()
+        self.ang_matrix += angular_distance_matrix(unit_x, unit=True).cpu()
         self.batches += 1
         self.tokens += int(xs.shape[1])
 

@@ -94,9 +94,30 @@ def entropy(z: torch.Tensor, estimator: str, *, bins: int = 20, k: int = 25, alp
     raise ValueError(f"Unknown entropy estimator {estimator!r}; choose from {', '.join(ENTROPY_ESTIMATORS)}.")
 
 
-def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of matching token vectors: (..., N, d) x (..., N, d) -> (..., N)."""
-    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
+def unit_tokens(z: torch.Tensor) -> torch.Tensor:
+    """Token vectors scaled to unit length (float32), (..., N, d) -> (..., N, d).
+
+    Normalise each stream once and reuse it for every cosine it takes part in."""
+    return torch.nn.functional.normalize(z.float(), dim=-1, eps=1e-8)
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor, *, unit: bool = False) -> torch.Tensor:
+    """Cosine similarity of matching token vectors: (..., N, d) x (..., N, d) -> (..., N).
+
+    ``unit=True`` says both inputs are already unit vectors (from :func:`unit_tokens`)."""
+    if not unit:
+        a, b = unit_tokens(a), unit_tokens(b)
+    return (a * b).sum(dim=-1).clamp_(-1.0, 1.0)
+
+
+def importance_from_cosine(cos: torch.Tensor) -> torch.Tensor:
+    """1 - mean over tokens of per-token cosines, (..., N) -> (...,) float64."""
+    return 1 - cos.double().mean(dim=-1)
+
+
+def angular_from_cosine(cos: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of arccos(cos) / pi, (..., N) -> (...,) float64 in [0, 1]."""
+    return (torch.arccos(cos.double().clamp(-1.0, 1.0)) / math.pi).mean(dim=-1)
 
 
 def cosine_importance(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -104,21 +125,21 @@ def cosine_importance(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
 
     0 means the block leaves every token's direction unchanged.
     """
-    return 1 - token_cosine(x_in, x_out).double().mean(dim=-1)
+    return importance_from_cosine(token_cosine(x_in, x_out))
 
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Gromov et al.: mean over tokens of arccos(cos(a, b)) / pi, in [0, 1]; (..., N, d) -> (...,)."""
-    cos = token_cosine(a, b).clamp(-1.0, 1.0).double()
-    return (torch.arccos(cos) / math.pi).mean(dim=-1)
+    return angular_from_cosine(token_cosine(a, b))
 
 
-def angular_distance_matrix(streams: torch.Tensor) -> torch.Tensor:
+def angular_distance_matrix(streams: torch.Tensor, *, unit: bool = False) -> torch.Tensor:
     """Angular distances between every pair of residual streams.
 
-    ``streams`` has shape (S, N, d): S residual streams (X_0..X_L) over the same N tokens.
-    Returns (S, S) with entry [i, j] = mean over tokens of arccos(cos(X_i, X_j)) / pi.
+    ``streams`` has shape (S, N, d): S residual streams (X_0..X_L) over the same N tokens
+    (``unit=True``: already unit vectors). Returns (S, S) float64 with entry [i, j] = mean over
+    tokens of arccos(cos(X_i, X_j)) / pi.
     """
-    unit = torch.nn.functional.normalize(streams.float(), dim=-1)  # (S, N, d)
-    cos = torch.einsum("snd,tnd->stn", unit, unit).clamp(-1.0, 1.0)  # (S, S, N)
-    return (torch.arccos(cos) / math.pi).mean(dim=-1).double()  # (S, S)
+    u = streams if unit else unit_tokens(streams)  # (S, N, d)
+    cos = torch.einsum("snd,tnd->stn", u, u)  # (S, S, N)
+    return angular_from_cosine(cos)  # (S, S)

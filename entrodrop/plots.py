@@ -1,0 +1,205 @@
+"""Plotly figures of calibration statistics (no gradio; the web app and notebooks share them).
+
+* :func:`entropy_figure` — entropy of X_0..X_L per estimator (one panel each, since their scales
+  differ), the stage boundary marked and the compression / expansion stages shaded;
+* :func:`blocks_figure` — entropy increase and cosine importance per block, side by side, with
+  ticked and protected blocks coloured;
+* :func:`rank_figure` — entropy rank against cosine rank per block: where the criteria disagree;
+* :func:`write_figures` — PNG (kaleido) and one self-contained HTML file.
+
+Titles carry the calibration progress ("3/8 batches") so a viewer sees which state is drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .scores import Scores
+
+logger = logging.getLogger(__name__)
+
+KIND_LABELS = {"attn": "attention", "mlp": "MLP", "layer": "whole layer"}
+ESTIMATOR_COLORS = {"bucket": "#1f77b4", "knn": "#9467bd", "renyi": "#8c564b"}
+COMPRESSION_FILL = "rgba(31, 119, 180, 0.10)"
+EXPANSION_FILL = "rgba(255, 127, 14, 0.10)"
+DROP_COLOR = "#d62728"
+KEEP_COLOR = "#4c78a8"
+PROTECTED_COLOR = "#b0b0b0"
+
+
+def _progress(scores: Scores) -> str:
+    if scores.complete:
+        return f"{scores.batches_done} batches"
+    return f"{scores.batches_done}/{scores.batches_total} batches"
+
+
+def empty_figure(message: str = "Start a calibration to draw the curves.") -> go.Figure:
+    """A blank figure carrying a message (before the first batch)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font={"size": 14})
+    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, height=300, template="plotly_white",
+                      margin={"l": 20, "r": 20, "t": 40, "b": 20})
+    return fig
+
+
+def entropy_figure(scores: Scores, estimators: Iterable[str] | None = None,
+                   stage_boundary: Mapping[str, int] | None = None) -> go.Figure:
+    """Entropy H(X_l), l = 0..L, one panel per estimator; H(Y_l) (after attention) at l + 0.5.
+
+    The stage boundary (detected, or ``stage_boundary[estimator]``) is a dashed line; layers before
+    it (compression) and after it (expansion) are shaded."""
+    ests = [e for e in (estimators or scores.estimators) if e in scores.entropy_curve]
+    L = scores.num_layers
+    fig = make_subplots(rows=len(ests), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[f"{e} estimator" for e in ests])
+    for row, est in enumerate(ests, 1):
+        color = ESTIMATOR_COLORS.get(est, "#333333")
+        curve = scores.entropy_curve[est]
+        fig.add_trace(go.Scatter(
+            x=list(range(L + 1)), y=curve, mode="lines+markers", name=f"H(X_l), {est}", line={"color": color},
+            hovertemplate="X_%{x} (entering layer %{x}): H = %{y:.2f} nats<extra>" + est + "</extra>",
+        ), row=row, col=1)
+        mid = scores.mid_entropy.get(est) or []
+        if mid:
+            fig.add_trace(go.Scatter(
+                x=[i + 0.5 for i in range(len(mid))], y=mid, mode="markers", name=f"H(Y_l) after attention, {est}",
+                marker={"color": color, "symbol": "circle-open", "size": 6}, opacity=0.7,
+                customdata=list(range(len(mid))),
+                hovertemplate="Y_%{customdata} (after attention of layer %{customdata}): H = %{y:.2f} nats"
+                              "<extra>" + est + "</extra>",
+            ), row=row, col=1)
+        boundary = (stage_boundary or {}).get(est, scores.stage_boundary.get(est))
+        if boundary is not None:
+            if boundary > 0:
+                fig.add_vrect(x0=0, x1=boundary, fillcolor=COMPRESSION_FILL, line_width=0, layer="below", row=row, col=1)
+            if boundary < L:
+                fig.add_vrect(x0=boundary, x1=L, fillcolor=EXPANSION_FILL, line_width=0, layer="below", row=row, col=1)
+            fig.add_vline(x=boundary, line_dash="dash", line_color="#555555", row=row, col=1)
+            fig.add_annotation(x=boundary, y=1, yref=f"y{'' if row == 1 else row} domain", text=f"boundary X_{boundary}",
+                               showarrow=False, xanchor="left", yanchor="top", font={"size": 11}, row=row, col=1)
+        fig.update_yaxes(title_text="nats", row=row, col=1)
+    fig.update_xaxes(title_text="layer index l (X_l enters layer l)", row=len(ests), col=1)
+    height = max(340, 260 * len(ests) + 60)
+    plot_height = height - 70 - 120  # minus the top and bottom margins
+    fig.update_layout(
+        title=f"Entropy per layer — {scores.model}, {_progress(scores)}",
+        height=height, template="plotly_white", hovermode="closest",
+        # below the x-axis title, whatever the number of panels
+        legend={"orientation": "h", "yanchor": "top", "y": -70 / plot_height, "x": 0},
+        margin={"l": 60, "r": 20, "t": 70, "b": 120},
+    )
+    return fig
+
+
+def _status(layer: int, ticked: set[int], protected: Mapping[int, str]) -> str:
+    if layer in ticked:
+        return "drop" + (" (protected!)" if layer in protected else "")
+    if layer in protected:
+        return f"protected: {protected[layer]}"
+    return "keep"
+
+
+def blocks_figure(scores: Scores, kind: str = "attn", estimator: str | None = None, *,
+                  ticked: Iterable[int] = (), protected: Mapping[int, str] | None = None) -> go.Figure:
+    """Entropy increase (left) and cosine importance (right) of every block of ``kind``.
+
+    Ticked blocks are red, protected ones grey; hover shows the value, its rank (1 = dropped first by
+    that criterion) and the block's status."""
+    est = estimator if estimator in scores.estimators else scores.estimators[0]
+    ticked = set(ticked)
+    protected = protected or {}
+    blocks = scores.blocks_of(kind)
+    layers = [b.layer for b in blocks]
+    dh = [b.delta_entropy[est] for b in blocks]
+    cos = [b.cosine_importance for b in blocks]
+    rank_dh = {b.layer: r for r, b in enumerate(sorted(blocks, key=lambda b: (b.delta_entropy[est], b.layer)), 1)}
+    rank_cos = {b.layer: r for r, b in enumerate(sorted(blocks, key=lambda b: (b.cosine_importance, b.layer)), 1)}
+    colors = [DROP_COLOR if i in ticked else PROTECTED_COLOR if i in protected else KEEP_COLOR for i in layers]
+    status = [_status(i, ticked, protected) for i in layers]
+    label = KIND_LABELS[kind]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=(f"Entropy increase ΔH ({est})", "Cosine importance 1 − cos(in, out)"))
+    fig.add_trace(go.Bar(
+        x=layers, y=dh, marker_color=colors, name="entropy increase",
+        customdata=[[rank_dh[i], s] for i, s in zip(layers, status, strict=True)],
+        hovertemplate="layer %{x}: ΔH = %{y:.4g} nats<br>rank %{customdata[0]} (1 = adds least)"
+                      "<br>%{customdata[1]}<extra></extra>",
+    ), row=1, col=1)
+    fig.add_trace(go.Bar(
+        x=layers, y=cos, marker_color=colors, name="cosine importance",
+        customdata=[[rank_cos[i], s] for i, s in zip(layers, status, strict=True)],
+        hovertemplate="layer %{x}: 1 − cos = %{y:.4g}<br>rank %{customdata[0]} (1 = changes least)"
+                      "<br>%{customdata[1]}<extra></extra>",
+    ), row=1, col=2)
+    fig.update_xaxes(title_text="layer", dtick=max(1, len(layers) // 15))
+    fig.update_yaxes(title_text="nats", row=1, col=1)
+    n_drop = len(ticked & set(layers))
+    suffix = f" — {n_drop} ticked to drop" if n_drop else ""
+    fig.update_layout(
+        title=f"Per {label} block — {_progress(scores)}{suffix}",
+        height=360, template="plotly_white", showlegend=False, bargap=0.15,
+        margin={"l": 60, "r": 20, "t": 70, "b": 50},
+    )
+    return fig
+
+
+def rank_figure(scores: Scores, kind: str = "attn", estimator: str | None = None, *,
+                ticked: Iterable[int] = ()) -> go.Figure:
+    """Each block's rank by entropy increase (x) against its rank by cosine importance (y).
+
+    On the diagonal both criteria agree; far from it they disagree. Rank 1 is dropped first."""
+    est = estimator if estimator in scores.estimators else scores.estimators[0]
+    ticked = set(ticked)
+    blocks = scores.blocks_of(kind)
+    rank_dh = {b.layer: r for r, b in enumerate(sorted(blocks, key=lambda b: (b.delta_entropy[est], b.layer)), 1)}
+    rank_cos = {b.layer: r for r, b in enumerate(sorted(blocks, key=lambda b: (b.cosine_importance, b.layer)), 1)}
+    layers = [b.layer for b in blocks]
+    n = len(layers)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[1, n], y=[1, n], mode="lines", line={"dash": "dot", "color": "#999999"},
+                             hoverinfo="skip", showlegend=False))
+    fig.add_trace(go.Scatter(
+        x=[rank_dh[i] for i in layers], y=[rank_cos[i] for i in layers], mode="markers+text",
+        text=[str(i) for i in layers], textposition="top center",
+        marker={"size": 9, "color": [DROP_COLOR if i in ticked else KEEP_COLOR for i in layers]},
+        hovertemplate="layer %{text}<br>entropy rank %{x}<br>cosine rank %{y}<extra></extra>", showlegend=False,
+    ))
+    fig.update_xaxes(title_text=f"rank by entropy increase ({est}); 1 = dropped first", range=[0, n + 1])
+    fig.update_yaxes(title_text="rank by cosine importance", range=[0, n + 1])
+    fig.update_layout(title=f"Where the criteria disagree — {KIND_LABELS[kind]} blocks", height=420,
+                      template="plotly_white", margin={"l": 60, "r": 20, "t": 60, "b": 50})
+    return fig
+
+
+def write_figures(figures: Mapping[str, go.Figure], folder: str | Path, *, png: bool = True,
+                  html_name: str = "plots.html") -> list[Path]:
+    """Write each figure as ``NAME.png`` (kaleido) and all of them into one self-contained HTML file.
+
+    Returns the written paths. PNG needs kaleido and a Chrome/Chromium; without them a ValueError
+    says so (the HTML is written first, so it is always there)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    html_path = folder / html_name
+    parts = []
+    for i, (name, fig) in enumerate(figures.items()):
+        # plotly.js is embedded once, in the first figure, so the file works offline
+        parts.append(f"<h2>{name}</h2>\n" + fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
+    html_path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>EntroDrop plots</title></head>"
+                         "<body>\n" + "\n".join(parts) + "\n</body></html>", encoding="utf-8")
+    written = [html_path]
+    if png and figures:
+        import plotly.io as pio
+
+        paths = [folder / f"{name}.png" for name in figures]
+        try:
+            pio.write_images(list(figures.values()), paths, format="png", width=1100, scale=1)
+        except Exception as exc:  # kaleido missing, no Chrome, or Chrome failed to start
+            raise ValueError(f"Could not write PNG images ({type(exc).__name__}: {exc}). PNG export needs the kaleido "
+                             "package and Chrome or Chromium; the interactive HTML was written.") from exc
+        written += paths
+    return written

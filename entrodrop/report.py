@@ -1,0 +1,508 @@
+"""Numbers and words for people: tables, plan summaries, criteria comparisons and explainers.
+
+Everything here is computed from :class:`~entrodrop.scores.Scores`, a :class:`~entrodrop.plan.DropPlan`
+and a model's per-block costs; no gradio. The web app (``entrodrop.ui``) only lays these out, so
+what it shows is unit-tested here.
+
+* :func:`scores_frame` / :func:`scores_csv` — one row per block, every statistic;
+* :func:`block_table` — the blocks of one kind with their scores, ranks per criterion, protection
+  and whether they are ticked;
+* :func:`measure_block_costs` + :func:`summarize_plan` — parameters and forward FLOPs a plan removes
+  and the ideal speed-up they allow;
+* :func:`check_table` — dense vs pruned measurements side by side;
+* :func:`criteria_disagreement` — which blocks entropy, cosine and angular would drop, and where they differ;
+* :func:`explain_scores` — the teaching text beside the curves, with this model's numbers;
+* :func:`data_source_args` — what the UI's data-source widgets mean for :func:`~entrodrop.data.load_corpus`;
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .arch import BLOCK_KINDS
+from .plan import DroppedBlock, DropPlan
+from .scores import Scores
+from .select import DEFAULT_PROTECTION, protected_layers, rank_blocks, select_blocks
+
+logger = logging.getLogger(__name__)
+
+KIND_NAMES = {"attn": "attention", "mlp": "MLP", "layer": "whole-layer"}
+RANKED_CRITERIA = ("entrodrop", "cosine", "angular")
+CRITERION_NAMES = {
+    "entrodrop": "entropy increase (EntroDrop)",
+    "cosine": "cosine importance (LLM-Drop / ShortGPT)",
+    "angular": "angular distance (Gromov et al.)",
+}
+
+# streams each block reads and writes: ("x", i) is X_i, ("y", i) is Y_i
+_BLOCK_STREAMS = {"attn": (("x", 0), ("y", 0)), "mlp": (("y", 0), ("x", 1)), "layer": (("x", 0), ("x", 1))}
+
+
+def _stream_entropy(scores: Scores, estimator: str, stream: tuple[str, int], layer: int) -> float:
+    which, offset = stream
+    values = scores.entropy_curve[estimator] if which == "x" else scores.mid_entropy.get(estimator, [])
+    idx = layer + offset
+    return float(values[idx]) if idx < len(values) else float("nan")
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}g}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _layer_list(layers: Iterable[int]) -> str:
+    items = sorted(layers)
+    return ", ".join(str(i) for i in items) if items else "none"
+
+
+# -- tables --------------------------------------------------------------------------------------
+def scores_frame(scores: Scores) -> pd.DataFrame:
+    """Every block of every kind: entropy in/out and increase per estimator, cosine and angular."""
+    rows = []
+    for kind in BLOCK_KINDS:
+        for b in scores.blocks_of(kind):
+            row = {"layer": b.layer, "kind": kind}
+            for est in scores.estimators:
+                stream_in, stream_out = _BLOCK_STREAMS[kind]
+                row[f"entropy_in_{est}"] = _stream_entropy(scores, est, stream_in, b.layer)
+                row[f"entropy_out_{est}"] = _stream_entropy(scores, est, stream_out, b.layer)
+                row[f"delta_entropy_{est}"] = b.delta_entropy.get(est, float("nan"))
+            row["cosine_importance"] = b.cosine_importance
+            row["angular_distance"] = b.angular_distance
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def scores_csv(scores: Scores) -> str:
+    """:func:`scores_frame` as CSV text (one row per block), with a header line."""
+    buffer = io.StringIO()
+    scores_frame(scores).to_csv(buffer, index=False)
+    return buffer.getvalue()
+
+
+def criterion_ranks(scores: Scores, kind: str, estimator: str) -> dict[str, dict[int, int]]:
+    """{criterion: {layer: rank}}; rank 1 is the first block that criterion would drop (no protection)."""
+    return {
+        criterion: {layer: rank for rank, (layer, _) in enumerate(rank_blocks(scores, criterion, kind, estimator=estimator), 1)}
+        for criterion in RANKED_CRITERIA
+    }
+
+
+def block_table(
+    scores: Scores,
+    kind: str,
+    estimator: str,
+    *,
+    ticked: Iterable[int] = (),
+    protected: Mapping[int, str] | None = None,
+) -> pd.DataFrame:
+    """The blocks of ``kind``: scores, rank per criterion (1 = dropped first), protection, ticked."""
+    ticked = set(ticked)
+    protected = protected or {}
+    ranks = criterion_ranks(scores, kind, estimator)
+    rows = []
+    for b in scores.blocks_of(kind):
+        row = {"layer": b.layer, "drop": "✓" if b.layer in ticked else ""}
+        for est in scores.estimators:
+            row[f"ΔH {est}"] = round(b.delta_entropy.get(est, float("nan")), 4)
+        row["cosine importance"] = round(b.cosine_importance, 5)
+        row["angular distance"] = round(b.angular_distance, 5)
+        row["rank entrodrop"] = ranks["entrodrop"][b.layer]
+        row["rank cosine"] = ranks["cosine"][b.layer]
+        row["rank angular"] = ranks["angular"][b.layer]
+        row["protected"] = protected.get(b.layer, "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# -- plans from ticks ----------------------------------------------------------------------------
+def plan_from_ticks(scores: Scores, kind: str, ticked: Iterable[int], auto_plan: DropPlan | None = None) -> DropPlan:
+    """A plan dropping the ticked blocks of ``kind``; reasons come from ``auto_plan`` where it chose
+    the same block, otherwise "ticked by hand". Raises ValueError for a plan that drops everything."""
+    ticked = sorted(set(int(t) for t in ticked))
+    auto = {b.layer: b.reason for b in (auto_plan.blocks if auto_plan else []) if b.kind == kind}
+    blocks = [DroppedBlock(layer, kind, auto.get(layer, "ticked by hand")) for layer in ticked]
+    same = auto_plan is not None and set(ticked) == set(auto)
+    criterion = auto_plan.criterion if same else "manual"
+    meta = dict(auto_plan.meta) if auto_plan is not None else {"kind": kind}
+    meta["kind"] = kind
+    if not same:
+        meta["edited_from"] = auto_plan.criterion if auto_plan is not None else None
+    return DropPlan(num_layers=scores.num_layers, blocks=blocks, criterion=criterion, meta=meta)
+
+
+# -- costs and plan summaries --------------------------------------------------------------------
+@dataclass
+class BlockCosts:
+    """What each block costs in one model: parameters and forward FLOPs at ``seq_len`` tokens."""
+
+    num_layers: int
+    seq_len: int
+    dense_params: int
+    dense_flops: float
+    params: dict[tuple[int, str], int] = field(default_factory=dict)  # (layer, kind) -> parameters
+    flops: dict[tuple[int, str], float] = field(default_factory=dict)  # (layer, kind) -> FLOPs
+
+
+def measure_block_costs(model, seq_len: int) -> BlockCosts:
+    """Parameters and forward FLOPs of every block (attn, mlp, layer = attn + mlp) of ``model``.
+
+    Reads the model only; call it while no preview is active on the same model."""
+    from .arch import block_parameter_count, get_arch, get_layers
+    from .evaluate import forward_flops
+    from .prune import count_parameters
+
+    spec = get_arch(model)
+    L = len(get_layers(model, spec))
+    dense = forward_flops(model, seq_len)
+    costs = BlockCosts(num_layers=L, seq_len=seq_len, dense_params=count_parameters(model)[0],
+                       dense_flops=float(dense["dense"]))
+    for layer in range(L):
+        for kind in ("attn", "mlp", "layer"):
+            costs.params[(layer, kind)] = block_parameter_count(model, layer, kind, spec)
+        for kind in ("attn", "mlp"):
+            single = DropPlan(num_layers=L, blocks=[DroppedBlock(layer, kind)])
+            costs.flops[(layer, kind)] = float(forward_flops(model, seq_len, single)["removed"])
+        costs.flops[(layer, "layer")] = costs.flops[(layer, "attn")] + costs.flops[(layer, "mlp")]
+    return costs
+
+
+@dataclass
+class PlanSummary:
+    """What a plan removes, from :class:`BlockCosts`."""
+
+    num_blocks: int
+    kinds: dict[str, int]  # kind -> blocks dropped
+    params_removed: int
+    dense_params: int
+    flops_share: float  # share of forward FLOPs removed at seq_len
+    seq_len: int
+
+    @property
+    def params_share(self) -> float:
+        return self.params_removed / self.dense_params if self.dense_params else 0.0
+
+    @property
+    def ideal_speedup(self) -> float:
+        return 1.0 / (1.0 - self.flops_share) if self.flops_share < 1 else float("inf")
+
+
+def summarize_plan(plan: DropPlan, costs: BlockCosts) -> PlanSummary:
+    """Blocks, parameters and FLOPs ``plan`` removes, and the ideal (FLOPs-bound) speed-up."""
+    if plan.num_layers != costs.num_layers:
+        raise ValueError(f"The plan is for {plan.num_layers} layers but the model has {costs.num_layers}.")
+    kinds: dict[str, int] = {}
+    params = 0
+    flops = 0.0
+    for b in plan.blocks:
+        kinds[b.kind] = kinds.get(b.kind, 0) + 1
+        params += costs.params[(b.layer, b.kind)]
+        flops += costs.flops[(b.layer, b.kind)]
+    return PlanSummary(num_blocks=len(plan.blocks), kinds=kinds, params_removed=params, dense_params=costs.dense_params,
+                       flops_share=flops / costs.dense_flops if costs.dense_flops else 0.0, seq_len=costs.seq_len)
+
+
+def describe_protection(protected: Mapping[int, str]) -> str:
+    """``{0: r, 1: r, 2: r, 9: q}`` -> ``"layers 0–2: r; layer 9: q"`` (runs of one reason grouped)."""
+    parts: list[str] = []
+    layers = sorted(protected)
+    i = 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1 and protected[layers[j + 1]] == protected[layers[i]]:
+            j += 1
+        span = f"layer {layers[i]}" if i == j else f"layers {layers[i]}–{layers[j]}"
+        parts.append(f"{span}: {protected[layers[i]]}")
+        i = j + 1
+    return "; ".join(parts) if parts else "none"
+
+
+def plan_summary_markdown(plan: DropPlan, summary: PlanSummary, protected: Mapping[int, str] | None = None) -> str:
+    """Plain-words summary of a plan: what goes, what it saves, and warnings about protected blocks."""
+    if not plan.blocks:
+        return "**Nothing ticked.** Take the automatic selection or tick the blocks to drop."
+    protected = protected or {}
+    kinds = ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in summary.kinds.items())
+    by_kind: dict[str, list[int]] = {}
+    for b in plan.blocks:
+        by_kind.setdefault(b.kind, []).append(b.layer)
+    where = "; ".join(f"{KIND_NAMES[k]} blocks of layers {_layer_list(v)}" for k, v in by_kind.items())
+    origin = ("the automatic choice" if plan.criterion != "manual" else
+              "a hand-edited choice" + (f" (started from {plan.meta['edited_from']})" if plan.meta.get("edited_from") else ""))
+    lines = [
+        f"**Plan: drop {_plural(summary.num_blocks, 'block')}** ({kinds}) — {origin}.",
+        "",
+        f"- Dropping: {where}.",
+        f"- Parameters removed: **{summary.params_removed:,}** of {summary.dense_params:,} "
+        f"({100 * summary.params_share:.1f}%).",
+        f"- Forward compute removed: {100 * summary.flops_share:.1f}% of the FLOPs at {summary.seq_len} tokens, "
+        f"so an **ideal speed-up of ×{summary.ideal_speedup:.2f}**; measure the real one in step 4.",
+    ]
+    risky = sorted({b.layer for b in plan.blocks if b.layer in protected})
+    if risky:
+        reasons = "; ".join(f"layer {i}: {protected[i]}" for i in risky)
+        lines.append(f"- ⚠ Ticked although protected — {reasons}.")
+    return "\n".join(lines)
+
+
+# -- checks ------------------------------------------------------------------------------------
+def check_table(quality: Mapping | None, speed: Mapping | None = None) -> pd.DataFrame:
+    """Dense vs pruned, one row per measure, from ``QualityReport.to_dict()`` / ``SpeedReport.to_dict()``."""
+    rows: list[dict] = []
+
+    def add(measure: str, dense: str, pruned: str, change: str = "") -> None:
+        rows.append({"measure": measure, "dense": dense, "pruned": pruned, "change": change})
+
+    if quality:
+        ratio = quality.get("perplexity_ratio", float("nan"))
+        add("perplexity (held-out)", _fmt(quality["dense_perplexity"]), _fmt(quality["pruned_perplexity"]),
+            f"×{ratio:.3f}" if math.isfinite(ratio) else "—")
+        add("mean KL(dense ‖ pruned), nats/token", "0", _fmt(quality["kl_mean"], 3))
+        add("top-1 agreement with dense", "100%", f"{100 * quality['top1_agreement']:.1f}%")
+        removed = quality["dense_params"] - quality["pruned_params"]
+        share = removed / quality["dense_params"] if quality["dense_params"] else 0.0
+        add("parameters", f"{quality['dense_params']:,}", f"{quality['pruned_params']:,}", f"−{100 * share:.1f}%")
+        add("held-out text", f"{quality['num_windows']} windows", f"{quality['num_tokens']:,} predicted tokens")
+    if speed:
+        add(f"prefill latency, {speed['prefill_tokens']} tokens", f"{speed['dense_prefill_s'] * 1000:.1f} ms",
+            f"{speed['pruned_prefill_s'] * 1000:.1f} ms", f"×{speed['prefill_speedup']:.2f} faster")
+        add(f"decode speed, {speed['decode_tokens']} tokens", f"{speed['dense_decode_tps']:.1f} tok/s",
+            f"{speed['pruned_decode_tps']:.1f} tok/s", f"×{speed['decode_speedup']:.2f}")
+        add("ideal speed-up from FLOPs", "", "", f"×{speed['ideal_speedup']:.2f}")
+    return pd.DataFrame(rows, columns=["measure", "dense", "pruned", "change"])
+
+
+# -- where the criteria disagree ---------------------------------------------------------------
+def _spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when a side is constant."""
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(ra)
+    if n < 2:
+        return float("nan")
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va and vb else float("nan")
+
+
+@dataclass
+class Disagreement:
+    """The blocks each criterion would drop at the same count, and how their rankings relate."""
+
+    kind: str
+    count: int
+    chosen: dict[str, list[int] | None]  # criterion -> layers (None: that criterion cannot drop `count`)
+    errors: dict[str, str]  # criterion -> why it could not choose
+    spearman: dict[str, float]  # "entrodrop~cosine", ... rank correlations over all blocks of kind
+    table: pd.DataFrame
+
+    def markdown(self) -> str:
+        kind = KIND_NAMES[self.kind]
+        if self.count == 0:
+            return "Set a count above 0 to compare what the criteria would drop."
+        lines = [f"**At {_plural(self.count, kind + ' block')}, with each criterion's published protection:**", ""]
+        for criterion in RANKED_CRITERIA:
+            layers = self.chosen.get(criterion)
+            text = _layer_list(layers) if layers is not None else f"cannot choose ({self.errors.get(criterion, '')})"
+            lines.append(f"- {CRITERION_NAMES[criterion]}: {text}")
+        e, c = self.chosen.get("entrodrop"), self.chosen.get("cosine")
+        if e is not None and c is not None:
+            common = sorted(set(e) & set(c))
+            only_e, only_c = sorted(set(e) - set(c)), sorted(set(c) - set(e))
+            lines += ["", f"Entropy and cosine agree on {len(common)} of {self.count} "
+                          f"({_layer_list(common)}); only entropy drops {_layer_list(only_e)}, "
+                          f"only cosine drops {_layer_list(only_c)}."]
+        rho = self.spearman.get("entrodrop~cosine", float("nan"))
+        if math.isfinite(rho):
+            strength = "strongly" if abs(rho) >= 0.7 else "moderately" if abs(rho) >= 0.4 else "weakly"
+            lines.append(f"Over all {kind} blocks the two rankings are {strength} correlated "
+                         f"(Spearman ρ = {rho:.2f}). Which one loses less quality is an empirical question: "
+                         "check both in step 4.")
+        return "\n".join(lines)
+
+
+def criteria_disagreement(scores: Scores, kind: str, count: int, estimator: str) -> Disagreement:
+    """What entrodrop, cosine and angular would each drop at ``count`` blocks (default protections)."""
+    chosen: dict[str, list[int] | None] = {}
+    errors: dict[str, str] = {}
+    for criterion in RANKED_CRITERIA:
+        try:
+            plan = select_blocks(scores, criterion, kind, count=count, estimator=estimator)
+            chosen[criterion] = [b.layer for b in plan.blocks]
+        except ValueError as exc:
+            chosen[criterion] = None
+            errors[criterion] = str(exc)
+    ranks = criterion_ranks(scores, kind, estimator)
+    values = {c: [v for _, v in sorted(rank_blocks(scores, c, kind, estimator=estimator))] for c in RANKED_CRITERIA}
+    spearman = {
+        "entrodrop~cosine": _spearman(values["entrodrop"], values["cosine"]),
+        "entrodrop~angular": _spearman(values["entrodrop"], values["angular"]),
+        "cosine~angular": _spearman(values["cosine"], values["angular"]),
+    }
+    picked = sorted({layer for layers in chosen.values() if layers for layer in layers})
+    rows = []
+    for layer in picked:
+        row = {"layer": layer}
+        for criterion in RANKED_CRITERIA:
+            row[criterion] = "✓" if layer in (chosen[criterion] or []) else ""
+        for criterion in RANKED_CRITERIA:
+            row[f"rank {criterion}"] = ranks[criterion][layer]
+        rows.append(row)
+    columns = ["layer", *RANKED_CRITERIA, *(f"rank {c}" for c in RANKED_CRITERIA)]
+    return Disagreement(kind=kind, count=count, chosen=chosen, errors=errors, spearman=spearman,
+                        table=pd.DataFrame(rows, columns=columns))
+
+
+# -- the explainer -------------------------------------------------------------------------------
+def _estimator_words(estimator: str, scores: Scores) -> str:
+    calib = scores.calibration or {}
+    if estimator == "bucket":
+        return (f"*bucket*: for each hidden dimension, the token values are sorted into {calib.get('bins', 20)} "
+                "equal-width bins between that dimension's min and max; the Shannon entropy of the bin counts "
+                "(nats) is summed over all dimensions. High means the tokens' vectors are spread out and varied.")
+    if estimator == "knn":
+        return (f"*knn*: the Kozachenko–Leonenko estimate from each token's distance to its {calib.get('k', 25)}-th "
+                "nearest neighbour. It grows with the size (norm) of the vectors too, so read its shape, not its level.")
+    if estimator == "renyi":
+        return (f"*renyi*: a Rényi entropy of order {calib.get('alpha', 4)} from a Gaussian kernel over the "
+                "standardised token vectors; the paper reports it weaker than bucket and knn.")
+    return f"*{estimator}*"
+
+
+def explain_scores(
+    scores: Scores | None,
+    kind: str = "attn",
+    estimator: str | None = None,
+    *,
+    protect: str | None = None,
+    stage_boundary: int | None = None,
+    count: int | None = None,
+) -> str:
+    """Short, accurate teaching text for the curves, with this calibration's numbers."""
+    if scores is None:
+        return ("### How to read the curves\n\nLoad a model and start a calibration: the curves fill in "
+                "batch by batch, and this panel explains them with your model's numbers.")
+    est = estimator if estimator in scores.estimators else scores.estimators[0]
+    L = scores.num_layers
+    curve = scores.entropy_curve[est]
+    boundary = stage_boundary if stage_boundary is not None else scores.stage_boundary.get(est, 0)
+    boundary = min(max(int(boundary), 0), L)
+    kind_name = KIND_NAMES[kind]
+    tokens = (scores.calibration or {}).get("tokens", "?")
+    progress = (f"after {scores.batches_done} of {scores.batches_total} batches — numbers will still move"
+                if not scores.complete else f"{scores.batches_done} batches, {tokens} tokens")
+
+    lines = ["### What the curves measure", "",
+             "**Entropy** of the residual stream X_l (the vectors every token carries between layers), "
+             f"estimator {_estimator_words(est, scores)}", "",
+             "**Entropy increase** of a block = entropy after it − entropy before it: how much new information it "
+             "adds. EntroDrop drops the blocks that add least.", "",
+             "**Cosine importance** = 1 − mean cosine(input, output) over tokens: how far a block turns the vectors. "
+             "It sees geometry only — a block can turn vectors a lot yet add little information, or the reverse.", "",
+             f"### This model ({scores.model}, {progress})", ""]
+
+    start, low, end = curve[0], curve[boundary], curve[-1]
+    if boundary == 0:
+        lines.append(f"- With {est}, entropy never falls below its start ({start:.1f} at X_0 → {end:.1f} at X_{L}): "
+                     "no compression stage was detected, every layer is in the expansion stage.")
+    elif boundary >= L:
+        lines.append(f"- With {est}, entropy falls all the way ({start:.1f} at X_0 → {end:.1f} at X_{L}): "
+                     "no expansion stage was detected.")
+    else:
+        lines.append(
+            f"- **Compression stage**, layers 0–{boundary - 1}: entropy goes from {start:.1f} (X_0) to "
+            f"{low:.1f} at X_{boundary}, the stage boundary. **Expansion stage**, layers {boundary}–{L - 1}: it rises "
+            f"again to {end:.1f} at X_{L}.")
+        lines.append(f"- The boundary is where the smoothed {est} curve is lowest"
+                     + (" (set by hand)." if stage_boundary is not None else " (detected)."))
+
+    blocks = scores.blocks_of(kind)
+    by_dh = sorted(blocks, key=lambda b: (b.delta_entropy[est], b.layer))
+    by_cos = sorted(blocks, key=lambda b: (b.cosine_importance, b.layer))
+    n_show = min(3, len(blocks))
+    least = ", ".join(f"{b.layer} ({b.delta_entropy[est]:+.3g})" for b in by_dh[:n_show])
+    flattest = ", ".join(f"{b.layer} ({b.cosine_importance:.3g})" for b in by_cos[:n_show])
+    lines.append(f"- {kind_name.capitalize()} blocks adding least entropy: layers {least}.")
+    lines.append(f"- Lowest cosine importance: layers {flattest}.")
+    negative = [b.layer for b in blocks if b.delta_entropy[est] < 0]
+    if len(negative) == 1:
+        lines.append(f"- One {kind_name} block *lowers* the entropy (layer {negative[0]}): it compresses rather "
+                     "than adds.")
+    elif negative:
+        lines.append(f"- {len(negative)} {kind_name} blocks *lower* the entropy (layers {_layer_list(negative)}): "
+                     "they compress rather than add.")
+
+    lines += ["", "### How the automatic choice works", ""]
+    protect = protect or DEFAULT_PROTECTION["entrodrop"]
+    try:
+        protected = protected_layers(scores, protect, estimator=est, stage_boundary=boundary)
+    except ValueError:
+        protected = {}
+    eligible = L - len(protected)
+    how_many = f"the {count}" if count is not None else "the chosen number of"
+    if protect == "stage":
+        guard = (f"blocks in the compression stage (layers 0–{boundary - 1}) and the last layer ({L - 1}) are "
+                 "never dropped" if boundary > 0 else f"only the last layer ({L - 1}) is protected (no compression stage)")
+    elif protect == "released":
+        guard = f"layers 0, 1 and {L - 1} are protected, as in the authors' released code"
+    else:
+        guard = "no layer is protected"
+    lines.append(f"With **entrodrop**, {guard}; among the other {eligible} {kind_name} blocks, {how_many} with the "
+                 f"smallest {est} entropy increase are ticked (ties go to the lower layer). **cosine** ticks the smallest "
+                 "cosine importance and **angular** the smallest angular distance between input and output "
+                 "(for whole layers: the most similar contiguous span), unprotected as published. "
+                 "You can untick or tick any block by hand.")
+    return "\n".join(lines)
+
+
+# -- data sources ------------------------------------------------------------------------------
+DATA_SOURCES = ("gsm8k", "gpqa", "file", "hub", "text")
+
+
+def data_source_args(choice: str, *, upload: str | None = None, hub_name: str | None = None,
+                     column: str | None = None, text: str | None = None) -> dict:
+    """``load_corpus`` keyword arguments (``source``, ``column``, ``text``) for the UI's data choice."""
+    column = (column or "").strip() or None
+    if choice in ("gsm8k", "gpqa"):
+        return {"source": choice, "column": column, "text": None}
+    if choice == "file":
+        if not upload:
+            raise ValueError("No file uploaded. Upload a .txt, .jsonl, .csv or .parquet file, or pick a bundled set.")
+        return {"source": str(upload), "column": column, "text": None}
+    if choice == "hub":
+        name = (hub_name or "").strip()
+        if not name:
+            raise ValueError("No data set name given. Type a Hugging Face data set such as "
+                             "wikitext:wikitext-2-raw-v1, or pick a bundled set.")
+        return {"source": name, "column": column, "text": None}
+    if choice == "text":
+        if not (text or "").strip():
+            raise ValueError("The pasted text is empty. Paste some text (a few paragraphs), or pick a bundled set.")
+        return {"source": "text", "column": None, "text": text}
+    raise ValueError(f"Unknown data source {choice!r}; choose one of {', '.join(DATA_SOURCES)}.")

@@ -1,0 +1,203 @@
+"""End to end in a real browser (Debian Chromium driven by Playwright) on the real bundled model.
+
+One long flow, as a user would click it: bad inputs on the way, then load, calibrate (the plot
+must redraw while it runs), automatic selection, untick a block, check, generate, export,
+download the zip and reload the model from it. Set ENTRODROP_SCREENSHOTS=DIR to save a
+screenshot of each main screen there (the README's images come from ``assets/``).
+"""
+
+import os
+import re
+import shutil
+import socket
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (`make chromium`, part of `make test`)",
+                allow_module_level=True)
+
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+from entrodrop import ui  # noqa: E402
+from entrodrop.export import load_pruned  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    demo = ui.build_app()
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                **ui.launch_style())
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(app_url)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def shot(page: Page, name: str) -> None:
+    folder = os.environ.get("ENTRODROP_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+
+
+def tab(page: Page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def set_number(page: Page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def expect_error(page: Page, text: str) -> None:
+    """An error toast with ``text`` shows, then it is closed so the next one is unambiguous."""
+    toast = page.locator(".toast-body.error").filter(has_text=text)
+    expect(toast.first).to_be_visible(timeout=60_000)
+    for close in page.locator(".toast-close").all():
+        close.click()
+    expect(page.locator(".toast-body.error")).to_have_count(0)
+
+
+def checkbox(page: Page, layer: int):
+    label = page.locator("#drop-blocks label").filter(has_text=re.compile(rf"^\s*{layer}(\s*\(protected\))?\s*$"))
+    return label.locator("input[type=checkbox]")
+
+
+def ticked_layers(page: Page) -> list[int]:
+    labels = page.locator("#drop-blocks label").filter(has=page.locator("input:checked")).all_inner_texts()
+    return sorted(int(t.split()[0]) for t in labels)
+
+
+def test_full_flow_in_the_browser(page: Page, tmp_path):
+    # -- 1. model: a wrong id, then the bundled model -----------------------------------------------
+    spec = page.locator("#model-spec textarea")
+    spec.fill("no-such-org/no-such-model")
+    page.locator("#load-btn").click()
+    expect_error(page, "Could not find model 'no-such-org/no-such-model'")
+    spec.fill("")
+    page.locator("#load-btn").click()
+    expect(page.locator("#model-status")).to_contain_text("SmolLM2-135M-Instruct is ready", timeout=180_000)
+    facts = page.locator("#model-facts")
+    expect(facts).to_contain_text("Layers")
+    assert re.search(r"Layers\s+30", facts.inner_text()) and re.search(r"Hidden size\s+576", facts.inner_text())
+    shot(page, "model")
+
+    # -- 2. calibrate: empty pasted text is refused; bundled data redraws the plot while it runs -----
+    tab(page, "2 · Calibrate")
+    page.locator("#data-source label").filter(has_text="paste text").click()
+    expect(page.locator("#data-text textarea")).to_be_visible()
+    page.locator("#start-btn").click()
+    expect_error(page, "The pasted text is empty")
+    page.locator("#data-source label").filter(has_text="gsm8k").click()
+    set_number(page, "calib-samples", 8)
+    set_number(page, "calib-seqlen", 128)
+    page.locator("#start-btn").click()
+    titles: list[str] = []
+    status = page.locator("#calib-status")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and "Done" not in status.inner_text():
+        for title in page.locator("#entropy-plot .gtitle").all_text_contents():
+            if not titles or titles[-1] != title:
+                titles.append(title)
+        time.sleep(0.05)
+    expect(status).to_contain_text("Done: 8 batches")
+    partial = [t for t in titles if re.search(r"\d/8 batches", t)]
+    assert len(partial) >= 2, titles  # the plot redrew more than once while calibration ran
+    expect(page.locator("#entropy-plot .gtitle")).to_contain_text("8 batches")
+    expect(page.locator("#explainer")).to_contain_text("This model (SmolLM2-135M-Instruct")
+    shot(page, "calibrate")
+
+    # -- 3. choose: automatic selection, untick everything, tick everything, untick one ----------------
+    tab(page, "3 · Choose")
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 8 blocks")
+    auto = ticked_layers(page)
+    assert len(auto) == 8
+    for layer in auto:
+        checkbox(page, layer).uncheck()
+    expect(page.locator("#plan-summary")).to_contain_text("Nothing ticked")
+    tab(page, "4 · Check")
+    page.locator("#check-btn").click()
+    expect_error(page, "Nothing is ticked")
+    tab(page, "3 · Choose")
+    page.locator("#granularity label").filter(has_text="whole layer").click()
+    expect(page.locator("#plan-summary")).to_contain_text("whole-layer")
+    for layer in range(30):
+        box = checkbox(page, layer)
+        if not box.is_checked():
+            box.check()
+    expect_error(page, "drops every block of all 30 layers")
+    page.locator("#granularity label").filter(has_text="attention").click()
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 8 blocks (8 attention)")
+    assert ticked_layers(page) == auto
+    checkbox(page, auto[-1]).uncheck()
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 7 blocks")
+    expect(page.locator("#plan-summary")).to_contain_text("hand-edited")
+    kept = auto[:-1]
+    assert ticked_layers(page) == kept
+    shot(page, "choose")
+
+    # -- 4. check: quality and latency on held-out text, generations side by side ------------------
+    tab(page, "4 · Check")
+    set_number(page, "check-windows", 2)
+    set_number(page, "check-seqlen", 64)
+    set_number(page, "check-prefill", 32)
+    set_number(page, "check-decode", 4)
+    page.locator("#check-btn").click()
+    expect(page.locator("#check-status")).to_contain_text("Checked 7 block(s)", timeout=180_000)
+    expect(page.locator("#check-table")).to_contain_text("perplexity")
+    expect(page.locator("#check-table")).to_contain_text("prefill latency")
+    set_number(page, "max-new", 8)
+    page.locator("#generate-btn").click()
+    expect(page.locator("#gen-dense textarea")).not_to_have_value("", timeout=120_000)
+    expect(page.locator("#gen-pruned textarea")).not_to_have_value("")
+    shot(page, "check")
+
+    # -- 5. export, download the zip, reload it -------------------------------------------------------
+    tab(page, "5 · Export")
+    page.locator("#export-btn").click()
+    expect(page.locator("#export-status")).to_contain_text("Exported to", timeout=300_000)
+    expect(page.locator("#export-status")).to_contain_text("Verification PASSED")
+    expect(page.locator("#model-card")).to_contain_text("7 block(s) dropped with EntroDrop")
+    shot(page, "export")
+    with page.expect_download(timeout=120_000) as download_info:
+        page.locator("#download-zip").click()
+    archive = tmp_path / "model.zip"
+    download_info.value.save_as(archive)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp_path / "unzipped")
+    folder = next(p for p in (tmp_path / "unzipped").iterdir() if (p / "config.json").is_file())
+    model = load_pruned(folder)
+    skipped = [i for i, layer in enumerate(model.model.layers) if type(layer.self_attn).__name__ == "SkippedAttention"]
+    assert skipped == kept
+    shutil.rmtree(tmp_path / "unzipped")

@@ -1,0 +1,358 @@
+"""Every handler of the web app through gradio_client, against the app launched in this process.
+
+A tiny random Llama saved to a local folder stands in for a real model (fast); one flow runs on
+the real bundled model. Each ``Client`` is its own session, as two browser tabs would be.
+"""
+
+import errno
+import json
+import socket
+import threading
+import time
+import zipfile
+
+import httpx
+import pytest
+import torch
+from conftest import save_tiny_model
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from tiny_models import tiny_config
+from transformers import BertConfig
+
+from entrodrop import ui
+from entrodrop.export import load_pruned
+
+CALIBRATION = dict(source="gsm8k", upload=None, samples=4, seq_len=64, estimators=["bucket", "knn"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    return str(save_tiny_model(tiny_config("llama"), tmp_path_factory.mktemp("tiny") / "tiny-llama", tiny_tokenizer))
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    demo = ui.build_app()
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+def client_for(url: str) -> Client:
+    return Client(url, verbose=False, download_files=False)
+
+
+def load(client: Client, spec: str) -> list:
+    return client.predict(bundled="smollm2", spec_text=spec, api_name="/load_model")
+
+
+def calibrate(client: Client, **overrides):
+    return client.predict(**{**CALIBRATION, **overrides}, api_name="/calibrate")
+
+
+def select(client: Client, **kwargs) -> list:
+    """Automatic selection; unspecified inputs take the UI's defaults."""
+    return client.predict(**{"boundary": "", **kwargs}, api_name="/select")
+
+
+def plot_title(plot_output: dict) -> str:
+    return json.loads(plot_output["plot"])["layout"]["title"]["text"]
+
+
+def table_rows(output: dict) -> list[dict]:
+    return [dict(zip(output["headers"], row, strict=True)) for row in output["data"]]
+
+
+@pytest.fixture
+def ready(app_url, tiny_dir):
+    """A client with the tiny model loaded and a finished calibration."""
+    client = client_for(app_url)
+    load(client, tiny_dir)
+    calibrate(client)
+    return client
+
+
+# -- 1. model -----------------------------------------------------------------------------------
+def test_load_shows_the_model_facts(app_url, tiny_dir):
+    status, facts, count, *_ = load(client_for(app_url), tiny_dir)
+    assert "is ready" in status and "4 layers" in status
+    assert "| Layers | 4 |" in facts and "| Hidden size | 64 |" in facts and "LlamaForCausalLM" in facts
+    assert count["maximum"] == 4 and count["value"] == 1
+
+
+def test_bad_models_show_what_to_do(app_url, tmp_path):
+    client = client_for(app_url)
+    with pytest.raises(AppError, match="No such file or folder: '/no/such/model'"):
+        load(client, "/no/such/model")
+    with pytest.raises(AppError, match="Could not find model 'no-such-org/no-such-model'"):
+        load(client, "no-such-org/no-such-model")
+    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(tmp_path / "bert")
+    with pytest.raises(AppError, match="encoder-only model, not a causal decoder LM"):
+        load(client, str(tmp_path / "bert"))
+    with pytest.raises(AppError, match="No model loaded yet"):
+        calibrate(client)
+
+
+def test_preload_binds_new_pages_to_the_model(tiny_dir, monkeypatch):
+    monkeypatch.setattr(ui, "_PRELOAD", dict(ui._PRELOAD))
+    ui.start_preload(tiny_dir).join(timeout=60)
+    assert ui.MODEL_CACHE.make_key(tiny_dir) in ui.MODEL_CACHE
+    studio = ui.Studio()
+    session = ui.Session()
+    updates = list(studio.on_page_load(session))
+    assert session.model_spec == tiny_dir and session.num_layers == 4
+    assert "is loaded and ready" in updates[-1][studio.model_status]
+
+
+# -- 2. calibrate --------------------------------------------------------------------------------
+def test_calibration_streams_curves_after_every_batch(app_url, tiny_dir):
+    client = client_for(app_url)
+    load(client, tiny_dir)
+    job = client.submit(**CALIBRATION, api_name="/calibrate")
+    status, entropy, blocks, explainer, view_est, check_seq = job.result(timeout=120)
+    titles = [plot_title(out[1]) for out in job.outputs() if isinstance(out[1], dict) and "plot" in out[1]]
+    assert [t for t in titles if "/4 batches" in t] == [f"Entropy per layer — tiny-llama, {i}/4 batches" for i in (1, 2, 3)]
+    assert titles[-1].endswith("4 batches")
+    assert status.startswith("✓ Done: 4 batches, 256 tokens")
+    figure = json.loads(entropy["plot"])
+    assert [t["name"] for t in figure["data"] if t["mode"] == "lines+markers"] == ["H(X_l), bucket", "H(X_l), knn"]
+    assert "Per attention block" in plot_title(blocks)
+    assert "### This model (tiny-llama, 4 batches, 256 tokens)" in explainer
+    updates = [out for out in job.outputs() if isinstance(out[4], dict) and "choices" in out[4]]
+    assert updates[0][4]["choices"] == [["bucket", "bucket"], ["knn", "knn"]] and updates[0][5]["value"] == 64
+
+
+def test_other_data_sources_and_their_errors(app_url, tiny_dir, tmp_path):
+    client = client_for(app_url)
+    load(client, tiny_dir)
+    with pytest.raises(AppError, match="pasted text is empty"):
+        calibrate(client, source="text", text="   ")
+    with pytest.raises(AppError, match="has only \\d+ tokens; one window needs 64"):
+        calibrate(client, source="text", text="Too short.")
+    with pytest.raises(AppError, match="Could not load 'wikitext:wikitext-2-raw-v1'"):
+        calibrate(client, source="hub", hub_name="wikitext:wikitext-2-raw-v1")
+    with pytest.raises(AppError, match="at least one entropy estimator"):
+        calibrate(client, estimators=[])
+    text = "\n\n".join(f"Paragraph {i}: the entropy of hidden states rises over later layers. " * 3 for i in range(40))
+    status, *_ = calibrate(client, source="text", text=text, samples=2, estimators=["bucket"])
+    assert status.startswith("✓ Done: 2 batches")
+    upload = tmp_path / "notes.txt"
+    upload.write_text(text)
+    status, *_ = calibrate(client, source="file", upload=handle_file(str(upload)), samples=3, estimators=["renyi"])
+    assert status.startswith("✓ Done: 3 batches")
+
+
+def test_stop_keeps_partial_results_and_others_are_served_meanwhile(app_url, tiny_dir):
+    runner, other = client_for(app_url), client_for(app_url)
+    load(runner, tiny_dir)
+    job = runner.submit(**{**CALIBRATION, "samples": 256, "estimators": ["bucket", "knn", "renyi"]}, api_name="/calibrate")
+    deadline = time.monotonic() + 60
+    while not any("Batch" in str(out[0]) for out in job.outputs()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    answered = load(other, tiny_dir)  # another user's request while the calibration runs
+    assert "is ready" in answered[0] and not job.done()
+    assert "Stopping" in runner.predict(api_name="/stop")
+    status, *_ = job.result(timeout=120)
+    assert status.startswith("■ Stopped after") and "partial results below are usable" in status
+    done, total = (int(x) for x in status.split("after ")[1].split(" batches")[0].split(" of "))
+    assert 1 <= done < total == 256
+    choose = select(runner, criterion="entrodrop", kind="attn", count=1, estimator="bucket")
+    assert "stopped calibration" in choose[4]
+
+
+def test_two_users_calibrating_at_once_each_get_their_own_results(app_url, tiny_dir):
+    a, b = client_for(app_url), client_for(app_url)
+    load(a, tiny_dir)
+    load(b, tiny_dir)
+    job_a = a.submit(**{**CALIBRATION, "samples": 4, "estimators": ["bucket"]}, api_name="/calibrate")
+    job_b = b.submit(**{**CALIBRATION, "samples": 6, "seq_len": 96, "estimators": ["knn"], "view_est": "knn"},
+                     api_name="/calibrate")
+    status_a, entropy_a, *_ = job_a.result(timeout=120)
+    status_b, entropy_b, *_ = job_b.result(timeout=120)
+    assert status_a.startswith("✓ Done: 4 batches, 256 tokens")
+    assert status_b.startswith("✓ Done: 6 batches, 576 tokens")
+    assert [t["name"] for t in json.loads(entropy_a["plot"])["data"]][0] == "H(X_l), bucket"
+    assert [t["name"] for t in json.loads(entropy_b["plot"])["data"]][0] == "H(X_l), knn"
+    table_a = select(a, criterion="cosine", kind="mlp", count=2, estimator="bucket")[3]
+    table_b = select(b, criterion="entrodrop", kind="attn", count=1, estimator="knn")[3]
+    assert "ΔH bucket" in table_a["headers"] and "ΔH knn" not in table_a["headers"]
+    assert "ΔH knn" in table_b["headers"] and "ΔH bucket" not in table_b["headers"]
+    assert sum(r["drop"] == "✓" for r in table_rows(table_a)) == 2
+    assert sum(r["drop"] == "✓" for r in table_rows(table_b)) == 1
+
+
+def test_a_failed_calibration_keeps_the_previous_results(ready):
+    with pytest.raises(AppError, match="knn entropy with k=40 needs more than 40 tokens per batch"):
+        calibrate(ready, seq_len=32, knn_k=40)
+    out = select(ready, criterion="entrodrop", kind="attn", count=1, estimator="knn")
+    assert "ΔH knn" in out[3]["headers"] and "Plan: drop 1 block" in out[4]
+
+
+# -- 3. choose -------------------------------------------------------------------------------------
+def test_selection_ticks_tables_and_disagreement(ready):
+    out = select(ready, criterion="entrodrop", kind="attn", count=2, estimator="bucket", protect="none")
+    count, estimator, ticks, table, summary, choose_plot, disagree_md, disagree_table, rank_plot, *_ = out
+    ticked = ticks["value"]
+    rows = table_rows(table)
+    by_rank = sorted(rows, key=lambda r: r["rank entrodrop"])
+    assert sorted(ticked) == sorted(r["layer"] for r in by_rank[:2])  # no protection: the two smallest ΔH
+    assert [r["layer"] for r in rows if r["drop"] == "✓"] == sorted(ticked)
+    assert "**Plan: drop 2 blocks** (2 attention) — the automatic choice." in summary
+    assert "ideal speed-up of ×" in summary
+    assert "entropy increase (EntroDrop):" in disagree_md and "Spearman" in disagree_md
+    assert "Where the criteria disagree" in plot_title(rank_plot) and "2 ticked to drop" in plot_title(choose_plot)
+    assert out[-2] == "attn" and out[-1]["value"] == "bucket"  # step 2's view follows the choice
+    # protection: stage protects the last layer, which is marked in the choices
+    out = select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="stage")
+    labels = dict((value, label) for label, value in out[2]["choices"])
+    assert labels[3] == "3 (protected)" and "last layer" in out[4]
+    # untick one: the plan becomes a hand edit
+    table, summary, *_ = ready.predict(ticks=[], api_name="/set_ticks")
+    assert "Nothing ticked" in summary and all(r["drop"] == "" for r in table_rows(table))
+    table, summary, *_ = ready.predict(ticks=[1, 3], api_name="/set_ticks")
+    assert "drop 2 blocks" in summary and "hand-edited" in summary and "Ticked although protected" in summary
+    # the baselines run unprotected, as published: nothing is marked, and the ranks alone decide
+    out = select(ready, criterion="cosine", kind="attn", count=2, estimator="bucket")
+    assert not any("protected" in label for label, _ in out[2]["choices"]) and "Protected" not in out[4]
+    cosine_first = sorted(table_rows(out[3]), key=lambda r: r["rank cosine"])[:2]
+    assert sorted(out[2]["value"]) == sorted(r["layer"] for r in cosine_first)
+
+
+def test_impossible_selections_are_explained(ready):
+    with pytest.raises(AppError, match="only 3 of 4 are eligible"):
+        select(ready, criterion="entrodrop", kind="attn", count=4, estimator="bucket", protect="stage")
+    with pytest.raises(AppError, match="stage boundary must be a whole number from 0 to 4"):
+        select(ready, criterion="entrodrop", kind="attn", count=1, boundary="9")
+    select(ready, criterion="cosine", kind="layer", count=1)
+    with pytest.raises(AppError, match="drops every block of all 4 layers"):
+        ready.predict(ticks=[0, 1, 2, 3], api_name="/set_ticks")
+    with pytest.raises(AppError, match="drops every block"):
+        ready.predict(api_name="/run_check")
+    ready.predict(ticks=[], api_name="/set_ticks")
+    with pytest.raises(AppError, match="Nothing is ticked"):
+        ready.predict(api_name="/run_check")
+    with pytest.raises(AppError, match="Nothing is ticked"):
+        ready.predict(api_name="/export")
+
+
+def test_steps_before_calibration_say_what_to_do_first(app_url, tiny_dir):
+    client = client_for(app_url)
+    load(client, tiny_dir)
+    for endpoint in ("/run_check", "/export", "/score_files"):
+        with pytest.raises(AppError, match="No calibration yet"):
+            client.predict(api_name=endpoint)
+    with pytest.raises(AppError, match="No calibration yet"):
+        client.predict(ticks=[], api_name="/set_ticks")
+
+
+# -- 4. check ----------------------------------------------------------------------------------------
+def shared_model_state(tiny_dir):
+    model = ui.MODEL_CACHE.get_or_load(tiny_dir).model
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [type(m).__name__ for m in model.modules()], model)
+
+
+def test_check_and_generation_leave_the_shared_model_unchanged(ready, tiny_dir):
+    select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="none")
+    before, module_types, model = shared_model_state(tiny_dir)
+    job = ready.submit(n_windows=3, seq_len=32, measure_speed=True, prefill=32, decode=4, api_name="/run_check")
+    status, table = job.result(timeout=120)
+    assert status.startswith("✓ Checked 1 block(s)") and "dense model is unchanged" in status
+    assert sum("Quality: window" in str(out[0]) for out in job.outputs()) == 3
+    rows = {r["measure"]: r for r in table_rows(table)}
+    assert float(rows["perplexity (held-out)"]["dense"]) > 1
+    assert rows["top-1 agreement with dense"]["dense"] == "100%"
+    assert rows["prefill latency, 32 tokens"]["pruned"].endswith(" ms")
+    dense, pruned = ready.predict(prompt="What is 12 + 30?", max_new=5, api_name="/generate")
+    assert dense and pruned
+    with pytest.raises(AppError, match="prompt is empty"):
+        ready.predict(prompt="  ", max_new=5, api_name="/generate")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and before.keys() == after.keys()
+    assert [type(m).__name__ for m in model.modules()] == module_types
+
+
+# -- 5. export -----------------------------------------------------------------------------------------
+def test_export_verifies_zips_and_reloads(ready, tiny_dir, tmp_path):
+    select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="none")
+    ready.predict(n_windows=2, seq_len=32, measure_speed=False, api_name="/run_check")
+    before, _, model = shared_model_state(tiny_dir)
+    status, card, download = ready.predict(out_dir=str(tmp_path / "out"), api_name="/export")
+    assert status.startswith("✓ Exported to") and "Verification PASSED" in status
+    assert "# tiny-llama — 1 block(s) dropped with EntroDrop" in card and "## Measured checks" in card
+    response = httpx.get(download["value"]["url"])  # served over HTTP, as the browser downloads it
+    assert response.status_code == 200
+    (tmp_path / "download.zip").write_bytes(response.content)
+    with zipfile.ZipFile(tmp_path / "download.zip") as archive:
+        archive.extractall(tmp_path / "unzipped")
+    reloaded = load_pruned(tmp_path / "unzipped" / "out")
+    dropped = [i for i, layer in enumerate(reloaded.model.layers) if type(layer.self_attn).__name__ == "SkippedAttention"]
+    assert len(dropped) == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(AppError, match="is not empty. Tick 'Overwrite'"):
+        ready.predict(out_dir=str(tmp_path / "out"), api_name="/export")
+    status, *_ = ready.predict(out_dir=str(tmp_path / "out"), overwrite=True, api_name="/export")
+    assert "Verification PASSED" in status
+    with pytest.raises(AppError, match="Could not reach the Hugging Face Hub"):
+        ready.predict(repo_id="me/tiny-pruned", token="hf_x", api_name="/push")
+
+
+def test_full_disk_and_push_without_export(ready, monkeypatch):
+    with pytest.raises(AppError, match="Export the pruned model first"):
+        ready.predict(repo_id="me/x", token="hf_x", api_name="/push")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "Disk full while writing the pruned model; the partial files were removed. "
+                                    "Free some space or choose another folder.")
+
+    monkeypatch.setattr(ui, "export_pruned", disk_full)
+    select(ready, criterion="entrodrop", kind="attn", count=1, protect="none")
+    with pytest.raises(AppError, match="Disk full while writing the pruned model"):
+        ready.predict(api_name="/export")
+
+
+def test_scores_and_plots_files(ready, tmp_path):
+    select(ready, criterion="entrodrop", kind="attn", count=1, protect="none")
+    files = ready.predict(api_name="/score_files")
+    names = sorted(f["path"].rsplit("/", 1)[-1] if isinstance(f, dict) else str(f).rsplit("/", 1)[-1] for f in files)
+    assert {"scores.csv", "scores.json", "plan.json", "plots.html"} <= set(names)
+    csv_path = next((f["path"] if isinstance(f, dict) else f) for f in files if str(f).find("scores.csv") >= 0)
+    header = open(csv_path).readline()
+    assert header.startswith("layer,kind,entropy_in_bucket")
+
+
+# -- the real bundled model ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bundled_model_flow(app_url):
+    client = client_for(app_url)
+    status, facts, count, *_ = load(client, "")
+    assert "SmolLM2-135M-Instruct" in status and "| Layers | 30 |" in facts and "| Hidden size | 576 |" in facts
+    assert count["maximum"] == 30 and count["value"] == 8
+    status, entropy, *_ = calibrate(client, samples=3, seq_len=64, estimators=["bucket"])
+    assert status.startswith("✓ Done: 3 batches")
+    out = select(client, criterion="entrodrop", kind="attn", count=4, estimator="bucket")
+    assert len(out[2]["value"]) == 4 and "**Plan: drop 4 blocks**" in out[4]
+    status, table = client.predict(n_windows=2, seq_len=64, measure_speed=True, prefill=32, decode=4,
+                                   api_name="/run_check")
+    rows = {r["measure"]: r for r in table_rows(table)}
+    assert 1 < float(rows["perplexity (held-out)"]["dense"]) < 1000
+    assert rows["parameters"]["change"].startswith("−")
+    dense, pruned = client.predict(prompt="What is 2 + 2?", max_new=6, api_name="/generate")
+    assert dense.strip()
+
+
+def test_threads_do_not_leak_from_loading(app_url, tiny_dir):
+    before = {t.name for t in threading.enumerate()}
+    load(client_for(app_url), tiny_dir)
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate() if t.name == "entrodrop-load" and t.name not in before]
