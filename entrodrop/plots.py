@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .scores import Scores
+from .select import block_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ def blocks_figure(scores: Scores, kind: str = "attn", estimator: str | None = No
     layers = [b.layer for b in blocks]
     dh = [b.delta_entropy[est] for b in blocks]
     cos = [b.cosine_importance for b in blocks]
-    rank_dh = {b.layer: r for r, b in enumerate(sorted(blocks, key=lambda b: (b.delta_entropy[est], b.layer)), 1)}
-    rank_cos = {b.layer: r for r, b in enumerate(sorted(blocks, key=lambda b: (b.cosine_importance, b.layer)), 1)}
+    rank_dh = block_ranks(scores, "entrodrop", kind, estimator=est)
+    rank_cos = block_ranks(scores, "cosine", kind)
     colors = [DROP_COLOR if i in ticked else PROTECTED_COLOR if i in protected else KEEP_COLOR for i in layers]
     status = [_status(i, ticked, protected) for i in layers]
     label = KIND_LABELS[kind]
@@ -156,8 +157,8 @@ def rank_figure(scores: Scores, kind: str = "attn", estimator: str | None = None
     est = estimator if estimator in scores.estimators else scores.estimators[0]
     ticked = set(ticked)
     blocks = scores.blocks_of(kind)
-    rank_dh = {b.layer: r for r, b in enumerate(sorted(blocks, key=lambda b: (b.delta_entropy[est], b.layer)), 1)}
-    rank_cos = {b.layer: r for r, b in enumerate(sorted(blocks, key=lambda b: (b.cosine_importance, b.layer)), 1)}
+    rank_dh = block_ranks(scores, "entrodrop", kind, estimator=est)
+    rank_cos = block_ranks(scores, "cosine", kind)
     layers = [b.layer for b in blocks]
     n = len(layers)
     fig = go.Figure()

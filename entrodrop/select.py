@@ -77,6 +77,11 @@ def rank_blocks(scores: Scores, criterion: str, kind: str, *, estimator: str = "
     return sorted(values, key=lambda lv: (lv[1], lv[0]))
 
 
+def block_ranks(scores: Scores, criterion: str, kind: str, *, estimator: str = "bucket") -> dict[int, int]:
+    """Rank of every block of ``kind`` under ``criterion``: layer -> 1 (dropped first) .. L."""
+    return {layer: rank for rank, (layer, _) in enumerate(rank_blocks(scores, criterion, kind, estimator=estimator), 1)}
+
+
 def _angular_span(scores: Scores, count: int, eligible: set[int]) -> tuple[int, float]:
     """Start layer of the contiguous span of ``count`` eligible layers with the smallest distance."""
     matrix = scores.angular_matrix
