@@ -17,7 +17,10 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
+import time
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,14 +164,38 @@ def _gguf_kwargs(resolved: ResolvedSpec) -> dict:
     return {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
 
 
+_HUB_PROBE: dict[str, float | bool] = {}
+
+
+def hub_reachable(timeout: float = 2.0, ttl: float = 60.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect (cached for ``ttl`` seconds).
+
+    Without this, a hub id on an offline machine waits out huggingface_hub's retries (~25 s)
+    before failing; with it, the cache is read directly and a miss fails at once."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    now = time.monotonic()
+    if now - float(_HUB_PROBE.get("at", -ttl - 1)) < ttl:
+        return bool(_HUB_PROBE["ok"])
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        ok = True
+    except OSError:
+        ok = False
+    _HUB_PROBE.update(at=now, ok=ok)
+    return ok
+
+
 def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config (cheap: no weights), with hub and GGUF failures turned into ValueErrors."""
     from transformers import AutoConfig
 
     resolved = _as_resolved(spec)
+    offline = resolved.kind == "hub" and not hub_reachable()
     try:
         return AutoConfig.from_pretrained(
-            resolved.path, trust_remote_code=trust_remote_code, **_gguf_kwargs(resolved)
+            resolved.path, trust_remote_code=trust_remote_code, local_files_only=offline, **_gguf_kwargs(resolved)
         )
     except ValueError as err:
         match = re.search(r"architecture (\S+) is not supported", str(err))
@@ -181,6 +208,11 @@ def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> Pr
     except Exception as err:
         # OSError (missing / offline), huggingface_hub's RepositoryNotFoundError and HTTP errors,
         # connection errors: whatever the cause, the user must fix the spec or the network.
+        if offline:
+            raise ValueError(
+                f"The Hugging Face Hub is not reachable from this machine and '{resolved.spec}' is not in the "
+                "local cache. Pass a local folder or .gguf file, or connect to the network."
+            ) from err
         if resolved.kind == "hub":
             raise _not_found(resolved, err) from err
         raise ValueError(f"Could not read the config of '{resolved.spec}': {err}") from err
@@ -336,7 +368,11 @@ def load_model(
         _check_memory(config, torch_dtype, target, trust_remote_code)
 
     report(f"Loading the tokenizer of {resolved.name}")
-    source_kwargs = {"trust_remote_code": trust_remote_code, **_gguf_kwargs(resolved)}
+    source_kwargs = {
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": resolved.kind == "hub" and not hub_reachable(),  # offline: the cache or nothing
+        **_gguf_kwargs(resolved),
+    }
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.path, **source_kwargs)
     except Exception as err:  # no tokenizer files, or an unknown tokenizer class

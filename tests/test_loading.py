@@ -1,5 +1,6 @@
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -121,12 +122,28 @@ def test_non_gguf_file(tmp_path):
         resolve_model_spec(str(path))
 
 
-def test_unknown_hub_id():
-    # conftest sets HF_HUB_OFFLINE=1, so this fails at once instead of retrying the network.
+def test_unknown_hub_id_offline_fails_at_once():
+    # conftest sets HF_HUB_OFFLINE=1: the hub counts as unreachable, only the local cache is read.
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="Hub is not reachable .* 'no-such-org/no-such-model' is not in the local cache"):
+        load_config("no-such-org/no-such-model")
+    with pytest.raises(ValueError, match="Pass a local folder or .gguf file"):
+        load_model("no-such-org/no-such-model")
+    assert time.monotonic() - start < 5
+
+
+def test_unknown_hub_id_online(monkeypatch):
+    # a reachable hub that does not know the id: the "check the id" message
+    import transformers
+
+    monkeypatch.setattr("entrodrop.loading.hub_reachable", lambda *a, **k: True)
+
+    def missing(*_args, **_kwargs):
+        raise OSError("no-such-org/no-such-model is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", missing)
     with pytest.raises(ValueError, match="Could not find model 'no-such-org/no-such-model' on the Hugging Face Hub"):
         load_config("no-such-org/no-such-model")
-    with pytest.raises(ValueError, match="pass a local folder or .gguf file"):
-        load_model("no-such-org/no-such-model")
 
 
 def test_encoder_only_refused(tmp_path):

@@ -104,7 +104,7 @@ def test_full_flow_in_the_browser(page: Page, tmp_path):
     spec = page.locator("#model-spec textarea")
     spec.fill("no-such-org/no-such-model")
     page.locator("#load-btn").click()
-    expect_error(page, "Could not find model 'no-such-org/no-such-model'")
+    expect_error(page, "'no-such-org/no-such-model' is not in the local cache")
     spec.fill("")
     page.locator("#load-btn").click()
     expect(page.locator("#model-status")).to_contain_text("SmolLM2-135M-Instruct is ready", timeout=180_000)

@@ -93,7 +93,7 @@ def test_bad_models_show_what_to_do(app_url, tmp_path):
     client = client_for(app_url)
     with pytest.raises(AppError, match="No such file or folder: '/no/such/model'"):
         load(client, "/no/such/model")
-    with pytest.raises(AppError, match="Could not find model 'no-such-org/no-such-model'"):
+    with pytest.raises(AppError, match="'no-such-org/no-such-model' is not in the local cache"):
         load(client, "no-such-org/no-such-model")
     BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                intermediate_size=64).save_pretrained(tmp_path / "bert")
