@@ -439,8 +439,11 @@ def explain_scores(
             f"- **Compression stage**, layers 0–{boundary - 1}: entropy goes from {start:.1f} (X_0) to "
             f"{low:.1f} at X_{boundary}, the stage boundary. **Expansion stage**, layers {boundary}–{L - 1}: it rises "
             f"again to {end:.1f} at X_{L}.")
-        lines.append(f"- The boundary is where the smoothed {est} curve is lowest"
-                     + (" (set by hand)." if stage_boundary is not None else " (detected)."))
+        if stage_boundary is not None:
+            lines.append(f"- The boundary was set by hand at X_{boundary}.")
+        else:
+            lines.append(f"- The boundary is where the {est} curve bottoms out (detected on a 3-layer moving "
+                         "average first, so one noisy layer cannot move it).")
 
     blocks = scores.blocks_of(kind)
     by_dh = sorted(blocks, key=lambda b: (b.delta_entropy[est], b.layer))
