@@ -29,9 +29,10 @@ def bucket_entropy(z: torch.Tensor, bins: int = 20) -> torch.Tensor:
     lo, hi = torch.aminmax(z, dim=1, keepdim=True)  # (S, 1, d) each
     span = hi - lo
     scale = torch.where(span > 0, bins / span, torch.zeros_like(span))  # (S, 1, d)
-    idx = torch.addcmul(-lo * scale, z, scale).to(torch.int64).clamp_(0, bins - 1)  # (S, N, d) bin ids
-    counts = torch.zeros(z.shape[0], bins, d, device=z.device)  # (S, bins, d)
-    counts.scatter_add_(1, idx, torch.ones((), device=z.device).expand_as(z))
+    bin_of = torch.addcmul(-lo * scale, z, scale).clamp_(0, bins - 1).to(torch.int32)  # (S, N, d)
+    # one bincount over ids unique per (stream, dimension, bin); int32 halves the memory traffic
+    bin_of += (torch.arange(z.shape[0] * d, dtype=torch.int32, device=z.device) * bins).view(-1, 1, d)
+    counts = torch.bincount(bin_of.view(-1), minlength=z.shape[0] * d * bins).view(-1, d, bins).float()
     p = counts / n
     h = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=(1, 2))  # (S,)
     return h.double().reshape(lead)
