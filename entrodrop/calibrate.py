@@ -167,9 +167,12 @@ def _stats_device(model: nn.Module) -> torch.device:
     return cuda[0] if cuda else torch.device("cpu")
 
 
-def _flatten_tokens(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, d) -> (N, d), keeping the real (non-padding) tokens only."""
-    return t.reshape(-1, t.shape[-1])[mask.reshape(-1)]
+def _stack_tokens(streams: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """S tensors (B, T, d) -> (S, N, d), keeping the real (non-padding) tokens only.
+
+    One copy (the stack); the mask selects only when some token is excluded."""
+    stacked = torch.stack(streams).flatten(1, 2)  # (S, B*T, d)
+    return stacked if bool(mask.all()) else stacked[:, mask.reshape(-1)]
 
 
 def iter_calibration(
@@ -238,9 +241,9 @@ def iter_calibration(
             mask = stats_mask[start : start + batch_size]
             if not cap.complete():
                 raise RuntimeError("Some residual streams were not captured; the architecture adapter is wrong.")
-            flat_mask = mask.to(stats_device)
-            xs = torch.stack([_flatten_tokens(t, flat_mask) for t in cap.x])  # (L+1, N, d)
-            ys = torch.stack([_flatten_tokens(t, flat_mask) for t in cap.y])  # (L, N, d)
+            mask = mask.to(stats_device)
+            xs = _stack_tokens(cap.x, mask)  # (L+1, N, d)
+            ys = _stack_tokens(cap.y, mask)  # (L, N, d)
             cap.clear()  # free the batch's activations before the statistics allocate
             stats.add_batch(xs, ys, settings)
             del xs, ys

@@ -116,27 +116,24 @@ def blocks_figure(scores: Scores, kind: str = "attn", estimator: str | None = No
     protected = protected or {}
     blocks = scores.blocks_of(kind)
     layers = [b.layer for b in blocks]
-    dh = [b.delta_entropy[est] for b in blocks]
-    cos = [b.cosine_importance for b in blocks]
-    rank_dh = block_ranks(scores, "entrodrop", kind, estimator=est)
-    rank_cos = block_ranks(scores, "cosine", kind)
     colors = [DROP_COLOR if i in ticked else PROTECTED_COLOR if i in protected else KEEP_COLOR for i in layers]
     status = [_status(i, ticked, protected) for i in layers]
     label = KIND_LABELS[kind]
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
                         subplot_titles=(f"Entropy increase ΔH ({est})", "Cosine importance 1 − cos(in, out)"))
-    fig.add_trace(go.Bar(
-        x=layers, y=dh, marker_color=colors, name="entropy increase",
-        customdata=[[rank_dh[i], s] for i, s in zip(layers, status, strict=True)],
-        hovertemplate="layer %{x}: ΔH = %{y:.4g} nats<br>rank %{customdata[0]} (1 = adds least)"
-                      "<br>%{customdata[1]}<extra></extra>",
-    ), row=1, col=1)
-    fig.add_trace(go.Bar(
-        x=layers, y=cos, marker_color=colors, name="cosine importance",
-        customdata=[[rank_cos[i], s] for i, s in zip(layers, status, strict=True)],
-        hovertemplate="layer %{x}: 1 − cos = %{y:.4g}<br>rank %{customdata[0]} (1 = changes least)"
-                      "<br>%{customdata[1]}<extra></extra>",
-    ), row=1, col=2)
+    panels = (  # (column, values, ranks, trace name, hover text for the value, what rank 1 means)
+        (1, [b.delta_entropy[est] for b in blocks], block_ranks(scores, "entrodrop", kind, estimator=est),
+         "entropy increase", "ΔH = %{y:.4g} nats", "adds least"),
+        (2, [b.cosine_importance for b in blocks], block_ranks(scores, "cosine", kind),
+         "cosine importance", "1 − cos = %{y:.4g}", "changes least"),
+    )
+    for col, values, ranks, name, value_text, first in panels:
+        fig.add_trace(go.Bar(
+            x=layers, y=values, marker_color=colors, name=name,
+            customdata=[[ranks[i], s] for i, s in zip(layers, status, strict=True)],
+            hovertemplate=f"layer %{{x}}: {value_text}<br>rank %{{customdata[0]}} (1 = {first})"
+                          "<br>%{customdata[1]}<extra></extra>",
+        ), row=1, col=col)
     fig.update_xaxes(title_text="layer", dtick=max(1, len(layers) // 15))
     fig.update_yaxes(title_text="nats", row=1, col=1)
     n_drop = len(ticked & set(layers))

@@ -59,14 +59,16 @@ def resolve_count(num_layers: int, count: int | None, fraction: float | None) ->
     return count
 
 
+def _check_estimator(scores: Scores, estimator: str) -> None:
+    if estimator not in scores.estimators:
+        raise ValueError(f"Estimator {estimator!r} was not calibrated; available: {', '.join(scores.estimators)}.")
+
+
 def rank_blocks(scores: Scores, criterion: str, kind: str, *, estimator: str = "bucket") -> list[tuple[int, float]]:
     """All blocks of ``kind`` as (layer, score), best candidates to drop first."""
     blocks = scores.blocks_of(kind)
     if criterion == "entrodrop":
-        if estimator not in scores.estimators:
-            raise ValueError(
-                f"Estimator {estimator!r} was not calibrated; available: {', '.join(scores.estimators)}."
-            )
+        _check_estimator(scores, estimator)
         values = [(b.layer, b.delta_entropy[estimator]) for b in blocks]
     elif criterion == "cosine":
         values = [(b.layer, b.cosine_importance) for b in blocks]
@@ -120,8 +122,8 @@ def select_blocks(
         blocks = [DroppedBlock(layer, kind, "chosen by hand") for layer in chosen]
         return DropPlan(num_layers=L, blocks=blocks, criterion="manual", meta=meta)
 
-    if criterion == "entrodrop" and estimator not in scores.estimators:
-        raise ValueError(f"Estimator {estimator!r} was not calibrated; available: {', '.join(scores.estimators)}.")
+    if criterion == "entrodrop":
+        _check_estimator(scores, estimator)  # before counting, so the message names the real problem
     n = resolve_count(L, count, fraction)
     protect = protect or DEFAULT_PROTECTION[criterion]
     protected = protected_layers(scores, protect, estimator=estimator, stage_boundary=stage_boundary)
