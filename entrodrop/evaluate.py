@@ -283,8 +283,8 @@ def _attention_context(config, layer_idx: int, seq_len: int) -> int:
     return seq_len * (seq_len + 1) // 2
 
 
-def forward_flops(model: nn.Module, seq_len: int, plan: DropPlan | None = None) -> dict:
-    """Matmul FLOPs of one forward pass over ``seq_len`` tokens, dense and without ``plan``'s blocks.
+def block_flops(model: nn.Module, seq_len: int) -> tuple[dict[tuple[int, str], float], float]:
+    """Matmul FLOPs of every attention and MLP sub-block, and of the LM head, over ``seq_len`` tokens.
 
     Each weight does one multiply-add per token (2 FLOPs x parameters x tokens); attention adds the
     score and value products, 2 x 2 x heads x head_dim x (keys seen, summed over queries)."""
@@ -302,6 +302,12 @@ def forward_flops(model: nn.Module, seq_len: int, plan: DropPlan | None = None) 
             per_block[(i, kind)] = flops
     head = model.get_output_embeddings()
     head_flops = 2.0 * head.weight.numel() * seq_len if head is not None else 0.0
+    return per_block, head_flops
+
+
+def forward_flops(model: nn.Module, seq_len: int, plan: DropPlan | None = None) -> dict:
+    """FLOPs of one forward pass over ``seq_len`` tokens, dense and without ``plan``'s blocks."""
+    per_block, head_flops = block_flops(model, seq_len)
     dense = sum(per_block.values()) + head_flops
     removed = 0.0
     for b in (plan.blocks if plan is not None else []):

@@ -160,20 +160,19 @@ def measure_block_costs(model, seq_len: int) -> BlockCosts:
 
     Reads the model only; call it while no preview is active on the same model."""
     from .arch import block_parameter_count, get_arch, get_layers
-    from .evaluate import forward_flops
+    from .evaluate import block_flops
     from .prune import count_parameters
 
     spec = get_arch(model)
     L = len(get_layers(model, spec))
-    dense = forward_flops(model, seq_len)
+    per_block, head_flops = block_flops(model, seq_len)  # one pass over the model, not one per block
     costs = BlockCosts(num_layers=L, seq_len=seq_len, dense_params=count_parameters(model)[0],
-                       dense_flops=float(dense["dense"]))
+                       dense_flops=float(sum(per_block.values()) + head_flops))
     for layer in range(L):
         for kind in ("attn", "mlp", "layer"):
             costs.params[(layer, kind)] = block_parameter_count(model, layer, kind, spec)
         for kind in ("attn", "mlp"):
-            single = DropPlan(num_layers=L, blocks=[DroppedBlock(layer, kind)])
-            costs.flops[(layer, kind)] = float(forward_flops(model, seq_len, single)["removed"])
+            costs.flops[(layer, kind)] = float(per_block[(layer, kind)])
         costs.flops[(layer, "layer")] = costs.flops[(layer, "attn")] + costs.flops[(layer, "mlp")]
     return costs
 
