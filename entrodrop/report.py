@@ -28,7 +28,7 @@ import pandas as pd
 from .arch import BLOCK_KINDS
 from .plan import DroppedBlock, DropPlan
 from .scores import Scores
-from .select import DEFAULT_PROTECTION, protected_layers, rank_blocks, select_blocks
+from .select import DEFAULT_PROTECTION, block_ranks, protected_layers, rank_blocks, select_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +93,7 @@ def scores_csv(scores: Scores) -> str:
 
 def criterion_ranks(scores: Scores, kind: str, estimator: str) -> dict[str, dict[int, int]]:
     """{criterion: {layer: rank}}; rank 1 is the first block that criterion would drop (no protection)."""
-    return {
-        criterion: {layer: rank for rank, (layer, _) in enumerate(rank_blocks(scores, criterion, kind, estimator=estimator), 1)}
-        for criterion in RANKED_CRITERIA
-    }
+    return {criterion: block_ranks(scores, criterion, kind, estimator=estimator) for criterion in RANKED_CRITERIA}
 
 
 def block_table(
@@ -269,8 +266,7 @@ def check_table(quality: Mapping | None, speed: Mapping | None = None) -> pd.Dat
             f"×{ratio:.3f}" if math.isfinite(ratio) else "—")
         add("mean KL(dense ‖ pruned), nats/token", "0", _fmt(quality["kl_mean"], 3))
         add("top-1 agreement with dense", "100%", f"{100 * quality['top1_agreement']:.1f}%")
-        removed = quality["dense_params"] - quality["pruned_params"]
-        share = removed / quality["dense_params"] if quality["dense_params"] else 0.0
+        share = quality["params_removed"] / quality["dense_params"] if quality["dense_params"] else 0.0
         add("parameters", f"{quality['dense_params']:,}", f"{quality['pruned_params']:,}", f"−{100 * share:.1f}%")
         add("held-out text", f"{quality['num_windows']} windows", f"{quality['num_tokens']:,} predicted tokens")
     if speed:
@@ -445,11 +441,9 @@ def explain_scores(
                          "average first, so one noisy layer cannot move it).")
 
     blocks = scores.blocks_of(kind)
-    by_dh = sorted(blocks, key=lambda b: (b.delta_entropy[est], b.layer))
-    by_cos = sorted(blocks, key=lambda b: (b.cosine_importance, b.layer))
     n_show = min(3, len(blocks))
-    least = ", ".join(f"{b.layer} ({b.delta_entropy[est]:+.3g})" for b in by_dh[:n_show])
-    flattest = ", ".join(f"{b.layer} ({b.cosine_importance:.3g})" for b in by_cos[:n_show])
+    least = ", ".join(f"{layer} ({v:+.3g})" for layer, v in rank_blocks(scores, "entrodrop", kind, estimator=est)[:n_show])
+    flattest = ", ".join(f"{layer} ({v:.3g})" for layer, v in rank_blocks(scores, "cosine", kind)[:n_show])
     lines.append(f"- {kind_name.capitalize()} blocks adding least entropy: layers {least}.")
     lines.append(f"- Lowest cosine importance: layers {flattest}.")
     negative = [b.layer for b in blocks if b.delta_entropy[est] < 0]

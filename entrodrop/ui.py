@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import os
 import queue
@@ -79,7 +78,6 @@ class Session:
     model_name: str = ""
     num_layers: int = 0
     data: dict | None = None  # load_corpus kwargs of the last calibration (the check reads its held-out part)
-    seq_len: int = 0
     scores: Scores | None = None
     costs: report.BlockCosts | None = None
     kind: str = "attn"
@@ -636,7 +634,7 @@ class Studio:
             for event in events:
                 if event.batch_index == 1:  # the settings worked: the previous results give way
                     session.reset_results()
-                    session.data, session.seq_len, session.costs = data, seq_len, costs
+                    session.data, session.costs = data, costs
                     session.estimator = settings.estimators[0]
                 session.scores = event.scores
                 status = (f"▶ Batch {event.batch_index}/{event.num_batches} · {event.tokens_seen:,} tokens · "
@@ -689,16 +687,17 @@ class Studio:
             summary += (f"\n\n*Scores from a stopped calibration ({scores.batches_done} of {scores.batches_total} "
                         "batches).*")
         disagreement = report.criteria_disagreement(scores, session.kind, min(session.count, L), est)
+        blocks_fig = plots.blocks_figure(scores, session.kind, est, ticked=session.ticked, protected=protected)
         view = {
             self.table: report.block_table(scores, session.kind, est, ticked=session.ticked, protected=protected),
             self.summary: summary,
-            self.choose_plot: plots.blocks_figure(scores, session.kind, est, ticked=session.ticked, protected=protected),
+            self.choose_plot: blocks_fig,
             self.disagree_md: disagreement.markdown(),
             self.disagree_table: disagreement.table,
             self.rank_plot: plots.rank_figure(scores, session.kind, est, ticked=session.ticked),
             self.explainer: report.explain_scores(scores, session.kind, est, protect=session.entrodrop_protection(),
                                                   stage_boundary=session.stage_boundary, count=session.count),
-            self.blocks_plot: plots.blocks_figure(scores, session.kind, est, ticked=session.ticked, protected=protected),
+            self.blocks_plot: blocks_fig,
             # step 2's view follows the choice, so its plot and explainer describe the same blocks
             self.view_kind: session.kind,
             self.view_est: gr.update(choices=list(scores.estimators), value=est),
@@ -751,8 +750,8 @@ class Studio:
         """The user ticked or unticked blocks: update the plan summary, table and plots."""
         scores = _need_scores(session)
         session.ticked = {int(t) for t in (ticks or [])}
-        view = self._choose_view(session, with_ticks=False)
         report.plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)  # drops everything -> error
+        view = self._choose_view(session, with_ticks=False)
         return view[self.table], view[self.summary], view[self.choose_plot], view[self.rank_plot], view[self.blocks_plot]
 
     # -- 4. check ----------------------------------------------------------------------------------
@@ -844,7 +843,7 @@ class Studio:
         if session.auto_plan is not None or session.ticked:
             try:
                 plan = report.plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)
-                (folder / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2), encoding="utf-8")
+                plan.save(folder / "plan.json")
                 files.append(folder / "plan.json")
             except ValueError:
                 pass
