@@ -62,10 +62,9 @@ def _heldout_windows(args, tokenizer):
 def _plan_from_args(args, loaded, *, required: bool):
     """(plan, scores): from --plan (file or 'attn:3,mlp:5'), else selected from --scores or a fresh
     calibration with --criterion/--kind/--count; an empty plan when nothing asks for blocks."""
-    from .arch import num_layers
     from .select import select_blocks
 
-    L = num_layers(loaded.model, loaded.arch)
+    L = loaded.num_layers
     if args.plan:
         plan = DropPlan.load(args.plan) if Path(args.plan).suffix == ".json" or Path(args.plan).is_file() \
             else DropPlan.parse(args.plan, L)
@@ -161,8 +160,8 @@ def cmd_prune(args) -> int:
     if checks:
         print(format_checks(checks))
     try:
-        result = export_pruned(loaded, None, plan, args.out, scores=scores, criterion=plan.criterion,
-                               calibration=scores.calibration if scores is not None else None, checks=checks,
+        # export_pruned takes the criterion from the plan and the calibration settings from the scores
+        result = export_pruned(loaded, None, plan, args.out, scores=scores, checks=checks,
                                overwrite=args.overwrite, write_remote_code=args.remote_code)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -415,14 +415,19 @@ def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
-def greedy_generate(model: nn.Module, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy continuation of ``ids`` (1, T): the new token ids only."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def greedy_generate(model: nn.Module, tokenizer, ids: torch.Tensor, max_new_tokens: int, *,
+                    pad_token_id: int | None = None, min_new_tokens: int | None = None) -> torch.Tensor:
+    """Greedy continuation of ``ids`` (1, T): the new token ids only.
+
+    The pad id defaults to the tokenizer's pad (else eos) token; ``min_new_tokens`` forces a fixed
+    length (export verification compares token for token)."""
+    if pad_token_id is None:
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = ids.to(input_device(model))
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, pad_token_id=pad, temperature=None, top_p=None,
-                             top_k=None)
+                             min_new_tokens=min_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=pad_token_id, temperature=None, top_p=None, top_k=None)
     return out[0, ids.shape[1]:].cpu()
 
 

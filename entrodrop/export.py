@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from .arch import get_arch, get_layers
+from .evaluate import greedy_generate
+from .loading import quant_method
 from .plan import DropPlan
 from .prune import (
     DROPPED_KEY,
     SkippedAttention,
-    SkippedLayer,
     ZeroBlock,
     _find_cache,
     _hidden_states_of,
@@ -123,7 +124,8 @@ def load_pruned(path: str | os.PathLike, *, output_loading_info: bool = False, *
 
 
 # -- remote code -----------------------------------------------------------------------------------
-_STANDIN_SOURCES = (_find_cache, _hidden_states_of, _record_placeholder, SkippedAttention, ZeroBlock, SkippedLayer,
+# what the generated file needs: whole layers are removed physically, so no SkippedLayer
+_STANDIN_SOURCES = (_find_cache, _hidden_states_of, _record_placeholder, SkippedAttention, ZeroBlock,
                     make_standin, install_standins)
 
 
@@ -203,9 +205,7 @@ def _device_of(model: nn.Module) -> torch.device:
 def _is_gguf(loaded, model: nn.Module) -> bool:
     if getattr(loaded, "source", None) == "gguf" or getattr(loaded, "gguf_file", None):
         return True
-    quant = getattr(model.config, "quantization_config", None)
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    return str(getattr(method, "value", method)) == "gguf"
+    return quant_method(model.config) == "gguf"
 
 
 def check_target(out_dir, overwrite: bool = False, needed_bytes: int = 0) -> Path:
@@ -265,11 +265,7 @@ def _fixed_input(tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 def _greedy(model: nn.Module, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=_VERIFY_NEW_TOKENS,
-                             min_new_tokens=_VERIFY_NEW_TOKENS, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                             temperature=None, top_p=None, top_k=None)
-    return out[0, ids.shape[1]:].cpu()
+    return greedy_generate(model, None, ids, _VERIFY_NEW_TOKENS, pad_token_id=pad_id, min_new_tokens=_VERIFY_NEW_TOKENS)
 
 
 def _default_atol(dtype: torch.dtype) -> float:

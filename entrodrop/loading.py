@@ -309,6 +309,13 @@ def input_device(model) -> torch.device:
     return embeddings.weight.device
 
 
+def quant_method(config) -> str | None:
+    """The ``quant_method`` a config's ``quantization_config`` names (dict or object), or None."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return None if method is None else str(getattr(method, "value", method))
+
+
 def strip_gguf_quantization(model: PreTrainedModel) -> PreTrainedModel:
     """Forget that a de-quantised model came from a GGUF file, so ``save_pretrained`` accepts it.
 
@@ -317,9 +324,8 @@ def strip_gguf_quantization(model: PreTrainedModel) -> PreTrainedModel:
     asks transformers to de-quantise, which drops that bookkeeping itself; this function is for
     models loaded some other way, and a no-op on models without it.
     """
-    quant = getattr(model.config, "quantization_config", None)
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-    if quant is not None and str(getattr(method, "value", method)) != "gguf":
+    method = quant_method(model.config)
+    if getattr(model.config, "quantization_config", None) is not None and method != "gguf":
         raise ValueError(f"The model is quantised with {method}, not de-quantised GGUF; cannot strip it.")
     # Same steps as transformers' HfQuantizer.remove_quantization_config.
     for name in ("hf_quantizer", "quantization_method"):

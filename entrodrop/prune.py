@@ -107,16 +107,15 @@ class ZeroBlock(nn.Module):
 class SkippedLayer(nn.Module):
     """Stand-in for a whole dropped layer: returns its input, keeps the KV cache length."""
 
-    def __init__(self, layer_idx: int, has_attention: bool = True, returns_tuple: bool = False):
+    def __init__(self, layer_idx: int, returns_tuple: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
-        self.has_attention = has_attention
         self.returns_tuple = returns_tuple
 
     def forward(self, *args, **kwargs):
         hidden_states = _hidden_states_of(args, kwargs)
         cache = _find_cache(args, kwargs)
-        if self.has_attention and cache is not None:
+        if cache is not None:
             _record_placeholder(cache, self.layer_idx, hidden_states)
         return (hidden_states,) if self.returns_tuple else hidden_states
 
@@ -216,7 +215,7 @@ def preview_plan(model: nn.Module, plan: DropPlan) -> Iterator[nn.Module]:
         for b in plan.blocks:
             layer = layers[b.layer]
             if b.kind == "layer":
-                standin = SkippedLayer(_attention_layer_idx(layer, spec, b.layer), has_attention=True,
+                standin = SkippedLayer(_attention_layer_idx(layer, spec, b.layer),
                                        returns_tuple=spec.layer_output_tuple)
                 path = f"{spec.layers}.{b.layer}"
                 swapped.append((path, set_module(model, path, standin)))
@@ -316,16 +315,11 @@ def prune_model(model: nn.Module, plan: DropPlan, inplace: bool = False) -> nn.M
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(number of parameters, bytes they take), each shared tensor counted once."""
-    seen: set[int] = set()
-    count = nbytes = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        count += p.numel()
-        nbytes += p.numel() * p.element_size()
-    return count, nbytes
+    """(number of parameters, bytes they take), each shared tensor counted once.
+
+    ``parameters()`` already yields a tied tensor (e.g. embeddings shared with the LM head) once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
 def plan_parameter_counts(model: nn.Module, plan: DropPlan) -> tuple[int, int, int, int]:
