@@ -86,10 +86,36 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device  # where inputs go: the device of the input embeddings
     gguf_file: str | None = None  # path of the GGUF file the (de-quantised) weights came from
+    # Sub-blocks an EntroDrop export has no weights for ("attn:20", "mlp:21": indexes in this model),
+    # loaded as weightless stand-ins; empty for ordinary checkpoints and whole-layer exports.
+    dropped_blocks: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:
         return len(get_layers(self.model, self.arch))
+
+    @property
+    def is_pruned_export(self) -> bool:
+        """Whether this is an EntroDrop export with dropped sub-blocks (loaded through ``load_pruned``)."""
+        return bool(self.dropped_blocks)
+
+
+def dropped_blocks_of(config) -> tuple[str, ...]:
+    """The sub-blocks an EntroDrop export's config says it dropped, as ``"kind:layer"`` in layer order.
+
+    Such a checkpoint lacks those weights: loading it as a plain model would fill them randomly."""
+    from entrodrop.prune import DROPPED_KEY
+
+    entries = getattr(config, DROPPED_KEY, None) or []
+    try:
+        blocks = sorted((int(e["layer"]), str(e["kind"])) for e in entries)
+    except (TypeError, KeyError, ValueError) as err:
+        raise ValueError(
+            f"The config's {DROPPED_KEY} field is malformed ({err!r}); it should list "
+            '{"layer": i, "kind": "attn"|"mlp", "modules": {...}} entries as entrodrop writes them. '
+            "Export the model again."
+        ) from err
+    return tuple(f"{kind}:{layer}" for layer, kind in blocks)
 
 
 def looks_like_path(spec: str, extensions: tuple[str, ...] = (".gguf",)) -> bool:
@@ -265,6 +291,10 @@ def estimate_model_bytes(config: PretrainedConfig, dtype: torch.dtype, trust_rem
 
     with init_empty_weights():
         empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if dropped_blocks_of(config):
+        from entrodrop.prune import install_standins
+
+        install_standins(empty)  # an export's dropped sub-blocks take no memory
     num_params = sum(p.numel() for p in empty.parameters())  # tied weights are counted once
     return num_params * dtype.itemsize
 
@@ -371,6 +401,12 @@ def load_model(
     config = load_config(resolved, trust_remote_code=trust_remote_code)
     check_config_supported(config)
     _check_causal_lm(config)
+    dropped = dropped_blocks_of(config)
+    if dropped and resolved.kind != "local":
+        raise ValueError(
+            f"'{spec}' is an EntroDrop export with sub-blocks dropped ({', '.join(dropped)}); such exports load "
+            "from a local folder only. Download the folder (e.g. huggingface_hub.snapshot_download) and pass its path."
+        )
     if device_map is None:
         _check_memory(config, torch_dtype, target, trust_remote_code)
 
@@ -397,7 +433,17 @@ def load_model(
     if device_map is not None:
         model_kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **model_kwargs)
+        if dropped:
+            # Never the plain class: it would fill the dropped blocks' missing weights randomly.
+            # Imported here: the export module imports this one.
+            from .export import load_pruned
+
+            report(f"{resolved.name} is an EntroDrop export without {', '.join(dropped)}: loading it as such")
+            model_kwargs.pop("config")
+            model_kwargs.pop("trust_remote_code")  # the stand-ins are ours: no remote code runs
+            model = load_pruned(resolved.path, **model_kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, **model_kwargs)
     except RuntimeError as err:
         if "disk" in str(err).lower():  # e.g. GGUF weights cannot be offloaded to disk
             raise ValueError(f"Could not place the model as asked: {err}") from err
@@ -427,6 +473,7 @@ def load_model(
         dtype=torch_dtype,
         device=input_device(model),
         gguf_file=resolved.gguf_path,
+        dropped_blocks=dropped,
     )
     report(f"Loaded {loaded.name}: {loaded.num_layers} layers, {arch.family}, on {loaded.device}")
     return loaded
@@ -448,6 +495,7 @@ def model_facts(loaded: LoadedModel) -> dict:
         "device": str(loaded.device),
         "source": loaded.source,
         "gguf_file": loaded.gguf_file,
+        "dropped_blocks": list(loaded.dropped_blocks),  # parameters above are then the pruned model's
     }
 
 

@@ -283,3 +283,79 @@ def test_bundled_model_saves_and_reloads(bundled_model, tmp_path):
     ids = bundled_model.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model(ids).logits, model(ids).logits)
+
+
+@pytest.fixture(scope="module")
+def subblock_export(tmp_path_factory, tiny_tokenizer):
+    """A tiny llama exported with an attention and an MLP sub-block dropped (weights absent from the files)."""
+    from tiny_models import LAYERS, tiny_model
+
+    from entrodrop.export import export_pruned
+    from entrodrop.plan import DropPlan
+
+    model = tiny_model("llama")
+    out = tmp_path_factory.mktemp("export") / "pruned"
+    result = export_pruned(model, tiny_tokenizer, DropPlan.parse("attn:1,mlp:2", LAYERS), out)
+    assert result.ok, result.verdict
+    return out, result
+
+
+def _transformers_warnings():
+    """Collects what transformers logs while loading (its loggers do not propagate to pytest's caplog)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    return records, handler
+
+
+def test_subblock_export_loads_through_the_pruned_path(subblock_export):
+    import logging
+
+    from entrodrop.export import load_pruned
+
+    out, result = subblock_export
+    records, handler = _transformers_warnings()
+    modeling_logger = logging.getLogger("transformers.modeling_utils")
+    modeling_logger.addHandler(handler)
+    try:
+        loaded = load_model(str(out))
+    finally:
+        modeling_logger.removeHandler(handler)
+    assert not [r for r in records if "newly initialized" in r.getMessage()]
+    assert loaded.dropped_blocks == ("attn:1", "mlp:2")
+
+    reference = load_pruned(out).eval()
+    ids = torch.tensor([[1, 5, 9, 14, 20, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+    facts = model_facts(loaded)
+    assert facts["parameters"] == result.pruned_params < result.dense_params
+    assert facts["dropped_blocks"] == ["attn:1", "mlp:2"]
+
+
+def test_subblock_export_memory_estimate_is_the_pruned_models(subblock_export):
+    out, result = subblock_export
+    config = load_config(str(out))
+    assert loading.estimate_model_bytes(config, torch.float32) == 4 * result.pruned_params
+
+
+def test_plain_model_has_no_dropped_blocks(tiny_llama_dir):
+    loaded = load_model(tiny_llama_dir)
+    assert loaded.dropped_blocks == ()
+    assert model_facts(loaded)["dropped_blocks"] == []
+
+
+def test_subblock_export_on_the_hub_is_refused_before_weights(subblock_export, monkeypatch):
+    out, _ = subblock_export
+    config = load_config(str(out))
+    monkeypatch.setattr(loading, "load_config", lambda *a, **k: config)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights must not load")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
+    with pytest.raises(ValueError, match=r"EntroDrop export with sub-blocks dropped \(attn:1, mlp:2\).*local folder"):
+        load_model("someone/pruned-model")
