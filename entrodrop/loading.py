@@ -187,6 +187,45 @@ def _not_found(resolved: ResolvedSpec, err: Exception) -> ValueError:
     )
 
 
+GGUF_MAGIC = b"GGUF"
+_GGUF_HEADER_BYTES = 24  # magic, version (uint32), tensor count and metadata count (uint64 each)
+
+
+def check_gguf_file(path: str | os.PathLike) -> None:
+    """Refuse a file that cannot be a GGUF checkpoint (empty, too short, wrong magic bytes), cheaply.
+
+    Reads 4 bytes; a file cut short later on (a partial download) is caught where the GGUF reader
+    fails, see :func:`load_config`. Raises ValueError naming the file and saying what to do."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+    except OSError as err:
+        raise ValueError(f"Could not read the GGUF file '{path}': {err.strerror or err}. Check the path and its permissions.") from err
+    again = "Download it again, or give another .gguf file or a model folder."
+    if size == 0:
+        raise ValueError(f"The GGUF file '{path}' is empty (0 bytes), e.g. after an interrupted download or copy. "
+                         "Download it again, or give another .gguf file or a model folder.")
+    if size < _GGUF_HEADER_BYTES:
+        raise ValueError(f"'{path}' is not a GGUF file: {size} bytes cannot hold a GGUF header. {again}")
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"'{path}' is not a GGUF file: it does not start with the GGUF magic bytes. {again}")
+
+
+def _gguf_unreadable(resolved: ResolvedSpec, err: Exception) -> ValueError:
+    path = resolved.gguf_path
+    try:
+        size = f" ({format_bytes(os.path.getsize(path))})"
+    except OSError:
+        size = ""
+    return ValueError(
+        f"Could not read the GGUF file '{path}'{size}: it is truncated or corrupt ({type(err).__name__}: {err}). "
+        "If it was downloaded, download it again and compare its size with the source's; or give another .gguf "
+        "file or a model folder."
+    )
+
+
 def _gguf_kwargs(resolved: ResolvedSpec) -> dict:
     return {"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}
 
@@ -219,6 +258,8 @@ def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> Pr
     from transformers import AutoConfig
 
     resolved = _as_resolved(spec)
+    if resolved.gguf_file:
+        check_gguf_file(resolved.gguf_path)
     offline = resolved.kind == "hub" and not hub_reachable()
     try:
         return AutoConfig.from_pretrained(
@@ -231,8 +272,14 @@ def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> Pr
                 f"The GGUF file '{resolved.gguf_file}' holds a '{match.group(1)}' model, which this version of "
                 "transformers cannot load from GGUF. Use a safetensors folder of the same model instead."
             ) from err
+        if resolved.gguf_file:  # the GGUF reader's own errors: "cannot reshape array ...", "cannot mmap ..."
+            raise _gguf_unreadable(resolved, err) from err
+        raise
+    except ImportError:
         raise
     except Exception as err:
+        if resolved.gguf_file:  # struct.error and the like from a header cut short
+            raise _gguf_unreadable(resolved, err) from err
         # OSError (missing / offline), huggingface_hub's RepositoryNotFoundError and HTTP errors,
         # connection errors: whatever the cause, the user must fix the spec or the network.
         if offline:
@@ -270,7 +317,7 @@ def parse_device(device: str | torch.device) -> torch.device:
     except RuntimeError as err:
         raise ValueError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:N.") from err
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("CUDA was asked for but no GPU is available; use --device cpu (or auto).")
+        raise ValueError(f"device='{device}' asks for CUDA but no GPU is available; use device='cpu' (or 'auto').")
     return parsed
 
 
@@ -314,8 +361,8 @@ def _check_memory(config, dtype: torch.dtype, device: torch.device, trust_remote
     if needed > MEMORY_HEADROOM * free:
         raise InsufficientMemoryError(
             f"The model needs about {format_bytes(needed)} in {str(dtype).removeprefix('torch.')} but {device.type} has only "
-            f"{format_bytes(free)} free. Load it with device_map='auto' and an offload folder (`--device-map auto` "
-            "on the CLI) to spread it over GPU, CPU and disk, or choose a smaller dtype or model."
+            f"{format_bytes(free)} free. Load it with device_map='auto' and an offload_folder to spread it over GPU, "
+            "CPU and disk, or choose a smaller dtype or model."
         )
 
 
@@ -444,6 +491,10 @@ def load_model(
             model = load_pruned(resolved.path, **model_kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(resolved.path, **model_kwargs)
+    except ValueError as err:
+        if resolved.gguf_file and not isinstance(err, InsufficientMemoryError):
+            raise _gguf_unreadable(resolved, err) from err
+        raise
     except RuntimeError as err:
         if "disk" in str(err).lower():  # e.g. GGUF weights cannot be offloaded to disk
             raise ValueError(f"Could not place the model as asked: {err}") from err

@@ -171,7 +171,7 @@ def test_memory_check_before_weights(tiny_llama_dir, monkeypatch):
         raise AssertionError("weights must not load when memory is short")
 
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
-    with pytest.raises(InsufficientMemoryError, match=r"needs about .* KiB .* has only 1000 B free.*--device-map auto"):
+    with pytest.raises(InsufficientMemoryError, match=r"needs about .* KiB .* has only 1000 B free.*device_map='auto' and an offload_folder"):
         load_model(tiny_llama_dir)
 
 
@@ -359,3 +359,46 @@ def test_subblock_export_on_the_hub_is_refused_before_weights(subblock_export, m
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)
     with pytest.raises(ValueError, match=r"EntroDrop export with sub-blocks dropped \(attn:1, mlp:2\).*local folder"):
         load_model("someone/pruned-model")
+
+
+def _write_small_gguf(path):
+    """A tiny but well-formed GGUF file (llama metadata, one tensor); its config reads."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", r"model\.gguf' is empty \(0 bytes\).*Download it again"),
+        (b"GGU", r"model\.gguf' is not a GGUF file.*3 bytes"),
+        (b"<html>Not found</html>" * 4, r"model\.gguf' is not a GGUF file: it does not start with the GGUF magic"),
+    ],
+)
+def test_broken_gguf_files_refused_up_front(tmp_path, content, message):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_config(str(path))
+    with pytest.raises(ValueError, match=message):
+        load_model(str(path))
+    with pytest.raises(ValueError, match=message):
+        loading.check_gguf_file(path)
+
+
+def test_truncated_gguf_names_the_file(tmp_path):
+    whole = _write_small_gguf(tmp_path / "whole.gguf")
+    load_config(str(whole))  # the intact file reads
+    loading.check_gguf_file(whole)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"Could not read the GGUF file '.*cut\.gguf'.*truncated or corrupt.*download it again"):
+        load_config(str(cut))
