@@ -13,6 +13,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from entrodrop.loading import looks_like_path
+from entrodrop.loading import check_seq_len, looks_like_path
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ _BUNDLED_FILES = {
 }
 TEXT_EXTENSIONS = (".txt", ".md", ".text")
 TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+# A Hugging Face data set id, "NAME" or "OWNER/NAME", and a configuration name (after ":").
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_HUB_CONFIG = re.compile(r"^[\w.+-]+$")
+HUB_NAME_EXAMPLE = "wikitext:wikitext-2-raw-v1"
 HUB_MAX_DOCUMENTS = 50_000  # hub sets are streamed; stop after this many documents
 HELDOUT_FRACTION = 0.2
 PARTS = ("calibration", "heldout", "all")
@@ -77,7 +82,7 @@ def _pick_column(name: str, available: list[str], string_columns: list[str], col
         return string_columns[0]
     found = f"{len(string_columns)} text columns" if string_columns else "no text column"
     raise ValueError(
-        f"'{name}' has {found}; choose one with column= (--column on the CLI). Available columns: {listing}."
+        f"'{name}' has {found}; choose one with column=. Available columns: {listing}."
     )
 
 
@@ -144,7 +149,28 @@ def _load_bundled(name: str, column: str | None) -> TextCorpus:
     return _make_corpus(name, joined.tolist())
 
 
+def _undecodable(path: Path, err: UnicodeDecodeError) -> ValueError:
+    """A message that names the file, the encoding tried and the offending byte with the text before it.
+
+    Readers decode in chunks, so ``err.start`` is not a file offset: show the context instead."""
+    bad = err.object[err.start:err.start + 1]
+    before = err.object[max(0, err.start - 24):err.start].decode("utf-8", "replace").splitlines()
+    context = f" after {before[-1]!r}" if before and before[-1] else ""
+    return ValueError(
+        f"'{path}' is not UTF-8 text: byte 0x{bad.hex()}{context} cannot be decoded (encoding='utf-8' was tried; "
+        f"{err.reason}). Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`, or 'Save as UTF-8' in an "
+        "editor) and load it again."
+    )
+
+
 def _load_file(path: Path, column: str | None) -> TextCorpus:
+    try:
+        return _read_file(path, column)
+    except UnicodeDecodeError as err:  # a ValueError too, but one that names neither the file nor a remedy
+        raise _undecodable(path, err) from err
+
+
+def _read_file(path: Path, column: str | None) -> TextCorpus:
     suffix = path.suffix.lower()
     if suffix in TEXT_EXTENSIONS:
         if column is not None:
@@ -182,7 +208,44 @@ def _load_folder(path: Path, column: str | None, split: str | None) -> TextCorpu
     return _documents_from_rows(name, _select_split(name, dataset, split), column)
 
 
-def _load_hub(source: str, column: str | None, split: str | None) -> TextCorpus:
+def check_hub_dataset_name(source: str) -> tuple[str, str | None]:
+    """``(name, config)`` of a Hugging Face data set name ``"NAME"``, ``"OWNER/NAME"`` or ``"...:CONFIG"``;
+    ValueError for anything that could reach the server's own files.
+
+    Refused: absolute, home-folder and ``..`` paths, anything not shaped like a hub id, the names of
+    `datasets`' file-format builders (``csv``, ``json``, ``text``, ...: they read local files), and
+    names that exist as a file or folder relative to the working folder (`datasets` would read those
+    instead of asking the hub). The last check is one ``lstat``; nothing is opened or listed.
+    """
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    text = (source or "").strip()
+    never = (f"With hub_only=True the source is a Hugging Face data set name such as '{HUB_NAME_EXAMPLE}' "
+             "('NAME', 'OWNER/NAME', optionally ':CONFIG'), never a file on this server; for your own text, "
+             "upload a file, paste it, or pick a bundled set.")
+    if not text:
+        raise ValueError(f"No data set name given. {never}")
+    if "\\" in text:
+        raise ValueError(f"'{text}' contains a backslash, which data set names never do. {never}")
+    name, sep, config = text.partition(":")
+    if name.startswith("/"):
+        raise ValueError(f"'{text}' is an absolute path. {never}")
+    if name.startswith("~"):
+        raise ValueError(f"'{text}' is a home-folder path. {never}")
+    if ".." in name:
+        raise ValueError(f"'{text}' contains '..', which data set names never do. {never}")
+    if not _HUB_DATASET_ID.match(name):
+        raise ValueError(f"'{text}' is not a Hugging Face data set name. {never}")
+    if sep and not _HUB_CONFIG.match(config):
+        raise ValueError(f"'{config}' is not a valid configuration name (after ':' in '{text}'). {never}")
+    if name.lower() in _PACKAGED_DATASETS_MODULES:
+        raise ValueError(f"'{name}' is a file-format reader of the datasets library, not a data set. {never}")
+    if os.path.lexists(name):
+        raise ValueError(f"'{name}' names a file or folder on the server, so it is not taken. {never}")
+    return name, config or None
+
+
+def _load_hub(source: str, column: str | None, split: str | None, *, hub_only: bool = False) -> TextCorpus:
     import datasets
 
     name, _, config = source.partition(":")
@@ -190,24 +253,38 @@ def _load_hub(source: str, column: str | None, split: str | None) -> TextCorpus:
         # Streamed, so a large set such as C4 is read only as far as needed.
         dataset = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as err:  # DatasetNotFoundError, ConnectionError, offline mode, unknown split...
+        what = "" if hub_only else "it is not a bundled set or a local file, and "
         raise ValueError(
-            f"Could not load '{source}': it is not a bundled set or a local file, and loading it from the "
-            f"Hugging Face Hub failed ({type(err).__name__}: {err}). The hub may be unreachable or the "
-            f"name wrong. Bundled sets: {', '.join(BUNDLED_DATASETS)}; or give a "
-            f"{'/'.join(TEXT_EXTENSIONS + TABLE_EXTENSIONS)} file, or paste text."
+            f"Could not load '{source}': {what}loading it from the Hugging Face Hub failed "
+            f"({type(err).__name__}: {err}). The hub may be unreachable or the name wrong. Bundled sets: "
+            f"{', '.join(BUNDLED_DATASETS)}; or give a {'/'.join(TEXT_EXTENSIONS + TABLE_EXTENSIONS)} file, "
+            "or paste text."
         ) from err
     return _documents_from_rows(source, dataset, column)
 
 
 def load_corpus(
-    source: str, *, column: str | None = None, text: str | None = None, split: str | None = None
+    source: str,
+    *,
+    column: str | None = None,
+    text: str | None = None,
+    split: str | None = None,
+    hub_only: bool = False,
 ) -> TextCorpus:
     """Load text from a bundled set, a local file or folder, a hub set ("NAME" or "NAME:CONFIG"),
     or, with ``source="text"``, from ``text`` itself (blank lines separate documents).
 
     ``column`` picks the field of table-like sources (default: "text", else the only string
     field); ``split`` the split of `datasets` sources (default "train", else the first).
+
+    ``hub_only=True`` says ``source`` is a Hugging Face data set name typed by someone who must not
+    reach this machine's files (the web app's hub field): bundled aliases, local paths and pasted
+    text are not considered, and :func:`check_hub_dataset_name` refuses anything path-like before
+    the file system or the network is touched.
     """
+    if hub_only:
+        name, config = check_hub_dataset_name(source)
+        return _load_hub(f"{name}:{config}" if config else name, column, split, hub_only=True)
     if source == "text":
         if not text or not text.strip():
             raise ValueError("The text is empty. Paste some text, or pick a data set.")
@@ -317,13 +394,24 @@ def _token_stream(tokenizer, corpus: TextCorpus, part: str) -> torch.Tensor:
 
 
 def make_windows(
-    tokenizer, corpus: TextCorpus, *, num_samples: int, seq_len: int, seed: int = 0, part: str = "calibration"
+    tokenizer,
+    corpus: TextCorpus,
+    *,
+    num_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    part: str = "calibration",
+    config=None,
 ) -> torch.LongTensor:
     """``num_samples`` random non-overlapping token windows of ``seq_len`` from one part of ``corpus``.
 
     Returns shape (N, seq_len) with N = num_samples, or fewer (with a warning) when the text
-    holds fewer windows. Deterministic for a given seed.
+    holds fewer windows. Deterministic for a given seed. ``config``, the config of the model the
+    windows are for, makes ``seq_len`` beyond its positions a ValueError before any tokenising
+    (:func:`~entrodrop.loading.check_seq_len`); pass it whenever the model is known.
     """
+    if config is not None:
+        check_seq_len(config, seq_len)
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 tokens (got {seq_len}).")
     if num_samples < 1:

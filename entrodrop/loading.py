@@ -15,6 +15,7 @@ import gc
 import importlib.util
 import json
 import logging
+import numbers
 import os
 import re
 import socket
@@ -290,6 +291,38 @@ def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> Pr
         if resolved.kind == "hub":
             raise _not_found(resolved, err) from err
         raise ValueError(f"Could not read the config of '{resolved.spec}': {err}") from err
+
+
+# Config fields that bound the sequence length, by family (gpt2: n_positions, some remote code: seq_length).
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions(config: PretrainedConfig) -> tuple[str, int] | None:
+    """(config field, value) of the longest sequence the model was built for, or None if the config is silent."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in _POSITION_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return None
+
+
+def check_seq_len(config: PretrainedConfig, seq_len: int) -> None:
+    """Refuse a ``seq_len`` beyond the model's positions, before anything is tokenised or run.
+
+    Past them, learned position tables fail with an index error deep in the forward pass and rotary
+    models run (for minutes at large sizes) on positions they never saw; neither gives a usable score.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
+        raise TypeError(f"seq_len must be an integer number of tokens, got {type(seq_len).__name__} {seq_len!r}.")
+    seq_len = int(seq_len)
+    found = max_positions(config)
+    if found is not None and seq_len > found[1]:
+        key, limit = found
+        raise ValueError(
+            f"seq_len={seq_len} is longer than the {limit} token positions this model has ({key}={limit} in its "
+            f"config). Use seq_len={limit} or less."
+        )
 
 
 def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 import time
 
 import pandas as pd
@@ -228,3 +229,122 @@ def test_unknown_hub_name_is_a_clear_error():
     with pytest.raises(ValueError, match=r"hub may be unreachable or the name wrong\. Bundled sets: gsm8k, gpqa"):
         load_corpus("no_such_dataset_xyz:some_config")
     assert time.perf_counter() - start < 30  # offline mode: no network retries
+
+
+# -- undecodable text -------------------------------------------------------------------------------
+LATIN1 = "Caf\u00e9 cr\u00e8me, na\u00efve fa\u00e7ade.\n\nSecond paragraph \u00e0 la carte."
+
+
+@pytest.mark.parametrize("name, content", [
+    ("notes.txt", LATIN1),
+    ("rows.jsonl", json.dumps({"text": LATIN1}, ensure_ascii=False) + "\n"),
+    ("table.csv", "text\n\"" + LATIN1 + "\"\n"),
+    ("rows.json", json.dumps([{"text": LATIN1}], ensure_ascii=False)),
+])
+def test_non_utf8_file_names_the_file_and_encoding(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"'{path}' is not UTF-8 text: byte 0xe9 after '")
+                       + r"[^']*Caf' .*encoding='utf-8'.*Save the file as UTF-8"):
+        load_corpus(str(path))
+
+
+# -- sequence length against the model --------------------------------------------------------------
+def test_windows_refuse_seq_len_beyond_the_models_positions(tiny_tokenizer, monkeypatch):
+    from transformers import GPT2Config, LlamaConfig
+
+    corpus = load_corpus("gpqa")
+    config = LlamaConfig(max_position_embeddings=64)
+    assert make_windows(tiny_tokenizer, corpus, num_samples=2, seq_len=64, config=config).shape == (2, 64)
+    monkeypatch.setattr("entrodrop.data._token_stream", lambda *a, **k: pytest.fail("tokenised before the check"))
+    with pytest.raises(ValueError, match=r"seq_len=65 is longer than the 64 token positions.*Use seq_len=64 or less"):
+        make_windows(tiny_tokenizer, corpus, num_samples=2, seq_len=65, config=config)
+    with pytest.raises(ValueError, match=r"seq_len=4096 is longer than the 1024 token positions"):
+        make_windows(tiny_tokenizer, corpus, num_samples=2, seq_len=4096, config=GPT2Config())
+
+
+# -- hub names are never server paths ----------------------------------------------------------------
+@pytest.fixture
+def nothing_read(monkeypatch):
+    """Fail the test if a local file or folder is read, or the hub (datasets) is asked."""
+    import datasets
+
+    import entrodrop.data as data
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a server path was read")
+
+    for name in ("_load_file", "_load_folder", "_read_table", "_load_bundled"):
+        monkeypatch.setattr(data, name, refuse)
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    monkeypatch.setattr(datasets, "load_from_disk", refuse)
+
+
+REPO = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("/etc/passwd", "absolute path"),
+    ("/etc", "absolute path"),
+    (REPO, "absolute path"),
+    ("~/.ssh", "home-folder path"),
+    ("../secrets", r"'\.\.'"),
+    ("owner/../../etc", r"'\.\.'"),
+    ("C:\\Windows", "backslash"),
+    ("..\\secrets", "backslash"),
+    ("a/b/c", "not a Hugging Face data set name"),
+    ("wikitext:../../etc", "not a valid configuration name"),
+    ("csv", "file-format reader of the datasets library"),  # would read data_files from the server
+    ("text:x", "file-format reader of the datasets library"),
+    ("", "No data set name"),
+])
+def test_hub_only_refuses_paths_without_reading(nothing_read, name, message):
+    with pytest.raises(ValueError, match=message):
+        load_corpus(name, hub_only=True)
+
+
+@pytest.mark.parametrize("name", ["tests", "entrodrop", "tests/test_data.py", "pyproject.toml"])
+def test_hub_only_refuses_names_that_exist_on_the_server(nothing_read, monkeypatch, name):
+    monkeypatch.chdir(REPO)  # relative names resolve against the server's working folder
+    with pytest.raises(ValueError, match=rf"'{name}' names a file or folder on the server.*Hugging Face data set name"):
+        load_corpus(name, hub_only=True)
+
+
+def test_hub_only_loads_a_hub_name(monkeypatch, tmp_path):
+    import datasets
+
+    import entrodrop.data as data
+
+    asked = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        asked.append((name, config, split, streaming))
+        return datasets.Dataset.from_dict({"text": ["hub doc one", "hub doc two"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "_load_file", lambda *a, **k: pytest.fail("read a local file"))
+    monkeypatch.chdir(tmp_path)
+    corpus = load_corpus("Salesforce/wikitext:wikitext-2-raw-v1", hub_only=True)
+    assert corpus.documents == ["hub doc one", "hub doc two"]
+    assert asked == [("Salesforce/wikitext", "wikitext-2-raw-v1", "train", True)]
+
+
+def test_hub_only_does_not_take_bundled_aliases(monkeypatch):
+    # "gsm8k" in the hub field means the hub's gsm8k, not the copy bundled on the server
+    import datasets
+
+    import entrodrop.data as data
+
+    asked = []
+    monkeypatch.setattr(data, "_load_bundled", lambda *a, **k: pytest.fail("read the bundled file"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: asked.append(name) or
+                        datasets.Dataset.from_dict({"text": ["from the hub"]}))
+    assert load_corpus("gsm8k", hub_only=True).documents == ["from the hub"] and asked == ["gsm8k"]
+
+
+def test_library_messages_speak_of_parameters(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n', encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        load_corpus(str(path))
+    assert "column=" in str(info.value) and "--column" not in str(info.value)

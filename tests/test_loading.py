@@ -402,3 +402,27 @@ def test_truncated_gguf_names_the_file(tmp_path):
     cut.write_bytes(whole.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"Could not read the GGUF file '.*cut\.gguf'.*truncated or corrupt.*download it again"):
         load_config(str(cut))
+
+
+@pytest.mark.parametrize(
+    "config, limit, key",
+    [
+        (LlamaConfig(max_position_embeddings=256), 256, "max_position_embeddings"),
+        (GPT2Config(n_positions=128), 128, "max_position_embeddings"),  # gpt2 maps it onto n_positions
+    ],
+)
+def test_check_seq_len(config, limit, key):
+    loading.check_seq_len(config, limit)
+    assert loading.max_positions(config) == (key, limit)
+    with pytest.raises(ValueError, match=rf"seq_len={limit + 1} is longer than the {limit} token positions.*"
+                                         rf"{key}={limit}.*Use seq_len={limit} or less"):
+        loading.check_seq_len(config, limit + 1)
+    with pytest.raises(TypeError, match="seq_len must be an integer"):
+        loading.check_seq_len(config, 12.5)
+
+
+def test_check_seq_len_without_a_position_field():
+    from transformers import PretrainedConfig
+
+    loading.check_seq_len(PretrainedConfig(), 10**6)  # nothing to check against: accepted
+    assert loading.max_positions(PretrainedConfig()) is None
