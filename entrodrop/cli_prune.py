@@ -150,9 +150,13 @@ def _write_json(path: str, data) -> None:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_prune(args) -> int:
-    from .export import check_target, export_pruned
+    from .export import ModelSource, TargetNotEmptyError, check_target, export_pruned
 
-    check_target(args.out, args.overwrite)  # a busy or unwritable --out fails before any heavy work
+    try:
+        check_target(args.out, args.overwrite)  # a busy or unwritable --out fails before any heavy work
+    except TargetNotEmptyError as exc:
+        raise ValueError(f"{exc.path} is not empty. Pass --overwrite to replace it, or choose an empty folder.") \
+            from exc
     loaded = load_from_args(args)
     plan, scores = _plan_from_args(args, loaded, required=True)
     print(format_plan(plan))
@@ -161,8 +165,9 @@ def cmd_prune(args) -> int:
         print(format_checks(checks))
     try:
         # export_pruned takes the criterion from the plan and the calibration settings from the scores
-        result = export_pruned(loaded, None, plan, args.out, scores=scores, checks=checks,
-                               overwrite=args.overwrite, write_remote_code=args.remote_code)
+        result = export_pruned(loaded.model, loaded.tokenizer, plan, args.out, scores=scores, checks=checks,
+                               source=ModelSource.of(loaded), overwrite=args.overwrite,
+                               write_remote_code=args.remote_code)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

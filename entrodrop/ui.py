@@ -38,7 +38,7 @@ from .calibrate import EstimatorSettings, iter_calibration
 from .data import BUNDLED_DATASETS, load_corpus, make_windows
 from .estimators import ENTROPY_ESTIMATORS
 from .evaluate import iter_compare, iter_measure_speed, iter_side_by_side
-from .export import export_pruned, push_folder_to_hub, zip_export
+from .export import ModelSource, TargetNotEmptyError, export_pruned, push_folder_to_hub, zip_export
 from .loading import BUNDLED_MODELS, DEFAULT_MODEL, ModelCache, format_bytes, model_facts
 from .plan import DropPlan
 from .scores import Scores
@@ -814,13 +814,15 @@ class Studio:
         target = Path(out_dir.strip()).expanduser() if (out_dir or "").strip() else session.work_path() / name
         if not target.is_absolute():
             target = session.work_path() / target
-        if target.is_dir() and any(target.iterdir()) and not overwrite:
-            raise _error(f"The export folder {target} is not empty. Tick 'Overwrite' to replace it, or choose "
-                           "an empty or new folder.")
         yield {self.export_status: f"▶ Writing {plan.describe()} to {target} and reloading it to verify…",
                self.download: gr.update(value=None, interactive=False)}
-        result = export_pruned(loaded, None, plan, target, scores=session.scores, criterion=plan.criterion,
-                               checks=session.checks or None, overwrite=bool(overwrite))
+        try:
+            result = export_pruned(loaded.model, loaded.tokenizer, plan, target, scores=session.scores,
+                                   checks=session.checks or None, source=ModelSource.of(loaded),
+                                   overwrite=bool(overwrite))
+        except TargetNotEmptyError as exc:  # the library says overwrite=True; here it is a tick box
+            raise _error(f"The export folder {exc.path} is not empty. Tick 'Overwrite' to replace it, or choose "
+                         "an empty or new folder.") from exc
         session.export_dir = result.path
         yield {self.export_status: f"▶ {result.verdict}\n\nZipping…"}
         zip_path = zip_export(result.path, dest=session.work_path() / f"{result.path.name}.zip")
