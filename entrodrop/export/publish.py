@@ -35,8 +35,7 @@ def push_folder_to_hub(folder: str | Path, repo_id: str, token: str, *, private:
     repo_id = (repo_id or "").strip()
     token = (token or "").strip()
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not an export folder (no config.json): export the pruned model first, "
-                         "then push it.")
+        raise ValueError(f"Export the pruned model first, then push it ({folder} has no config.json).")
     if not repo_id or repo_id.count("/") > 1:
         raise ValueError("Give a repository id such as your-name/smollm2-pruned.")
     if not token:
