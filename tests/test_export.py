@@ -15,10 +15,11 @@ from safetensors import safe_open
 from test_prune import sharp_model
 from tiny_models import FAMILIES, LAYERS, VOCAB
 
-import entrodrop.export as export
+import entrodrop.export.target as export_target
+import entrodrop.export.write as export_write
 from entrodrop.arch import get_arch
 from entrodrop.evaluate import compare
-from entrodrop.export import export_pruned, load_pruned, zip_export
+from entrodrop.export import ModelSource, export_pruned, load_pruned, zip_export
 from entrodrop.plan import DropPlan
 from entrodrop.prune import prune_model
 
@@ -111,13 +112,13 @@ def test_subblock_export_reloads_with_load_pruned_and_remote_code(exports, famil
 
 def test_metadata_card_and_checks(tmp_path, tiny_tokenizer):
     model = sharp_model("llama")
-    plan = DropPlan.parse("attn:2,mlp:1", LAYERS)
+    plan = DropPlan(LAYERS, DropPlan.parse("attn:2,mlp:1", LAYERS).blocks, criterion="entrodrop")
     windows = torch.randint(1, VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
     quality = compare(model, plan, windows)
     scores = {"model": "tiny", "num_layers": LAYERS, "calibration": {"data": "gsm8k", "samples": 4},
               "blocks": [{"layer": 2, "kind": "attn", "delta_entropy": {"bucket": 0.125}, "cosine_importance": 0.01,
                           "angular_distance": 0.02}]}
-    result = export_pruned(model, tiny_tokenizer, plan, tmp_path / "out", scores=scores, criterion="entrodrop",
+    result = export_pruned(model, tiny_tokenizer, plan, tmp_path / "out", scores=scores,
                            checks={"quality": quality, "generations": [{"prompt": "hi", "dense": "a", "pruned": "b"}]},
                            write_remote_code=False)
     assert result.ok and not result.remote_code
@@ -164,7 +165,7 @@ def _no_heavy_work(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("pruned before checking the target")
 
-    monkeypatch.setattr(export, "prune_model", fail)
+    monkeypatch.setattr(export_write, "prune_model", fail)
 
 
 def test_unwritable_target_fails_before_heavy_work(tmp_path, tiny_tokenizer, monkeypatch):
@@ -186,7 +187,7 @@ def test_unwritable_target_fails_before_heavy_work(tmp_path, tiny_tokenizer, mon
                 export_pruned(model, tiny_tokenizer, plan, locked / "out")
         finally:
             locked.chmod(0o700)
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: SimpleNamespace(total=1, used=1, free=0))
+    monkeypatch.setattr(export_target.shutil, "disk_usage", lambda path: SimpleNamespace(total=1, used=1, free=0))
     with pytest.raises(OSError, match="Not enough disk space") as info:
         export_pruned(model, tiny_tokenizer, plan, tmp_path / "out")
     assert info.value.errno == errno.ENOSPC
@@ -234,7 +235,7 @@ def test_interrupt_leaves_nothing_and_keeps_an_old_export(tmp_path, tiny_tokeniz
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "verify_export", interrupted)
+    monkeypatch.setattr(export_write, "verify_export", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_pruned(model, tiny_tokenizer, DropPlan.parse("layer:2", LAYERS), target, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -250,9 +251,8 @@ def test_failed_verification_is_reported(tmp_path, tiny_tokenizer):
 
 def test_gguf_source_exports_dequantised_floats(tmp_path, tiny_tokenizer):
     model = sharp_model("llama")
-    loaded = SimpleNamespace(model=model, tokenizer=tiny_tokenizer, source="gguf", name="tiny-q4",
-                             gguf_file="/models/tiny-q4.gguf")
-    result = export_pruned(loaded, None, DropPlan.parse("layer:3", LAYERS), tmp_path / "out")
+    source = ModelSource(source="gguf", name="tiny-q4", gguf_file="/models/tiny-q4.gguf")
+    result = export_pruned(model, tiny_tokenizer, DropPlan.parse("layer:3", LAYERS), tmp_path / "out", source=source)
     assert result.ok
     assert "de-quantised float safetensors from GGUF" in (result.path / "README.md").read_text()
     meta = json.loads((result.path / "entrodrop.json").read_text())
@@ -292,7 +292,8 @@ def test_cli_prune_writes_a_verified_folder(tmp_path, tiny_tokenizer):
 @pytest.mark.slow
 def test_bundled_model_layer_export_reloads_in_plain_transformers(bundled_model, tmp_path):
     plan = DropPlan.parse("layer:20,layer:22,layer:24,layer:26", bundled_model.model.config.num_hidden_layers)
-    result = export_pruned(bundled_model, None, plan, tmp_path / "p")
+    result = export_pruned(bundled_model.model, bundled_model.tokenizer, plan, tmp_path / "p",
+                           source=ModelSource.of(bundled_model))
     assert result.ok, result.verdict
     card = (result.path / "README.md").read_text()
     assert "Verification PASSED" in card and "de-quantised float safetensors from GGUF" in card

@@ -11,6 +11,7 @@ import threading
 import time
 import zipfile
 
+import gradio as gr
 import httpx
 import pytest
 import torch
@@ -104,14 +105,16 @@ def test_bad_models_show_what_to_do(app_url, tmp_path):
 
 
 def test_preload_binds_new_pages_to_the_model(tiny_dir, monkeypatch):
-    monkeypatch.setattr(ui, "_PRELOAD", dict(ui._PRELOAD))
+    monkeypatch.setattr(ui.state, "_PRELOAD", dict(ui.state._PRELOAD))
     ui.start_preload(tiny_dir).join(timeout=60)
     assert ui.MODEL_CACHE.make_key(tiny_dir) in ui.MODEL_CACHE
-    studio = ui.Studio()
+    with gr.Blocks():
+        steps = ui.create_steps()
+    page = ui.model.ModelHandlers(steps.model, steps.calibrate, steps.choose, steps.check, steps.export)
     session = ui.Session()
-    updates = list(studio.on_page_load(session))
+    updates = list(page.on_page_load(session))
     assert session.model_spec == tiny_dir and session.num_layers == 4
-    assert "is loaded and ready" in updates[-1][studio.model_status]
+    assert "is loaded and ready" in updates[-1][steps.model.model_status]
 
 
 # -- 2. calibrate --------------------------------------------------------------------------------
@@ -315,7 +318,7 @@ def test_full_disk_and_push_without_export(ready, monkeypatch):
         raise OSError(errno.ENOSPC, "Disk full while writing the pruned model; the partial files were removed. "
                                     "Free some space or choose another folder.")
 
-    monkeypatch.setattr(ui, "export_pruned", disk_full)
+    monkeypatch.setattr(ui.export, "export_pruned", disk_full)
     select(ready, criterion="entrodrop", kind="attn", count=1, protect="none")
     with pytest.raises(AppError, match="Disk full while writing the pruned model"):
         ready.predict(api_name="/export")

@@ -1,0 +1,145 @@
+"""What every ``entrodrop`` command shares: model, data and selection options, loading, windows,
+calibration, and the one tqdm adapter that shows the library's progress events."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ..calibrate import EstimatorSettings, iter_calibration
+from ..estimators import ENTROPY_ESTIMATORS
+from ..scores import Scores
+from ..select import CRITERIA, PROTECTIONS
+
+logger = logging.getLogger("entrodrop")
+
+
+# -- shared option groups ---------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model positional and how to load it (dtype, device, device map, remote code)."""
+    p.add_argument("model", nargs="?", default="smollm2",
+                   help="bundled alias (smollm2), local HF folder, .gguf file or hub id (default: smollm2)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device-map", default=None,
+                   help="accelerate device map for models larger than one device, e.g. 'auto' (with CPU/disk offload)")
+    p.add_argument("--offload-folder", default=None, help="folder for disk offload with --device-map")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Calibration text, windows and estimator settings."""
+    p.add_argument("--data", default="gsm8k",
+                   help="gsm8k | gpqa | a .txt/.jsonl/.csv/.parquet file | a datasets name such as wikitext:wikitext-2-raw-v1")
+    p.add_argument("--column", default=None, help="text column for .jsonl/.csv/.parquet/datasets sources")
+    p.add_argument("--samples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed that picks the windows (default 0)")
+    p.add_argument("--estimators", default="bucket,knn",
+                   help=f"comma-separated entropy estimators from {','.join(ENTROPY_ESTIMATORS)} (default bucket,knn)")
+    p.add_argument("--bins", type=int, default=20, help="bucket estimator: histogram bins per dimension")
+    p.add_argument("--knn-k", type=int, default=25, help="knn estimator: neighbour rank k")
+    p.add_argument("--skip-first", type=int, default=0,
+                   help="leave the first N tokens of every window out of the statistics (attention sink); default 0")
+
+
+def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = False,
+                       extra_criteria: tuple[str, ...] = ()) -> None:
+    """Criterion, granularity, how many blocks, estimator and protection."""
+    help_text = "how blocks are ranked (default entrodrop)"
+    if "loss" in extra_criteria:
+        help_text += "; loss re-scores the best entrodrop candidates by the held-out loss of skipping them"
+    p.add_argument("--criterion", default="entrodrop", choices=(*CRITERIA, *extra_criteria), help=help_text)
+    p.add_argument("--kind", default="attn", choices=("attn", "mlp", "layer"), help="granularity (default attn)")
+    group = p.add_mutually_exclusive_group(required=count_required)
+    group.add_argument("--count", type=int, default=None, help="number of blocks to drop")
+    group.add_argument("--fraction", type=float, default=None, help="share of the L blocks of that kind to drop")
+    p.add_argument("--estimator", default="bucket", help="entropy estimator that ranks blocks (default bucket)")
+    p.add_argument("--protect", default=None, choices=PROTECTIONS,
+                   help="stage: compression stage + last layer (entrodrop default); released: layers 0,1,L-1; none")
+    p.add_argument("--stage-boundary", type=int, default=None, help="override the detected stage boundary")
+
+
+# -- model, text, calibration -----------------------------------------------------------------
+def load_from_args(args):
+    """The :class:`~entrodrop.loading.LoadedModel` the model options name; loader messages go to the log."""
+    from ..loading import load_model
+
+    return load_model(
+        args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+        offload_folder=args.offload_folder, trust_remote_code=args.trust_remote_code,
+        progress=lambda msg: logger.info(msg),
+    )
+
+
+def windows_from_args(args, tokenizer, part: str = "calibration"):
+    """Token windows (``part`` calibration or heldout) of the text the data options name."""
+    from ..data import load_corpus, make_windows
+
+    corpus = load_corpus(args.data, column=args.column)
+    return make_windows(tokenizer, corpus, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, part=part)
+
+
+def heldout_windows(args, tokenizer):
+    """``--eval-samples`` windows from the held-out part of the same text."""
+    eval_args = argparse.Namespace(**{**vars(args), "samples": args.eval_samples})
+    return windows_from_args(eval_args, tokenizer, part="heldout")
+
+
+def calibrate_from_args(args, loaded) -> Scores:
+    """Calibrate with a progress bar; Ctrl-C between batches keeps the partial scores."""
+    from tqdm.auto import tqdm
+
+    windows = windows_from_args(args, loaded.tokenizer)
+    settings = EstimatorSettings(
+        estimators=tuple(e.strip() for e in args.estimators.split(",") if e.strip()), bins=args.bins, k=args.knn_k
+    )
+    calibration = {"data": args.data, "seed": args.seed}
+    events = iter_calibration(
+        loaded.model, windows, settings=settings, batch_size=args.batch_size,
+        model_name=loaded.name, calibration=calibration, spec=loaded.arch, skip_first=args.skip_first,
+    )
+    last = None
+    with tqdm(total=(len(windows) + args.batch_size - 1) // args.batch_size, unit="batch", desc="calibrating",
+              file=sys.stderr) as bar:
+        try:
+            for last in events:
+                bar.update(1)
+                bar.set_postfix(tokens=last.tokens_seen)
+        except KeyboardInterrupt:
+            events.close()
+            logger.warning("Interrupted: keeping the statistics of %d batch(es).", last.batch_index if last else 0)
+    if last is None:
+        raise ValueError("Calibration stopped before the first batch finished; nothing to report.")
+    return last.scores
+
+
+# -- output -----------------------------------------------------------------------------------
+def progress(events, desc: str, unit: str = "batch"):
+    """Drive an event generator with a tqdm bar (restarted at each new stage); returns the last event."""
+    from tqdm.auto import tqdm
+
+    last = None
+    stage = None
+    with tqdm(desc=desc, unit=unit, file=sys.stderr) as bar:
+        for last in events:
+            if last.stage != stage:
+                stage = last.stage
+                bar.reset(total=last.total)
+                bar.set_description(f"{desc} ({stage})" if stage not in desc else desc)
+            bar.total = last.total
+            bar.n = last.done
+            bar.refresh()
+    return last
+
+
+def write_json(path: str, data) -> None:
+    """Write ``data`` (reports, plans, tensors...) as JSON and say where."""
+    from ..export import jsonable
+
+    Path(path).write_text(json.dumps(jsonable(data), indent=1))
+    print(f"written to {path}")

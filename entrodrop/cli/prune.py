@@ -1,0 +1,52 @@
+"""``entrodrop prune``: drop blocks, check the result and export a reloadable, verified folder."""
+
+from __future__ import annotations
+
+import sys
+
+from .checks import add_check_args, format_checks, run_checks
+from .common import add_data_args, add_model_args, load_from_args
+from .select import add_plan_args, format_plan, plan_from_args
+
+
+def cmd_prune(args) -> int:
+    """Check ``--out`` first, then plan, check, export; exit 1 when writing or verification fails."""
+    from ..export import ModelSource, TargetNotEmptyError, check_target, export_pruned
+
+    try:
+        check_target(args.out, args.overwrite)  # a busy or unwritable --out fails before any heavy work
+    except TargetNotEmptyError as exc:  # the library speaks of overwrite=True; here it is a flag
+        raise ValueError(f"{exc.path} is not empty. Pass --overwrite to replace it, or choose an empty folder.") \
+            from exc
+    loaded = load_from_args(args)
+    plan, scores = plan_from_args(args, loaded, required=True)
+    print(format_plan(plan))
+    checks = run_checks(args, loaded, plan)
+    if checks:
+        print(format_checks(checks))
+    try:
+        # export_pruned takes the criterion from the plan and the calibration settings from the scores
+        result = export_pruned(loaded.model, loaded.tokenizer, plan, args.out, scores=scores, checks=checks,
+                               source=ModelSource.of(loaded), overwrite=args.overwrite,
+                               write_remote_code=args.remote_code)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(result.verdict)
+    print(f"written to {result.path}; reload with:\n{result.reload_hint}")
+    return 0 if result.ok else 1
+
+
+def register(subparsers) -> None:
+    """Add ``prune`` to the ``entrodrop`` command's subparsers."""
+    prune = subparsers.add_parser("prune", help="drop blocks, check the result and export a reloadable model")
+    add_model_args(prune)
+    add_data_args(prune)
+    add_plan_args(prune)
+    add_check_args(prune, speed_default=False)
+    prune.add_argument("--out", required=True, help="folder to write (must be empty unless --overwrite)")
+    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    prune.add_argument("--remote-code", action="store_true",
+                       help="sub-block plans: also write modeling_entrodrop.py so from_pretrained(DIR, "
+                            "trust_remote_code=True) reloads without EntroDrop")
+    prune.set_defaults(func=cmd_prune)

@@ -1,0 +1,39 @@
+"""Write a pruned model to a folder that really reloads, and prove it did.
+
+The folder holds safetensors weights without the dropped blocks, ``config.json``, the tokenizer,
+``entrodrop.json`` (plan, criterion, per-block scores, calibration settings, checks, package
+versions) and a model card ``README.md``. How it reloads:
+
+* only whole layers dropped: plain ``AutoModelForCausalLM.from_pretrained(DIR)`` — the config's
+  layer count and per-layer fields describe the smaller model, no remote code;
+* attention/MLP sub-blocks dropped: :func:`load_pruned` (``config.entrodrop_dropped`` says which
+  modules become weightless stand-ins), or, opt-in, ``from_pretrained(DIR, trust_remote_code=True)``
+  through a self-contained ``modeling_entrodrop.py`` written next to the weights.
+
+Every export is verified after writing: reloaded from disk, its logits on a fixed input compared
+with the in-memory pruned model, a few tokens generated. The verdict goes into the card and
+:attr:`ExportResult.ok`. Writing is atomic.
+
+One module per concept:
+
+* :mod:`.write` — :func:`export_pruned` and :class:`ExportResult`;
+* :mod:`.target` — the target folder: :func:`check_target`, atomic write;
+* :mod:`.verification` — :func:`verify_export`, the reload proof;
+* :mod:`.reload` — :func:`load_pruned` and the generated ``modeling_entrodrop.py``;
+* :mod:`.card` — the model card, the verdict line, the reload hint;
+* :mod:`.metadata` — ``entrodrop.json``: :class:`ModelSource`, package versions, :func:`jsonable`;
+* :mod:`.publish` — :func:`zip_export`, :func:`push_folder_to_hub`.
+"""
+
+from .metadata import EXPORT_FORMAT_VERSION, METADATA_FILE, ModelSource, jsonable, package_versions
+from .publish import push_folder_to_hub, zip_export
+from .reload import REMOTE_CODE_FILE, load_pruned, remote_code_source
+from .target import TargetNotEmptyError, check_target
+from .verification import verify_export
+from .write import ExportResult, export_pruned
+
+__all__ = [
+    "EXPORT_FORMAT_VERSION", "METADATA_FILE", "REMOTE_CODE_FILE", "ExportResult", "ModelSource",
+    "TargetNotEmptyError", "check_target", "export_pruned", "jsonable", "load_pruned", "package_versions",
+    "push_folder_to_hub", "remote_code_source", "verify_export", "zip_export",
+]

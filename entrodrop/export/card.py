@@ -1,0 +1,130 @@
+"""The export's words: the model card ``README.md``, the one-line verification verdict and the reload hint.
+
+Everything here is a pure function of the metadata written to ``entrodrop.json``, so a card can be
+regenerated from an existing export.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def verdict_line(verification: dict) -> str:
+    """One line: PASSED/FAILED and, per loader, the logit difference and whether generation matched."""
+    parts = []
+    for name, r in verification["loaders"].items():
+        if "error" in r:
+            parts.append(f"{name}: FAILED to reload ({r['error']})")
+            continue
+        detail = f"max |logit diff| {r['max_abs_diff']:.2e} (tolerance {verification['atol']:.0e}), " \
+                 f"generation {'identical' if r['generation_matches'] else 'DIFFERENT'}"
+        if r["missing_keys"] or r["unexpected_keys"]:
+            detail += f", {len(r['missing_keys'])} missing / {len(r['unexpected_keys'])} unexpected weights"
+        parts.append(f"{name}: {'ok' if r['ok'] else 'FAILED'} ({detail})")
+    head = "PASSED" if verification["ok"] else "FAILED"
+    return f"Verification {head}: " + "; ".join(parts)
+
+
+def reload_hint(subblocks: bool, remote_code: bool) -> str:
+    """The Python lines that reload an export; ``PATH`` stands for its folder."""
+    if not subblocks:
+        return ('from transformers import AutoModelForCausalLM, AutoTokenizer\n'
+                'model = AutoModelForCausalLM.from_pretrained("PATH")\n'
+                'tokenizer = AutoTokenizer.from_pretrained("PATH")')
+    hint = ('from entrodrop.export import load_pruned\n'
+            'model = load_pruned("PATH")')
+    if remote_code:
+        hint += ('\n# or, without EntroDrop installed (runs the modeling_entrodrop.py in this folder):\n'
+                 'from transformers import AutoModelForCausalLM\n'
+                 'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)')
+    return hint
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def model_card(meta: dict, verdict: str, hint: str) -> str:
+    """The card ``README.md``: front matter, what was dropped and why, calibration, checks, verdict, reload."""
+    plan = meta["plan"]
+    scores = meta.get("scores") or {}
+    by_key = {(b["layer"], b["kind"]): b for b in scores.get("blocks", [])}
+    source = meta["source"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- entrodrop",
+        "- pruned",
+        "- block-pruning",
+    ]
+    if source.get("name") and source.get("source") == "hub":
+        lines.append(f"base_model: {source['name']}")
+    lines += ["---", "", f"# {source.get('name') or 'model'} — {len(plan['blocks'])} block(s) dropped with EntroDrop", ""]
+    lines.append(
+        f"Pruned from **{source.get('name') or 'an unnamed model'}** ({source.get('family')}, "
+        f"{plan['num_layers']} layers) by dropping {len(plan['blocks'])} block(s) chosen with the "
+        f"**{meta['criterion']}** criterion. Parameters: {meta['parameters']['dense']:,} -> "
+        f"{meta['parameters']['pruned']:,} ({meta['parameters']['removed']:,} removed)."
+    )
+    if meta.get("gguf"):
+        lines += ["", "The source was a quantised GGUF file: these are **de-quantised float safetensors from GGUF**, "
+                      "not the original quantisation."]
+    lines += ["", "## What was dropped and why", "",
+              "Layer indexes are those of the original (dense) model.", "",
+              "| layer | block | reason | entropy increase | cosine importance |",
+              "|---:|---|---|---|---|"]
+    for b in plan["blocks"]:
+        s = by_key.get((b["layer"], b["kind"]), {})
+        delta = ", ".join(f"{k} {_fmt(v)}" for k, v in s.get("delta_entropy", {}).items()) or "—"
+        cosine = _fmt(s["cosine_importance"]) if "cosine_importance" in s else "—"
+        lines.append(f"| {b['layer']} | {b['kind']} | {b.get('reason') or '—'} | {delta} | {cosine} |")
+    calibration = meta.get("calibration") or {}
+    if calibration:
+        lines += ["", "## Calibration", ""]
+        lines += [f"- {k}: {_fmt(v)}" for k, v in calibration.items() if not isinstance(v, (dict, list))]
+    checks = meta.get("checks") or {}
+    if checks:
+        lines += ["", "## Measured checks", ""]
+        lines += checks_markdown(checks)
+    lines += ["", "## Verification", "", verdict, "",
+              "The folder was reloaded from disk after writing; its logits on a fixed input were compared with "
+              "the in-memory pruned model and a few tokens were generated greedily.", "",
+              "## How to reload", "", "```python", hint, "```", "",
+              "Written by EntroDrop Studio (entropy-based block pruning; Yang et al., arXiv 2504.03794). "
+              "Full plan, scores and settings: `entrodrop.json`.", ""]
+    return "\n".join(lines)
+
+
+def checks_markdown(checks: dict) -> list[str]:
+    """The measured checks (quality, speed, generations, anything else) as Markdown lines."""
+    lines: list[str] = []
+    quality = checks.get("quality")
+    if isinstance(quality, dict):
+        lines += ["| check | dense | pruned |", "|---|---:|---:|",
+                  f"| perplexity | {_fmt(quality.get('dense_perplexity'))} | {_fmt(quality.get('pruned_perplexity'))} |",
+                  f"| parameters | {quality.get('dense_params', 0):,} | {quality.get('pruned_params', 0):,} |",
+                  "",
+                  f"Mean KL(dense || pruned): {_fmt(quality.get('kl_mean'))} nats/token; top-1 agreement: "
+                  f"{_fmt(quality.get('top1_agreement'))}; {quality.get('num_windows')} held-out windows, "
+                  f"{quality.get('num_tokens')} predicted tokens.", ""]
+    speed = checks.get("speed")
+    if isinstance(speed, dict):
+        lines += [f"Speed on {speed.get('device')} ({speed.get('dtype')}), dense and pruned in the same run: prefill of "
+                  f"{speed.get('prefill_tokens')} tokens {_fmt(speed.get('dense_prefill_s'))} s -> "
+                  f"{_fmt(speed.get('pruned_prefill_s'))} s (x{_fmt(speed.get('prefill_speedup'))}); decode "
+                  f"{_fmt(speed.get('dense_decode_tps'))} -> {_fmt(speed.get('pruned_decode_tps'))} tokens/s "
+                  f"(x{_fmt(speed.get('decode_speedup'))}); ideal from FLOPs x{_fmt(speed.get('ideal_speedup'))}.", ""]
+    generations = checks.get("generations")
+    if isinstance(generations, list) and generations:
+        lines += ["| prompt | dense | pruned |", "|---|---|---|"]
+        for row in generations:
+            cells = [str(row.get(k, "")).replace("|", "\\|").replace("\n", " ") for k in ("prompt", "dense", "pruned")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    for key, value in checks.items():
+        if key not in ("quality", "speed", "generations"):
+            lines.append(f"- {key}: {json.dumps(value) if isinstance(value, (dict, list)) else _fmt(value)}")
+    return lines

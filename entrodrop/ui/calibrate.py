@@ -1,0 +1,194 @@
+"""Step 2, calibrate: choose the text, stream the entropy and per-block curves after every batch,
+stop keeping what was measured; the per-block view and its explainer redraw on demand."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from .. import plots, report
+from ..calibrate import EstimatorSettings, iter_calibration
+from ..data import BUNDLED_DATASETS, load_corpus, make_windows
+from ..estimators import ENTROPY_ESTIMATORS
+from .state import MODEL_GROUP, Session, error, loaded_model, user_errors
+
+
+class CalibrateTab:
+    """Step 2's components; the per-block view (``view_kind``, ``view_est``, ``blocks_plot``,
+    ``explainer``) is also written by step 3, which keeps it on the blocks being chosen."""
+
+    source: gr.Radio
+    upload: gr.File
+    hub_name: gr.Textbox
+    column: gr.Textbox
+    text: gr.Textbox
+    samples: gr.Slider
+    seq_len: gr.Slider
+    estimators: gr.CheckboxGroup
+    bins: gr.Number
+    knn_k: gr.Number
+    seed: gr.Number
+    start_btn: gr.Button
+    stop_btn: gr.Button
+    calib_status: gr.Markdown
+    entropy_plot: gr.Plot
+    view_kind: gr.Radio
+    view_est: gr.Dropdown
+    blocks_plot: gr.Plot
+    explainer: gr.Markdown
+
+
+def create_ui() -> CalibrateTab:
+    """Lay out step 2 inside the current tab."""
+    tab = CalibrateTab()
+    with gr.Row():
+        with gr.Column(scale=1, min_width=280):
+            tab.source = gr.Radio(
+               [(f"{name} (bundled)", name) for name in BUNDLED_DATASETS]
+               + [("upload a file", "file"), ("Hub data set", "hub"), ("paste text", "text")],
+               value="gsm8k", label="Calibration text", elem_id="data-source")
+            tab.upload = gr.File(label="Text file (.txt, .jsonl, .csv, .parquet)", visible=False,
+                                 file_types=[".txt", ".md", ".jsonl", ".json", ".csv", ".tsv", ".parquet"],
+                                 elem_id="data-upload")
+            tab.hub_name = gr.Textbox("", label="Hub data set (NAME or NAME:CONFIG)", visible=False,
+                                      placeholder="wikitext:wikitext-2-raw-v1", elem_id="data-hub")
+            tab.column = gr.Textbox("", label="Text column (tables and hub sets; blank: 'text')", visible=False,
+                                    elem_id="data-column")
+            tab.text = gr.Textbox("", label="Pasted text (blank lines separate documents)", lines=6, visible=False,
+                                  elem_id="data-text")
+            tab.samples = gr.Slider(1, 256, value=32, step=1, label="Samples (windows)", elem_id="calib-samples")
+            tab.seq_len = gr.Slider(32, 2048, value=256, step=32, label="Tokens per window",
+                                    elem_id="calib-seqlen")
+            tab.estimators = gr.CheckboxGroup(list(ENTROPY_ESTIMATORS), value=["bucket", "knn"],
+                                              label="Entropy estimators", elem_id="calib-estimators")
+            with gr.Accordion("Advanced", open=False):
+                tab.bins = gr.Number(20, precision=0, minimum=2, label="bucket: bins per dimension")
+                tab.knn_k = gr.Number(25, precision=0, minimum=1, label="knn: neighbour rank k")
+                tab.seed = gr.Number(0, precision=0, label="seed (which windows)")
+            with gr.Row():
+                tab.start_btn = gr.Button("Start", variant="primary", elem_id="start-btn")
+                tab.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+            tab.calib_status = gr.Markdown("", elem_id="calib-status")
+        with gr.Column(scale=3):
+            tab.entropy_plot = gr.Plot(plots.empty_figure(), label="Entropy per layer", elem_id="entropy-plot")
+            with gr.Row():
+                tab.view_kind = gr.Radio([("attention", "attn"), ("MLP", "mlp"), ("whole layer", "layer")],
+                                         value="attn", label="Blocks", elem_id="view-kind")
+                tab.view_est = gr.Dropdown(["bucket", "knn"], value="bucket", label="Estimator for ΔH",
+                                           elem_id="view-estimator")
+            tab.blocks_plot = gr.Plot(plots.empty_figure(), label="Per block", elem_id="blocks-plot")
+        with gr.Column(scale=2, min_width=280):
+            tab.explainer = gr.Markdown(report.explain_scores(None), elem_id="explainer")
+
+    return tab
+
+
+def show_source(choice: str):
+    """Show the inputs the chosen text source needs (file, hub name, column, pasted text)."""
+    return (gr.update(visible=choice == "file"), gr.update(visible=choice == "hub"),
+            gr.update(visible=choice in ("file", "hub")), gr.update(visible=choice == "text"))
+
+
+class CalibrateHandlers:
+    """Calibration, Stop and the per-block view; a calibration also sets step 4's window length."""
+
+    def __init__(self, calibrate_tab: CalibrateTab, check_tab):
+        self.tab, self.check = calibrate_tab, check_tab
+
+    def _curves(self, session: Session, view_kind: str, view_est: str | None) -> dict:
+        scores = session.scores
+        est = view_est if view_est in scores.estimators else scores.estimators[0]
+        same_kind = view_kind == session.kind
+        return {
+            self.tab.entropy_plot: plots.entropy_figure(scores),
+            self.tab.blocks_plot: plots.blocks_figure(scores, view_kind, est, ticked=session.ticked if same_kind else (),
+                                                  protected=session.protected() if same_kind else None),
+            self.tab.explainer: report.explain_scores(scores, view_kind, est, protect=session.entrodrop_protection(),
+                                                  stage_boundary=session.stage_boundary,
+                                                  count=session.count or None),
+        }
+
+    @user_errors
+    def calibrate(self, session: Session, source, upload, hub_name, column, text, samples, seq_len, estimators,
+                  bins, knn_k, seed, view_kind, view_est):
+        """Stream calibration: new curves after every batch; Stop keeps what was measured."""
+        session.stop_requested = False
+        data = report.data_source_args(source, upload=upload, hub_name=hub_name, column=column, text=text)
+        if not estimators:
+            raise error("Tick at least one entropy estimator (bucket, knn or renyi).")
+        settings = EstimatorSettings(estimators=tuple(estimators), bins=int(bins or 20), k=int(knn_k or 25))
+        seq_len, samples = int(seq_len), int(samples)
+        yield {self.tab.calib_status: "▶ Reading the calibration text…"}
+        loaded = loaded_model(session)
+        corpus = load_corpus(**data)
+        windows = make_windows(loaded.tokenizer, corpus, num_samples=samples, seq_len=seq_len, seed=int(seed or 0))
+        # per-block costs are read from the model here, where no preview can be active (model group)
+        costs = report.measure_block_costs(loaded.model, seq_len)
+        events = iter_calibration(loaded.model, windows, settings=settings, batch_size=1, model_name=loaded.name,
+                                  calibration={"data": corpus.name, "seed": int(seed or 0)}, spec=loaded.arch)
+        session.view_kind = view_kind
+        session.view_est = view_est if view_est in settings.estimators else settings.estimators[0]
+        yield {self.tab.calib_status: f"▶ Calibrating on {len(windows)} windows of {seq_len} tokens from {corpus.name}…",
+               self.tab.view_est: gr.update(choices=list(settings.estimators), value=session.view_est),
+               self.check.check_seq: gr.update(value=seq_len)}
+        started = time.monotonic()
+        stopped = False
+        try:
+            for event in events:
+                if event.batch_index == 1:  # the settings worked: the previous results give way
+                    session.reset_results()
+                    session.data, session.costs = data, costs
+                    session.estimator = settings.estimators[0]
+                session.scores = event.scores
+                status = (f"▶ Batch {event.batch_index}/{event.num_batches} · {event.tokens_seen:,} tokens · "
+                          f"{time.monotonic() - started:.1f} s")
+                # the view radio may change while this runs: draw what the session shows now
+                yield {self.tab.calib_status: status, **self._curves(session, session.view_kind, session.view_est)}
+                if session.stop_requested:
+                    stopped = not event.done
+                    break
+        finally:
+            events.close()  # removes the hooks even if the client went away mid-run
+        scores = session.scores
+        elapsed = time.monotonic() - started
+        if stopped:
+            done = (f"■ Stopped after {scores.batches_done} of {scores.batches_total} batches "
+                    f"({elapsed:.1f} s). The partial results below are usable; next: step 3, Choose.")
+        else:
+            done = (f"✓ Done: {scores.batches_done} batches, {scores.calibration.get('tokens', 0):,} tokens in "
+                    f"{elapsed:.1f} s. Next: step 3, Choose.")
+        yield {self.tab.calib_status: done, **self._curves(session, session.view_kind, session.view_est)}
+
+    @staticmethod
+    def stop(session: Session):
+        session.stop_requested = True
+        return "■ Stopping after the current batch…"
+
+    @user_errors
+    def redraw(self, session: Session, view_kind: str, view_est: str):
+        session.view_kind, session.view_est = view_kind, view_est
+        if session.scores is None:
+            return gr.skip(), gr.skip()
+        curves = self._curves(session, view_kind, view_est)
+        return curves[self.tab.blocks_plot], curves[self.tab.explainer]
+
+
+def create_event_handlers(session: gr.State, calibrate_tab: CalibrateTab, check_tab):
+    """Wire step 2; returns the calibration event, which step 3 follows with its automatic choice."""
+    tab = calibrate_tab
+    handlers = CalibrateHandlers(calibrate_tab, check_tab)
+    light = {"concurrency_limit": None}
+    tab.source.change(show_source, [tab.source], [tab.upload, tab.hub_name, tab.column, tab.text],
+                      api_visibility="private", **light)
+    calibrating = tab.start_btn.click(
+        handlers.calibrate,
+        [session, tab.source, tab.upload, tab.hub_name, tab.column, tab.text, tab.samples, tab.seq_len,
+         tab.estimators, tab.bins, tab.knn_k, tab.seed, tab.view_kind, tab.view_est],
+        [tab.calib_status, tab.entropy_plot, tab.blocks_plot, tab.explainer, tab.view_est, check_tab.check_seq],
+        api_name="calibrate", show_progress_on=[tab.calib_status], concurrency_id=MODEL_GROUP, concurrency_limit=1)
+    tab.stop_btn.click(handlers.stop, [session], [tab.calib_status], api_name="stop", **light)
+    for trigger in (tab.view_kind.input, tab.view_est.input):
+        trigger(handlers.redraw, [session, tab.view_kind, tab.view_est], [tab.blocks_plot, tab.explainer],
+                api_visibility="private", **light)
+    return calibrating

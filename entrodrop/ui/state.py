@@ -1,0 +1,217 @@
+"""What the app's steps share: the process-wide model cache and launch preload, the per-session
+:class:`Session`, and how library errors reach the user.
+
+Sharing: the loaded models live in one process-wide :class:`~entrodrop.loading.ModelCache`
+(bounded by count and memory); everything a user chooses or computes lives in a per-session
+:class:`Session` held by ``gr.State``. Events that run a model (calibrate, check, generate,
+export) share the concurrency group :data:`MODEL_GROUP` with a limit of one: calibration hooks and
+the reversible preview both act on the shared model object, so they must never overlap.
+
+Errors: handlers are wrapped by :func:`user_errors`, which turns the library's ValueError /
+OSError / TypeError into ``gr.Error`` with the library's message (it says what to do).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from .. import report
+from ..loading import DEFAULT_MODEL, ModelCache, model_facts
+from ..plan import DropPlan
+from ..scores import Scores
+from ..select import DEFAULT_PROTECTION, protected_layers
+
+logger = logging.getLogger(__name__)
+
+MODEL_GROUP = "model"  # concurrency_id of every event that runs a model
+LOAD_GROUP = "load"
+
+
+def _default_cache() -> ModelCache:
+    """Two models at most, and no more than half the machine's RAM (``ENTRODROP_CACHE_MODELS``/``_GB``)."""
+    import psutil
+
+    max_models = int(os.environ.get("ENTRODROP_CACHE_MODELS", "2"))
+    gb = os.environ.get("ENTRODROP_CACHE_GB")
+    max_bytes = int(float(gb) * 2**30) if gb else int(psutil.virtual_memory().total * 0.5)
+    return ModelCache(max_models=max_models, max_bytes=max_bytes)
+
+
+MODEL_CACHE = _default_cache()
+_FACTS: dict[tuple, dict] = {}  # cache key -> model_facts, computed once right after loading
+_FACTS_LOCK = threading.Lock()
+_PRELOAD: dict = {"thread": None, "spec": None, "error": None, "started": None}
+
+
+# -- per-session state -----------------------------------------------------------------------
+@dataclass
+class Session:
+    """Everything one browser session (or API client) has chosen and computed."""
+
+    model_spec: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    model_name: str = ""
+    num_layers: int = 0
+    data: dict | None = None  # load_corpus kwargs of the last calibration (the check reads its held-out part)
+    scores: Scores | None = None
+    costs: report.BlockCosts | None = None
+    kind: str = "attn"
+    criterion: str = "entrodrop"
+    estimator: str | None = None
+    protect: str = "default"
+    stage_boundary: int | None = None
+    count: int = 0
+    auto_plan: DropPlan | None = None
+    ticked: set[int] = field(default_factory=set)
+    checks: dict = field(default_factory=dict)
+    export_dir: Path | None = None
+    workdir: Path | None = None
+    view_kind: str = "attn"  # what step 2's per-block plot shows
+    view_est: str | None = None
+    stop_requested: bool = False  # set by Stop, read by the running calibration between batches
+    # gr.State deep-copies the default Session for every new session, so nothing here may hold a lock
+
+    def reset_results(self) -> None:
+        """Forget everything computed for the previous model or calibration."""
+        self.scores = self.costs = self.auto_plan = None
+        self.ticked = set()
+        self.checks = {}
+        self.export_dir = None
+
+    def work_path(self) -> Path:
+        """This session's private folder for exports and files (removed when the session ends)."""
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="entrodrop-session-"))
+        return self.workdir
+
+    def protection(self) -> str:
+        """The protection in force: the criterion's own when the user left it at "default"."""
+        return DEFAULT_PROTECTION[self.criterion] if self.protect == "default" else self.protect
+
+    def entrodrop_protection(self) -> str:
+        """The protection the explainer describes for EntroDrop's own rule."""
+        return DEFAULT_PROTECTION["entrodrop"] if self.protect == "default" else self.protect
+
+    def protected(self) -> dict[int, str]:
+        """Protected layer -> why, under the current choice ({} before calibration or on a bad boundary)."""
+        if self.scores is None:
+            return {}
+        est = self.estimator or self.scores.estimators[0]
+        try:
+            return protected_layers(self.scores, self.protection(), estimator=est, stage_boundary=self.stage_boundary)
+        except ValueError:
+            return {}
+
+
+def delete_session(session: Session) -> None:
+    """``gr.State``'s delete callback: remove the session's private folder."""
+    if isinstance(session, Session) and session.workdir is not None:
+        shutil.rmtree(session.workdir, ignore_errors=True)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def error(message: str) -> gr.Error:
+    """A message for the user (no server-side traceback: it is not a bug)."""
+    return gr.Error(message, print_exception=False)
+
+
+def user_errors(fn):
+    """Turn the library's ValueError/OSError/TypeError into gr.Error (its message says what to do)."""
+
+    def convert(exc: Exception) -> gr.Error:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, OSError) and exc.strerror:  # "[Errno 28] ..." -> the message itself
+            return error(exc.strerror + (f" ({exc.filename})" if exc.filename else ""))
+        if isinstance(exc, (ValueError, OSError, TypeError, KeyError)):
+            return error(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+        logger.exception("Unexpected error in %s", fn.__name__)
+        return gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The shared model is unchanged; "
+                        "try again or reload the page.")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise convert(exc) from exc
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            raise convert(exc) from exc
+
+    return wrapper
+
+
+def facts_for(key: tuple, loaded) -> dict:
+    """``model_facts`` of a cached model, computed once per cache key."""
+    with _FACTS_LOCK:
+        if key not in _FACTS:
+            _FACTS[key] = model_facts(loaded)
+        return _FACTS[key]
+
+
+def loaded_model(session: Session):
+    """The session's model from the shared cache (loaded again if it was evicted)."""
+    if not session.model_spec:
+        raise error("No model loaded yet: load one in step 1.")
+    return MODEL_CACHE.get_or_load(session.model_spec, dtype=session.dtype, device=session.device)
+
+
+def need_scores(session: Session) -> Scores:
+    """The session's scores, or an error that says to calibrate first."""
+    if session.scores is None:
+        raise error("No calibration yet: run one in step 2 first.")
+    return session.scores
+
+
+def plan_to_run(session: Session) -> DropPlan:
+    """The ticked plan, refusing an empty one (nothing to compare) or one that drops everything."""
+    scores = need_scores(session)
+    if not session.ticked:
+        raise error("Nothing is ticked: tick at least one block to drop in step 3, or take the automatic selection.")
+    try:
+        return report.plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)
+    except ValueError as exc:
+        raise error(f"{exc} Untick some blocks in step 3.") from exc
+
+
+def start_preload(spec: str = DEFAULT_MODEL, **kwargs) -> threading.Thread:
+    """Load ``spec`` into the shared cache in a background thread (called at launch)."""
+
+    def work():
+        try:
+            key = MODEL_CACHE.make_key(spec, kwargs.get("dtype", "auto"), kwargs.get("device", "auto"))
+            facts_for(key, MODEL_CACHE.get_or_load(spec, **kwargs))
+            logger.info("Preloaded %s", spec)
+        except Exception as exc:  # shown on the page; the user can load something else
+            logger.warning("Preloading %s failed: %s", spec, exc)
+            _PRELOAD["error"] = str(exc)
+
+    thread = threading.Thread(target=work, name="entrodrop-preload", daemon=True)
+    _PRELOAD.update(thread=thread, spec=spec, error=None, started=time.monotonic())
+    thread.start()
+    return thread
+
+
+def preload_info() -> dict:
+    """The launch preload: ``thread``, ``spec``, ``error`` and ``started`` (monotonic seconds)."""
+    return _PRELOAD
