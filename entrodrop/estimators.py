@@ -213,12 +213,12 @@ def angular_distance_matrix(streams: torch.Tensor, *, unit: bool = False) -> tor
     return angular_from_cosine(cos)  # (S, S)
 
 
-def norm_ratio_to_median(z: torch.Tensor) -> torch.Tensor:
-    """Each token's L2 norm over the median token norm of its stream: (..., N, d) -> (..., N) float32.
+def norm_ratio_to_median(norms: torch.Tensor) -> torch.Tensor:
+    """Token norms over the median token norm of their stream: (..., N) -> (..., N), same dtype.
 
-    Massive-activation tokens (attention sinks) are the ones far above 1; compare with
-    :data:`MASSIVE_RATIO`. An all-zero stream gives ratios of 0, never NaN.
+    ``norms`` are the L2 norms of a stream's N tokens (``z.norm(dim=-1)``). Massive-activation
+    tokens (attention sinks) are the ones far above 1; compare with :data:`MASSIVE_RATIO`. An
+    all-zero stream gives ratios of 0, never NaN.
     """
-    norms = z.float().norm(dim=-1)  # (..., N)
     median = norms.median(dim=-1, keepdim=True).values  # (..., 1)
-    return norms / median.clamp_min(torch.finfo(torch.float32).tiny)
+    return norms / median.clamp_min(torch.finfo(norms.dtype).tiny)
