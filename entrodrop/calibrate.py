@@ -33,6 +33,7 @@ from .estimators import (
     angular_distance_matrix,
     angular_from_cosine,
     entropy,
+    entropy_with_subset,
     importance_from_cosine,
     norm_ratio_to_median,
     token_cosine,
@@ -263,18 +264,15 @@ class RunningStats:
                            "batch's sink-free entropies keep them.", n_excluded, n_tokens)
         if sinkfree:
             self.massive.excluded_tokens += n_excluded
-            keep = ~exclude  # (N,)
-            xs_free, ys_free = xs[:, keep], ys[:, keep]  # (L+1, N', d), (L, N', d)
-        for est in self.estimators:  # each of the 2L+1 distinct streams measured once (twice with a sink)
-            h_x, h_y = entropy(xs, est, **kw).cpu(), entropy(ys, est, **kw).cpu()
-            self.h_x[est] += h_x
-            self.h_y[est] += h_y
-            if sinkfree:
-                h_x, h_y = entropy(xs_free, est, **kw).cpu(), entropy(ys_free, est, **kw).cpu()
-            self.h_x_sinkfree[est] += h_x
-            self.h_y_sinkfree[est] += h_y
-        if sinkfree:
-            del xs_free, ys_free
+        keep = ~exclude  # (N,)
+        for est in self.estimators:  # each of the 2L+1 distinct streams measured once per token set
+            for streams, total, total_free in ((xs, self.h_x, self.h_x_sinkfree), (ys, self.h_y, self.h_y_sinkfree)):
+                if sinkfree:
+                    h, h_free = entropy_with_subset(streams, est, keep, **kw)
+                else:  # no massive token: the sink-free value is the all-token one, not measured twice
+                    h = h_free = entropy(streams, est, **kw)
+                total[est] += h.cpu()
+                total_free[est] += h_free.cpu()
         unit_x, unit_y = unit_tokens(xs), unit_tokens(ys)  # each stream normalised once
         pairs = {  # (block input, block output), each (L, N, d)
             "attn": (unit_x[:-1], unit_y),

@@ -82,16 +82,26 @@ def knn_entropy(z: torch.Tensor, k: int = 25) -> torch.Tensor:
     Such tokens sit on an atom of the empirical distribution, where a differential entropy has no
     finite value, so they are left out of the mean; N (the sample the density estimate
     k / (N V r^d) of the remaining tokens is taken from) still counts them. Zero radius is
-    decided on the exact difference to that neighbour, not on the matmul distance, whose float32
-    rounding can leave a small positive value for identical vectors. On a window without such
-    repeats the result is exactly the released formula's. If every token is such a copy, the
-    released value is returned (there is no continuous part to measure).
+    decided on the exact vectors, not on the matmul distance, whose float32 rounding can leave a
+    small positive value for identical vectors. On a window without such repeats the result is
+    exactly the released formula's. If every token is such a copy, the released value is
+    returned (there is no continuous part to measure).
+    """
+    return _knn_entropies(z, k)[0]
+
+
+def _knn_entropies(z: torch.Tensor, k: int, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KL entropy of all N tokens and, when ``keep`` (N,) bool is given, of the kept tokens alone.
+
+    One distance matrix and one neighbour search serve both: the search asks for k + m
+    neighbours (m = tokens left out), so every kept token's k-th *kept* neighbour is among them.
     """
     z = z.float()
     *lead, n, d = z.shape
-    if n <= k:
+    n_keep = n if keep is None else int(keep.sum())
+    if min(n, n_keep) <= k:
         raise ValueError(
-            f"knn entropy with k={k} needs more than {k} tokens per batch, got {n}. "
+            f"knn entropy with k={k} needs more than {k} tokens per batch, got {min(n, n_keep)}. "
             "Use a longer sequence length, a larger batch, or a smaller k."
         )
     z = z.reshape(-1, n, d)  # (S, N, d)
@@ -99,20 +109,44 @@ def knn_entropy(z: torch.Tensor, k: int = 25) -> torch.Tensor:
     # squared distances through one batched matmul: |a|^2 + |b|^2 - 2 a.b
     d2 = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), z, z.transpose(1, 2), alpha=-2)  # (S, N, N)
     d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    nearest = d2.topk(k, dim=2, largest=False)
-    r = nearest.values[..., -1].clamp_min(0).sqrt().double()  # (S, N)
-    kth = nearest.indices[..., -1]  # (S, N) index of each token's k-th neighbour
-    del d2, nearest
-    copy_of_kth = (z.gather(1, kth.unsqueeze(-1).expand(-1, -1, d)) == z).all(dim=-1)  # (S, N)
-    log_r = torch.log(r + 1e-10)  # (S, N)
-    kept = (~copy_of_kth).double()  # (S, N)
+    m = n - n_keep
+    near_d2, near_idx = d2.topk(k + m, dim=2, largest=False)  # (S, N, k+m) each, ascending
+    del d2
+    rows = torch.arange(n, device=z.device)
+    h_all = _kl_from_kth(z, sq, near_d2[..., k - 1], near_idx[..., k - 1], rows, k).reshape(lead)
+    if keep is None:
+        return h_all, None
+    keep = keep.to(z.device)
+    kept_nb = keep[near_idx]  # (S, N, k+m) which neighbours are kept tokens
+    # the k-th kept neighbour: the first slot where the running count of kept neighbours reaches k
+    slot = ((kept_nb.cumsum(dim=2) == k) & kept_nb).int().argmax(dim=2, keepdim=True)  # (S, N, 1)
+    kth_d2 = near_d2.gather(2, slot).squeeze(2)[:, keep]  # (S, N')
+    kth_idx = near_idx.gather(2, slot).squeeze(2)[:, keep]  # (S, N')
+    h_keep = _kl_from_kth(z, sq, kth_d2, kth_idx, rows[keep], k).reshape(lead)
+    return h_all, h_keep
+
+
+def _kl_from_kth(
+    z: torch.Tensor, sq: torch.Tensor, kth_d2: torch.Tensor, kth_idx: torch.Tensor, rows: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The KL formula over the tokens ``rows`` (N',) of ``z`` (S, N, d), given each one's squared
+    distance (S, N') to its k-th neighbour and that neighbour's index (S, N'); returns (S,)."""
+    d = z.shape[-1]
+    n = rows.numel()
+    r = kth_d2.clamp_min(0).sqrt().double()  # (S, N')
+    log_r = torch.log(r + 1e-10)  # (S, N')
+    # zero radius: only a distance within float32 rounding of 0 can be one; confirm on the vectors
+    copy_of_kth = torch.zeros_like(kth_d2, dtype=torch.bool)  # (S, N')
+    s_i, n_i = (kth_d2 <= 1e-3 * sq[:, rows]).nonzero(as_tuple=True)
+    if s_i.numel():
+        copy_of_kth[s_i, n_i] = (z[s_i, rows[n_i]] == z[s_i, kth_idx[s_i, n_i]]).all(dim=-1)
+    kept = (~copy_of_kth).double()  # (S, N')
     mean_kept = (log_r * kept).sum(dim=1) / kept.sum(dim=1).clamp_min(1)  # (S,)
-    # rows without zero-radius tokens (and rows that are nothing else) keep the released mean exactly
+    # rows without zero-radius tokens (and rows of nothing else) keep the released mean exactly
     use_kept = copy_of_kth.any(dim=1) & ~copy_of_kth.all(dim=1)  # (S,)
     mean_log_r = torch.where(use_kept, mean_kept, log_r.mean(dim=1))  # (S,)
     const = d / 2 * math.log(math.pi) - math.lgamma(d / 2 + 1) + math.log(n) - math.log(k)
-    h = d * mean_log_r + const  # (S,)
-    return h.reshape(lead)
+    return d * mean_log_r + const  # (S,)
 
 
 def renyi_entropy(z: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
@@ -151,6 +185,21 @@ def entropy(z: torch.Tensor, estimator: str, *, bins: int = 20, k: int = 25, alp
     if estimator == "renyi":
         return renyi_entropy(z, alpha)
     raise ValueError(f"Unknown entropy estimator {estimator!r}; choose from {', '.join(ENTROPY_ESTIMATORS)}.")
+
+
+def entropy_with_subset(
+    z: torch.Tensor, estimator: str, keep: torch.Tensor, *, bins: int = 20, k: int = 25, alpha: float = 4.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy of all N tokens and of the tokens ``keep`` (N,) bool marks: (..., N, d) -> two (...,).
+
+    The same as ``entropy(z, ...)`` and ``entropy(z[..., keep, :], ...)``; knn shares one
+    distance matrix and one neighbour search between the two (bucket ranges and the renyi
+    bandwidth depend on the token set, so those are measured twice).
+    """
+    if estimator == "knn":
+        return _knn_entropies(z, k, keep)
+    kw = dict(bins=bins, k=k, alpha=alpha)
+    return entropy(z, estimator, **kw), entropy(z[..., keep, :], estimator, **kw)
 
 
 def unit_tokens(z: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from entrodrop.estimators import (
     bucket_entropy,
     cosine_importance,
     entropy,
+    entropy_with_subset,
     knn_entropy,
     norm_ratio_to_median,
     renyi_entropy,
@@ -85,6 +86,19 @@ def test_knn_entropy_of_a_window_that_repeats_one_token_stays_near_the_window_wi
 def test_knn_entropy_of_one_token_repeated_everywhere_is_the_released_value():
     z = torch.randn(1, 16).repeat(40, 1)
     assert knn_entropy(z).item() == pytest.approx(released_knn_entropy(z), rel=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["bucket", "knn", "renyi"])
+def test_entropy_with_subset_equals_the_entropy_of_the_subset(estimator):
+    torch.manual_seed(0)
+    z = torch.randn(3, 80, 16)
+    z[1:, 0] *= 300  # a sink: the nearest neighbour of nobody, the farthest of everybody
+    z[:, 40:70] = z[:, 40:41]  # and a token repeated 31 times (zero k-th radius for knn)
+    keep = torch.ones(80, dtype=torch.bool)
+    keep[[0, 7, 41]] = False  # the sink, an ordinary token and one of the copies
+    h_all, h_keep = entropy_with_subset(z, estimator, keep)
+    torch.testing.assert_close(h_all, entropy(z, estimator))
+    torch.testing.assert_close(h_keep, entropy(z[:, keep], estimator), rtol=1e-5, atol=1e-4)
 
 
 def test_norm_ratio_to_median_finds_one_massive_token():
