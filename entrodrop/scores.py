@@ -5,7 +5,29 @@ JSON names (stable; other tools read them): ``model``, ``num_layers``, ``entropy
 ``stage_boundary`` {estimator: int}, ``blocks`` (list of {``layer``, ``kind``,
 ``delta_entropy`` {estimator: float}, ``cosine_importance``, ``angular_distance``}),
 ``angular_matrix`` (L+1 x L+1), ``calibration`` {``data``, ``samples``, ``seq_len``, ``seed``,
-``tokens``, ...}, ``batches_done``, ``batches_total``, ``complete``.
+``tokens``, ``massive_ratio``, ...}, ``batches_done``, ``batches_total``, ``complete``.
+
+``entropy_curve``, ``mid_entropy`` and every ``delta_entropy`` use all tokens, as the released
+method does. Massive-activation tokens (attention sinks, whose norm is over ``massive_ratio``
+times their stream's median token norm) can dominate them, so calibration also writes:
+
+* ``entropy_curve_sinkfree`` {estimator: L+1 floats} and ``mid_entropy_sinkfree``
+  {estimator: L floats}: the same entropies over the tokens that are massive in *no* stream of
+  their batch (one token set for all streams of a batch, so differences along the curve compare
+  like with like). Equal to the all-token curves when no batch had a massive token.
+* ``stage_boundary`` is found on the sink-free curve (:func:`detect_stage_boundary`).
+* ``massive_tokens``: ``threshold`` (the multiple of the median), ``streams`` (one entry per
+  stream in depth order X_0, Y_0, X_1, ..., X_L: ``stream``, ``count`` (token occurrences over
+  the threshold, summed over batches), ``max_ratio`` (largest norm / median seen),
+  ``median_norm`` (mean over batches of the median token norm), ``max_norm``, ``positions``
+  {position in the window: count} and ``token_ids`` {token id: count}, each capped at
+  ``max_tracked`` keys with the rest under ``"other"``), ``first_layer`` / ``first_stream`` (the
+  shallowest stream holding one, or null), ``excluded_tokens`` (tokens left out of the
+  sink-free curves, summed over batches), ``fallback_batches`` (batches where leaving them out
+  would leave too few tokens to estimate, so their sink-free values are the all-token ones).
+
+Files written before these keys existed still load: the sink-free curves fall back to the
+all-token ones, and the stage boundary is recomputed from them with the current rule.
 """
 
 from __future__ import annotations
@@ -28,26 +50,41 @@ class BlockScore:
     angular_distance: float  # mean arccos(cos(in, out)) / pi
 
 
-def detect_stage_boundary(curve: list[float], window: int = 3) -> int:
-    """Index l of X_l where the entropy curve stops falling and starts rising.
+BOUNDARY_PATIENCE = 3  # layers after a minimum that must stay above it for it to count
+BOUNDARY_MIN_RISE = 0.01  # ... and the rise they must reach, as a fraction of the curve's range
 
-    The curve is smoothed with a centred moving average (edges replicated) so a single noisy
-    layer cannot create a spurious minimum; the boundary is the raw minimum within ``window``
-    of the smoothed minimum (smoothing locates the valley, the raw curve pins its floor). Layers 0..boundary-1 form the compression stage, the rest the expansion stage.
-    Returns 0 when the curve only rises and len(curve)-1 when it only falls.
+
+def detect_stage_boundary(
+    curve: list[float], patience: int = BOUNDARY_PATIENCE, min_rise: float = BOUNDARY_MIN_RISE
+) -> int:
+    """Index l of X_l where the *initial* decline of the entropy curve ends: its first sustained local minimum.
+
+    X_l is a sustained minimum when the curve reached it without rising (``curve[l] <=
+    curve[l-1]``), none of the next ``patience`` values falls below it, and the highest of them
+    rises above it by at least ``min_rise`` times the curve's range (max - min). A bump while
+    the curve falls therefore does not end the decline (the values after it dip lower again),
+    and a flat stretch of noise does not either (it never rises by the margin); a later, deeper
+    valley does not move the boundary: the paper's compression stage is the first decline, not
+    the global minimum. Near the end, the window shrinks to the values that remain.
+
+    Layers 0..boundary-1 form the compression stage, the rest the expansion stage. Returns 0
+    when the curve rises from the start (or is flat) and len(curve)-1 when it never stops falling.
+    Calibration applies it to the sink-free curve (massive-activation tokens left out), which
+    an attention sink cannot collapse mid-network.
     """
     n = len(curve)
     if n == 0:
         raise ValueError("Cannot find a stage boundary on an empty entropy curve.")
-    half = max(window // 2, 0)
-    smoothed = []
-    for i in range(n):
-        lo, hi = i - half, i + half
-        vals = [curve[min(max(j, 0), n - 1)] for j in range(lo, hi + 1)]
-        smoothed.append(sum(vals) / len(vals))
-    centre = min(range(n), key=lambda i: (smoothed[i], i))
-    near = range(max(centre - half, 0), min(centre + half, n - 1) + 1)
-    return min(near, key=lambda i: (curve[i], i))
+    if patience < 1:
+        raise ValueError(f"patience must be at least 1, got {patience}.")
+    margin = min_rise * (max(curve) - min(curve))
+    for i in range(n - 1):
+        if i > 0 and curve[i] > curve[i - 1]:
+            continue  # still climbing out of an earlier dip: not a minimum
+        after = curve[i + 1 : i + 1 + patience]
+        if min(after) >= curve[i] and max(after) - curve[i] >= margin:
+            return i
+    return n - 1
 
 
 @dataclass
@@ -66,7 +103,22 @@ class Scores:
     batches_done: int = 0
     batches_total: int = 0
     complete: bool = False
+    # all-token curves without the massive-activation tokens (see the module docstring); empty
+    # means "none measured" and :meth:`sinkfree_curve` falls back to the all-token curve
+    entropy_curve_sinkfree: dict[str, list[float]] = field(default_factory=dict)
+    mid_entropy_sinkfree: dict[str, list[float]] = field(default_factory=dict)
+    massive_tokens: dict = field(default_factory=dict)
     format_version: int = SCORES_FORMAT_VERSION
+
+    def sinkfree_curve(self, estimator: str) -> list[float]:
+        """H(X_0..X_L) without massive-activation tokens; the all-token curve for older files."""
+        curve = self.entropy_curve_sinkfree.get(estimator)
+        return curve if curve is not None else self.entropy_curve[estimator]
+
+    def sinkfree_mid(self, estimator: str) -> list[float]:
+        """H(Y_0..Y_{L-1}) without massive-activation tokens; the all-token values for older files."""
+        mid = self.mid_entropy_sinkfree.get(estimator)
+        return mid if mid is not None else self.mid_entropy.get(estimator, [])
 
     def block(self, layer: int, kind: str) -> BlockScore:
         for b in self.blocks:
@@ -101,20 +153,27 @@ class Scores:
             for b in data["blocks"]
         ]
         curve = {k: [float(x) for x in v] for k, v in data["entropy_curve"].items()}
+        sinkfree = {k: [float(x) for x in v] for k, v in data.get("entropy_curve_sinkfree", {}).items()}
+        # a file without the sink-free curve predates the first-sustained-minimum rule: its stored
+        # boundary is the retired global minimum, so it is recomputed (on the all-token curve)
+        stored_boundary = {k: int(v) for k, v in data.get("stage_boundary", {}).items()} if sinkfree else {}
         return cls(
             model=data["model"],
             num_layers=int(data["num_layers"]),
             estimators=list(data.get("estimators", list(curve))),
             entropy_curve=curve,
             mid_entropy={k: [float(x) for x in v] for k, v in data.get("mid_entropy", {}).items()},
-            stage_boundary={k: int(v) for k, v in data.get("stage_boundary", {}).items()}
-            or {k: detect_stage_boundary(v) for k, v in curve.items()},
+            stage_boundary=stored_boundary
+            or {k: detect_stage_boundary(sinkfree.get(k, v)) for k, v in curve.items()},
             blocks=blocks,
             angular_matrix=data.get("angular_matrix", []),
             calibration=data.get("calibration", {}),
             batches_done=int(data.get("batches_done", 0)),
             batches_total=int(data.get("batches_total", 0)),
             complete=bool(data.get("complete", True)),
+            entropy_curve_sinkfree=sinkfree,
+            mid_entropy_sinkfree={k: [float(x) for x in v] for k, v in data.get("mid_entropy_sinkfree", {}).items()},
+            massive_tokens=data.get("massive_tokens", {}),
         )
 
     def save(self, path: str | Path) -> None:

@@ -10,6 +10,7 @@ from tiny_models import FAMILIES, random_windows, tiny_model
 from entrodrop.arch import get_arch, get_layers, get_module
 from entrodrop.calibrate import EstimatorSettings, RunningStats, iter_calibration, run_calibration
 from entrodrop.capture import capture_residuals, count_hooks
+from entrodrop.scores import detect_stage_boundary
 
 # Module whose *input* is Y_l (the stream between the attention and MLP sub-blocks) in each
 # sequential family — an independent check of the adapter's attn_residual reconstruction.
@@ -24,7 +25,7 @@ MLP_NORM = {
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scan_of_every_family_gives_finite_statistics_for_all_blocks(family):
     model = tiny_model(family)
-    scores = run_calibration(model, random_windows(2, 48), estimators=("bucket", "knn", "renyi"))
+    scores = run_calibration(model, random_windows(2, 48), settings=EstimatorSettings(estimators=("bucket", "knn", "renyi")))
     L = len(get_layers(model))
     assert scores.num_layers == L
     assert sorted((b.layer, b.kind) for b in scores.blocks) == sorted(
@@ -116,8 +117,8 @@ def test_padding_is_excluded_from_statistics():
     windows = random_windows(1, 40)
     padded = torch.cat([windows, torch.zeros(1, 10, dtype=torch.long)], dim=1)
     mask = torch.cat([torch.ones(1, 40), torch.zeros(1, 10)], dim=1)
-    plain = run_calibration(model, windows, estimators=("bucket",))
-    masked = run_calibration(model, padded, estimators=("bucket",), attention_mask=mask)
+    plain = run_calibration(model, windows, settings=EstimatorSettings(estimators=("bucket",)))
+    masked = run_calibration(model, padded, settings=EstimatorSettings(estimators=("bucket",)), attention_mask=mask)
     assert masked.calibration["tokens"] == 40
     assert masked.entropy_curve["bucket"] == pytest.approx(plain.entropy_curve["bucket"], rel=1e-4)
 
@@ -172,3 +173,129 @@ def test_bad_calibration_inputs_give_clear_messages():
         EstimatorSettings(("bucket", "gauss"))
     with pytest.raises(ValueError, match="samples, seq_len"):
         next(iter_calibration(model, torch.zeros(0, 10, dtype=torch.long)))
+
+
+def _streams_with_a_sink(L=6, n=60, d=16, sink_from=3, seed=0):
+    """Random X (L+1, N, d) and Y (L, N, d); token 0 is 300x larger from X_{sink_from} (and Y_{sink_from}) on."""
+    torch.manual_seed(seed)
+    xs, ys = torch.randn(L + 1, n, d), torch.randn(L, n, d)
+    xs[sink_from:, 0] *= 300
+    ys[sink_from:, 0] *= 300
+    return xs, ys
+
+
+def test_massive_tokens_are_reported_and_left_out_of_the_sinkfree_curve_only():
+    from entrodrop.estimators import entropy
+
+    L = 6
+    xs, ys = _streams_with_a_sink(L)
+    stats = RunningStats(L, ("bucket", "knn"))
+    ids = torch.arange(100, 160)
+    stats.add_batch(xs, ys, EstimatorSettings(("bucket", "knn")), positions=torch.arange(60), token_ids=ids)
+    scores = stats.to_scores("toy", {}, 1)
+    for est in ("bucket", "knn"):  # the method's curve keeps every token; the sink-free one drops token 0 everywhere
+        assert scores.entropy_curve[est] == pytest.approx(entropy(xs, est).tolist())
+        assert scores.entropy_curve_sinkfree[est] == pytest.approx(entropy(xs[:, 1:], est).tolist())
+        assert scores.mid_entropy_sinkfree[est] == pytest.approx(entropy(ys[:, 1:], est).tolist())
+    # streams before the sink are measured on the same token set as those after it
+    assert scores.entropy_curve_sinkfree["bucket"][0] != pytest.approx(scores.entropy_curve["bucket"][0])
+    report = scores.massive_tokens
+    assert report["threshold"] == 20.0
+    assert [s["stream"] for s in report["streams"]][:4] == ["X_0", "Y_0", "X_1", "Y_1"]
+    assert len(report["streams"]) == 2 * L + 1 and report["streams"][-1]["stream"] == "X_6"
+    hit = [s for s in report["streams"] if s["count"]]
+    assert [s["stream"] for s in hit] == ["X_3", "Y_3", "X_4", "Y_4", "X_5", "Y_5", "X_6"]
+    assert all(s["positions"] == {"0": 1} and s["token_ids"] == {"100": 1} and s["max_ratio"] > 100 for s in hit)
+    assert all(s["max_ratio"] < 20 for s in report["streams"] if not s["count"])
+    assert report["first_stream"] == "X_3" and report["first_layer"] == 3
+    assert report["excluded_tokens"] == 1 and report["fallback_batches"] == 0
+    assert scores.stage_boundary["bucket"] == detect_stage_boundary(scores.entropy_curve_sinkfree["bucket"])
+
+
+def test_without_massive_tokens_the_sinkfree_curve_is_the_all_token_curve():
+    torch.manual_seed(0)
+    stats = RunningStats(4, ("bucket",))
+    stats.add_batch(torch.randn(5, 40, 8), torch.randn(4, 40, 8), EstimatorSettings(("bucket",)))
+    scores = stats.to_scores("toy", {}, 1)
+    assert scores.entropy_curve_sinkfree == scores.entropy_curve
+    assert scores.mid_entropy_sinkfree == scores.mid_entropy
+    assert scores.massive_tokens["first_layer"] is None and scores.massive_tokens["excluded_tokens"] == 0
+
+
+def test_a_lower_massive_ratio_catches_smaller_outliers():
+    xs, ys = _streams_with_a_sink()
+    xs[1, 5] *= 8  # an 8x token in X_1 only: not massive at 20x, massive at 5x
+    for ratio, first in ((20.0, "X_3"), (5.0, "X_1")):
+        stats = RunningStats(6, ("bucket",), massive_ratio=ratio)
+        stats.add_batch(xs, ys, EstimatorSettings(("bucket",), massive_ratio=ratio))
+        assert stats.massive.report()["first_stream"] == first
+    with pytest.raises(ValueError, match="massive_ratio must be above 1"):
+        EstimatorSettings(massive_ratio=0.5)
+
+
+def test_too_many_massive_tokens_for_knn_fall_back_to_all_tokens():
+    torch.manual_seed(0)
+    xs, ys = torch.randn(3, 30, 8), torch.randn(2, 30, 8)
+    xs[1, :3] *= 500  # 3 sinks leave 27 tokens: enough for k = 25
+    stats = RunningStats(2, ("knn",))
+    stats.add_batch(xs, ys, EstimatorSettings(("knn",)))
+    assert stats.massive.excluded_tokens == 3 and stats.massive.fallback_batches == 0
+    xs[2, 3:6] *= 500  # 6 tokens massive somewhere: 24 left, knn needs more than 25
+    stats = RunningStats(2, ("knn",))
+    stats.add_batch(xs, ys, EstimatorSettings(("knn",)))
+    assert stats.massive.excluded_tokens == 0 and stats.massive.fallback_batches == 1
+    scores = stats.to_scores("toy", {}, 1)
+    assert scores.entropy_curve_sinkfree == scores.entropy_curve
+
+
+def test_massive_token_report_stays_bounded_over_many_batches():
+    from entrodrop.calibrate import MAX_TRACKED
+
+    L, settings = 2, EstimatorSettings(("bucket",))
+    stats = RunningStats(L, ("bucket",))
+    sizes = []
+    for batch in range(40):  # a sink at a new position with a new token id every batch
+        torch.manual_seed(batch)
+        xs, ys = torch.randn(L + 1, 40, 8), torch.randn(L, 40, 8)
+        xs[:, batch % 40] *= 300
+        stats.add_batch(xs, ys, settings, positions=torch.arange(40), token_ids=torch.arange(40) + 1000 * batch)
+        sizes.append(stats.state_bytes())
+    assert sizes[-1] == sizes[MAX_TRACKED + 1]  # growth stops once the capped dicts are full
+    x0 = stats.massive.report()["streams"][0]
+    assert len(x0["positions"]) == MAX_TRACKED + 1 and x0["positions"]["other"] == 40 - MAX_TRACKED
+    assert sum(x0["token_ids"].values()) == x0["count"] == 40
+
+
+def test_calibration_reports_window_positions_and_token_ids_of_a_sink():
+    model = tiny_model("llama")
+    layers = get_layers(model)
+
+    def make_sink(_module, _args, output):  # layer 1 turns position 0 into a massive activation
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[:, 0] *= 1000
+        return output
+
+    handle = layers[1].register_forward_hook(make_sink)
+    try:
+        windows = random_windows(3, 40)
+        scores = run_calibration(model, windows, batch_size=2)
+    finally:
+        handle.remove()
+    report = scores.massive_tokens
+    assert report["first_stream"] == "X_2" and report["first_layer"] == 2
+    x2 = report["streams"][4]
+    assert x2["stream"] == "X_2" and x2["count"] == 3 and x2["positions"] == {"0": 3}
+    expected_ids = {}
+    for t in windows[:, 0].tolist():
+        expected_ids[str(t)] = expected_ids.get(str(t), 0) + 1
+    assert x2["token_ids"] == expected_ids
+    assert report["excluded_tokens"] == 3
+    assert scores.calibration["massive_ratio"] == 20.0
+
+
+def test_iter_calibration_takes_settings_only():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="estimators"):
+        next(iter_calibration(model, random_windows(2, 40), estimators=("bucket",)))
+    with pytest.raises(TypeError, match="EstimatorSettings"):
+        next(iter_calibration(model, random_windows(2, 40), settings=("bucket",)))

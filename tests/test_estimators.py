@@ -11,9 +11,21 @@ from entrodrop.estimators import (
     bucket_entropy,
     cosine_importance,
     entropy,
+    entropy_with_subset,
     knn_entropy,
+    norm_ratio_to_median,
     renyi_entropy,
 )
+
+
+def released_knn_entropy(z, k=25):
+    """The released scorer's formula, verbatim: no special case for repeated tokens."""
+    n, d = z.shape
+    dist = torch.cdist(z.double(), z.double())
+    dist.fill_diagonal_(float("inf"))
+    r = dist.topk(k, dim=1, largest=False).values[:, -1]
+    const = d / 2 * math.log(math.pi) - math.lgamma(d / 2 + 1) + math.log(n) - math.log(k)
+    return (d * torch.log(r + 1e-10).mean() + const).item()
 
 
 def test_bucket_entropy_of_uniform_data_is_d_log_bins():
@@ -46,6 +58,58 @@ def test_knn_entropy_of_isotropic_gaussian_matches_closed_form(d, sigma):
 def test_knn_entropy_needs_more_tokens_than_k():
     with pytest.raises(ValueError, match="more than 25 tokens"):
         knn_entropy(torch.randn(25, 4), k=25)
+
+
+def test_knn_entropy_without_repeated_tokens_is_the_released_formula():
+    torch.manual_seed(0)
+    z = torch.randn(200, 64) * 30 + 5
+    assert knn_entropy(z).item() == pytest.approx(released_knn_entropy(z), rel=1e-6)
+    # a token repeated k - 1 times keeps a positive k-th radius: still the released formula exactly
+    few = torch.cat([z, z[:1].repeat(23, 1)])
+    assert knn_entropy(few).item() == pytest.approx(released_knn_entropy(few), rel=1e-6)
+
+
+def test_knn_entropy_of_a_window_that_repeats_one_token_stays_near_the_window_without_repeats():
+    torch.manual_seed(0)
+    z = torch.randn(200, 64) * 30 + 5  # residual-stream-like scale and offset
+    repeated = torch.cat([z, z[:1].repeat(100, 1)])[torch.randperm(300)]  # one token 101 times
+    released = released_knn_entropy(repeated)
+    fixed = knn_entropy(repeated).item()
+    assert released < knn_entropy(z).item() - 500  # the degeneracy: d * log(1e-10) for a third of the tokens
+    assert fixed == pytest.approx(knn_entropy(z).item(), rel=0.01)
+    # batched streams with and without the repeats are handled row by row
+    both = torch.stack([torch.cat([z, z[:100]]), repeated])
+    assert knn_entropy(both)[1].item() == pytest.approx(fixed, rel=1e-9)
+    assert knn_entropy(both)[0].item() == pytest.approx(knn_entropy(both[0]).item(), rel=1e-9)
+
+
+def test_knn_entropy_of_one_token_repeated_everywhere_is_the_released_value():
+    z = torch.randn(1, 16).repeat(40, 1)
+    assert knn_entropy(z).item() == pytest.approx(released_knn_entropy(z), rel=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["bucket", "knn", "renyi"])
+def test_entropy_with_subset_equals_the_entropy_of_the_subset(estimator):
+    torch.manual_seed(0)
+    z = torch.randn(3, 80, 16)
+    z[1:, 0] *= 300  # a sink: the nearest neighbour of nobody, the farthest of everybody
+    z[:, 40:70] = z[:, 40:41]  # and a token repeated 31 times (zero k-th radius for knn)
+    keep = torch.ones(80, dtype=torch.bool)
+    keep[[0, 7, 41]] = False  # the sink, an ordinary token and one of the copies
+    h_all, h_keep = entropy_with_subset(z, estimator, keep)
+    torch.testing.assert_close(h_all, entropy(z, estimator))
+    torch.testing.assert_close(h_keep, entropy(z[:, keep], estimator), rtol=1e-5, atol=1e-4)
+
+
+def test_norm_ratio_to_median_finds_one_massive_token():
+    torch.manual_seed(0)
+    z = torch.randn(2, 50, 32)
+    z[1, 0] *= 300  # a sink in the second stream only
+    ratio = norm_ratio_to_median(z.norm(dim=-1))
+    assert ratio.shape == (2, 50)
+    assert ratio[0].max().item() < 3
+    assert ratio[1, 0].item() > 100 and ratio[1, 1:].max().item() < 3
+    assert norm_ratio_to_median(torch.zeros(5, 8).norm(dim=-1)).max().item() == 0.0
 
 
 def test_renyi_entropy_is_lower_for_clustered_than_spread_data():
