@@ -29,7 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from gradio_client import Client  # noqa: E402
 
 from entrodrop import ui  # noqa: E402
-from entrodrop.calibrate import iter_calibration  # noqa: E402
+from entrodrop.calibrate import EstimatorSettings, iter_calibration  # noqa: E402
 from entrodrop.data import load_corpus, make_windows  # noqa: E402
 from entrodrop.loading import DEFAULT_MODEL  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> None:
     loaded = ui.MODEL_CACHE.get_or_load(DEFAULT_MODEL)
     windows = make_windows(loaded.tokenizer, load_corpus("gsm8k"), num_samples=2, seq_len=args.seq_len)
     t0 = time.perf_counter()
-    events = iter_calibration(loaded.model, windows, estimators=("bucket", "knn"), spec=loaded.arch)
+    events = iter_calibration(loaded.model, windows, settings=EstimatorSettings(estimators=("bucket", "knn")), spec=loaded.arch)
     next(events)
     events.close()
     library_batch_s = time.perf_counter() - t0

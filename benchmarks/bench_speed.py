@@ -29,7 +29,7 @@ import statistics
 
 import torch
 
-from entrodrop.calibrate import run_calibration
+from entrodrop.calibrate import EstimatorSettings, run_calibration
 from entrodrop.data import load_corpus, make_windows
 from entrodrop.evaluate import forward_flops, time_prefill_and_decode
 from entrodrop.loading import load_model
@@ -81,7 +81,7 @@ def main() -> None:
     model = loaded.model
     windows = make_windows(loaded.tokenizer, load_corpus("gsm8k"), num_samples=args.samples,
                            seq_len=args.seq_len, seed=0)
-    scores = run_calibration(model, windows, spec=loaded.arch, estimators=("bucket",))
+    scores = run_calibration(model, windows, spec=loaded.arch, settings=EstimatorSettings(estimators=("bucket",)))
 
     variants = []
     for kind, count in CONFIGS:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from entrodrop.calibrate import run_calibration
+from entrodrop.calibrate import EstimatorSettings, run_calibration
 from entrodrop.data import load_corpus, make_windows
 from entrodrop.loading import load_model
 from entrodrop.select import rank_blocks
@@ -50,7 +50,8 @@ def format_table(rows) -> str:
 
 def run(loaded, calib, heldout, counts, skip_first: int) -> tuple[dict, list]:
     start = time.perf_counter()
-    scores = run_calibration(loaded.model, calib, spec=loaded.arch, estimators=("bucket",), skip_first=skip_first)
+    scores = run_calibration(loaded.model, calib, spec=loaded.arch, settings=EstimatorSettings(estimators=("bucket",)),
+                             skip_first=skip_first)
     rows = sweep(loaded.model, scores, heldout, criteria=CRITERIA, kind="attn", counts=counts, estimator="bucket")
     order = {c: [layer for layer, _ in rank_blocks(scores, c, "attn", estimator="bucket")] for c in CRITERIA}
     info = {"skip_first": skip_first, "stage_boundary": scores.stage_boundary["bucket"], "ranking": order,

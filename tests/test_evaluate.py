@@ -219,7 +219,7 @@ def test_cli_eval_and_sweep(cli_setup):
 
 @pytest.mark.slow
 def test_bundled_model_loses_quality_and_parameters_when_dropping_attention(bundled_model):
-    from entrodrop.calibrate import run_calibration
+    from entrodrop.calibrate import EstimatorSettings, run_calibration
     from entrodrop.data import load_corpus, make_windows
     from entrodrop.select import select_blocks
 
@@ -227,7 +227,7 @@ def test_bundled_model_loses_quality_and_parameters_when_dropping_attention(bund
     corpus = load_corpus("gsm8k")
     calibration = make_windows(tok, corpus, num_samples=4, seq_len=128, seed=0, part="calibration")
     heldout = make_windows(tok, corpus, num_samples=4, seq_len=128, seed=0, part="heldout")
-    scores = run_calibration(model, calibration, estimators=("bucket",))
+    scores = run_calibration(model, calibration, settings=EstimatorSettings(estimators=("bucket",)))
     plan = select_blocks(scores, "entrodrop", "attn", count=4)
     assert len(plan.layers_of("attn")) == 4
     report = compare(model, plan, heldout)

@@ -7,12 +7,12 @@ from test_report import CURVE, MID, L, hand_scores
 from tiny_models import random_windows, tiny_model
 
 from entrodrop import plots
-from entrodrop.calibrate import run_calibration
+from entrodrop.calibrate import EstimatorSettings, run_calibration
 
 
 @pytest.fixture(scope="module")
 def tiny_scores():
-    return run_calibration(tiny_model("qwen2"), random_windows(2, 48), estimators=("bucket", "knn"))
+    return run_calibration(tiny_model("qwen2"), random_windows(2, 48), settings=EstimatorSettings(estimators=("bucket", "knn")))
 
 
 def test_entropy_figure_draws_each_estimator_with_stages(tiny_scores):

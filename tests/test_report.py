@@ -9,7 +9,7 @@ import torch
 from tiny_models import random_windows, tiny_model
 
 from entrodrop import report
-from entrodrop.calibrate import run_calibration
+from entrodrop.calibrate import EstimatorSettings, run_calibration
 from entrodrop.evaluate import compare, ideal_speedup, measure_speed
 from entrodrop.export import push_folder_to_hub
 from entrodrop.plan import DroppedBlock, DropPlan
@@ -44,7 +44,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_scores(tiny):
-    return run_calibration(tiny, random_windows(2, 48), estimators=("bucket", "knn"))
+    return run_calibration(tiny, random_windows(2, 48), settings=EstimatorSettings(estimators=("bucket", "knn")))
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_explainer_on_the_bundled_model_names_its_boundary(bundled_model):
 
     windows = make_windows(bundled_model.tokenizer, load_corpus("gsm8k"), num_samples=2, seq_len=64)
     with torch.inference_mode():
-        scores = run_calibration(bundled_model.model, windows, estimators=("bucket",), model_name=bundled_model.name)
+        scores = run_calibration(bundled_model.model, windows, settings=EstimatorSettings(estimators=("bucket",)), model_name=bundled_model.name)
     boundary = scores.stage_boundary["bucket"]
     text = report.explain_scores(scores, "attn", "bucket")
     assert scores.num_layers == 30 and "SmolLM2-135M-Instruct" in text
