@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import block_parameter_count, get_arch, get_layers, get_module
+from .costs import count_parameters, flops_share_removed, plan_parameter_counts, speedup_from_share
 from .loading import input_device
 from .plan import DropPlan
-from .prune import SkippedAttention, count_parameters, plan_parameter_counts, preview_plan
+from .prune import preview_plan
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class SpeedReport:
     pruned_prefill_s: float
     dense_decode_tps: float  # median generated tokens per second (one token per step, KV cache)
     pruned_decode_tps: float
-    ideal_flops_removed: float  # share of forward FLOPs the plan removes (see ideal_speedup)
+    ideal_flops_removed: float  # share of forward FLOPs the plan removes (costs.flops_share_removed)
     plan: dict = field(default_factory=dict)
 
     @property
@@ -115,7 +115,7 @@ class SpeedReport:
 
     @property
     def ideal_speedup(self) -> float:
-        return 1.0 / (1.0 - self.ideal_flops_removed) if self.ideal_flops_removed < 1 else float("inf")
+        return speedup_from_share(self.ideal_flops_removed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -270,60 +270,6 @@ def mean_loss(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = N
     return total / count
 
 
-# -- FLOPs -----------------------------------------------------------------------------------------
-def _attention_context(config, layer_idx: int, seq_len: int) -> int:
-    """Sum over the T query positions of how many keys each attends to (causal, sliding if any)."""
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    sliding = isinstance(window, int) and window > 0 and (
-        layer_types[layer_idx] == "sliding_attention" if layer_types else bool(getattr(config, "use_sliding_window", True))
-    )
-    if sliding:
-        return sum(min(t, window) for t in range(1, seq_len + 1))
-    return seq_len * (seq_len + 1) // 2
-
-
-def block_flops(model: nn.Module, seq_len: int) -> tuple[dict[tuple[int, str], float], float]:
-    """Matmul FLOPs of every attention and MLP sub-block, and of the LM head, over ``seq_len`` tokens.
-
-    Each weight does one multiply-add per token (2 FLOPs x parameters x tokens); attention adds the
-    score and value products, 2 x 2 x heads x head_dim x (keys seen, summed over queries)."""
-    spec = get_arch(model)
-    config = model.config
-    layers = get_layers(model, spec)
-    heads = getattr(config, "num_attention_heads", None) or 1
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_block: dict[tuple[int, str], float] = {}
-    for i, layer in enumerate(layers):
-        for kind in ("attn", "mlp"):
-            flops = 2.0 * block_parameter_count(model, i, kind, spec) * seq_len
-            if kind == "attn" and not isinstance(get_module(layer, spec.attn[0]), SkippedAttention):
-                flops += 4.0 * heads * head_dim * _attention_context(config, i, seq_len)
-            per_block[(i, kind)] = flops
-    head = model.get_output_embeddings()
-    head_flops = 2.0 * head.weight.numel() * seq_len if head is not None else 0.0
-    return per_block, head_flops
-
-
-def forward_flops(model: nn.Module, seq_len: int, plan: DropPlan | None = None) -> dict:
-    """FLOPs of one forward pass over ``seq_len`` tokens, dense and without ``plan``'s blocks."""
-    per_block, head_flops = block_flops(model, seq_len)
-    dense = sum(per_block.values()) + head_flops
-    removed = 0.0
-    for b in (plan.blocks if plan is not None else []):
-        kinds = ("attn", "mlp") if b.kind == "layer" else (b.kind,)
-        removed += sum(per_block[(b.layer, k)] for k in kinds)
-    return {"seq_len": seq_len, "dense": dense, "removed": removed, "pruned": dense - removed,
-            "share_removed": removed / dense if dense else 0.0}
-
-
-def ideal_speedup(model: nn.Module, plan: DropPlan, seq_len: int) -> float:
-    """Share of the forward pass's FLOPs that ``plan`` removes at ``seq_len`` tokens (0..1).
-
-    The ideal speed-up is ``1 / (1 - share)``; compare it with :func:`measure_speed`'s ratios."""
-    return forward_flops(model, seq_len, plan)["share_removed"]
-
-
 # -- speed -----------------------------------------------------------------------------------------
 def time_prefill_and_decode(model: nn.Module, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
     """(seconds for the prefill forward, decode tokens per second with the KV cache)."""
@@ -389,7 +335,7 @@ def iter_measure_speed(
         pruned_prefill_s=statistics.median(p for p, _ in pruned_runs),
         dense_decode_tps=statistics.median(t for _, t in dense_runs),
         pruned_decode_tps=statistics.median(t for _, t in pruned_runs),
-        ideal_flops_removed=ideal_speedup(model, plan, prefill_tokens),
+        ideal_flops_removed=flops_share_removed(model, plan, prefill_tokens),
         plan=plan.to_dict(),
     )
     yield EvalEvent("speed", rounds, rounds, report)

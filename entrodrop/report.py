@@ -7,8 +7,7 @@ what it shows is unit-tested here.
 * :func:`scores_frame` / :func:`scores_csv` — one row per block, every statistic;
 * :func:`block_table` — the blocks of one kind with their scores, ranks per criterion, protection
   and whether they are ticked;
-* :func:`measure_block_costs` + :func:`summarize_plan` — parameters and forward FLOPs a plan removes
-  and the ideal speed-up they allow;
+* :func:`plan_summary_markdown` — what a plan removes (from :mod:`entrodrop.costs`), in words;
 * :func:`check_table` — dense vs pruned measurements side by side;
 * :func:`criteria_disagreement` — which blocks entropy, cosine and angular would drop, and where they differ;
 * :func:`explain_scores` — the teaching text beside the curves, with this model's numbers;
@@ -21,10 +20,11 @@ import io
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 
+from . import costs
 from .arch import BLOCK_KINDS
 from .plan import DroppedBlock, DropPlan
 from .scores import Scores
@@ -140,73 +140,12 @@ def plan_from_ticks(scores: Scores, kind: str, ticked: Iterable[int], auto_plan:
 
 
 # -- costs and plan summaries --------------------------------------------------------------------
-@dataclass
-class BlockCosts:
-    """What each block costs in one model: parameters and forward FLOPs at ``seq_len`` tokens."""
-
-    num_layers: int
-    seq_len: int
-    dense_params: int
-    dense_flops: float
-    params: dict[tuple[int, str], int] = field(default_factory=dict)  # (layer, kind) -> parameters
-    flops: dict[tuple[int, str], float] = field(default_factory=dict)  # (layer, kind) -> FLOPs
-
-
-def measure_block_costs(model, seq_len: int) -> BlockCosts:
-    """Parameters and forward FLOPs of every block (attn, mlp, layer = attn + mlp) of ``model``.
-
-    Reads the model only; call it while no preview is active on the same model."""
-    from .arch import block_parameter_count, get_arch, get_layers
-    from .evaluate import block_flops
-    from .prune import count_parameters
-
-    spec = get_arch(model)
-    L = len(get_layers(model, spec))
-    per_block, head_flops = block_flops(model, seq_len)  # one pass over the model, not one per block
-    costs = BlockCosts(num_layers=L, seq_len=seq_len, dense_params=count_parameters(model)[0],
-                       dense_flops=float(sum(per_block.values()) + head_flops))
-    for layer in range(L):
-        for kind in ("attn", "mlp", "layer"):
-            costs.params[(layer, kind)] = block_parameter_count(model, layer, kind, spec)
-        for kind in ("attn", "mlp"):
-            costs.flops[(layer, kind)] = float(per_block[(layer, kind)])
-        costs.flops[(layer, "layer")] = costs.flops[(layer, "attn")] + costs.flops[(layer, "mlp")]
-    return costs
-
-
-@dataclass
-class PlanSummary:
-    """What a plan removes, from :class:`BlockCosts`."""
-
-    num_blocks: int
-    kinds: dict[str, int]  # kind -> blocks dropped
-    params_removed: int
-    dense_params: int
-    flops_share: float  # share of forward FLOPs removed at seq_len
-    seq_len: int
-
-    @property
-    def params_share(self) -> float:
-        return self.params_removed / self.dense_params if self.dense_params else 0.0
-
-    @property
-    def ideal_speedup(self) -> float:
-        return 1.0 / (1.0 - self.flops_share) if self.flops_share < 1 else float("inf")
-
-
-def summarize_plan(plan: DropPlan, costs: BlockCosts) -> PlanSummary:
-    """Blocks, parameters and FLOPs ``plan`` removes, and the ideal (FLOPs-bound) speed-up."""
-    if plan.num_layers != costs.num_layers:
-        raise ValueError(f"The plan is for {plan.num_layers} layers but the model has {costs.num_layers}.")
-    kinds: dict[str, int] = {}
-    params = 0
-    flops = 0.0
-    for b in plan.blocks:
-        kinds[b.kind] = kinds.get(b.kind, 0) + 1
-        params += costs.params[(b.layer, b.kind)]
-        flops += costs.flops[(b.layer, b.kind)]
-    return PlanSummary(num_blocks=len(plan.blocks), kinds=kinds, params_removed=params, dense_params=costs.dense_params,
-                       flops_share=flops / costs.dense_flops if costs.dense_flops else 0.0, seq_len=costs.seq_len)
+# wiring: front ends still import these from report (ui.py: report.BlockCosts, report.measure_block_costs,
+# report.summarize_plan); their owner is entrodrop.costs
+BlockCosts = costs.BlockCosts
+PlanSummary = costs.PlanSummary
+measure_block_costs = costs.measure_block_costs
+summarize_plan = costs.summarize_plan
 
 
 def describe_protection(protected: Mapping[int, str]) -> str:
@@ -224,7 +163,7 @@ def describe_protection(protected: Mapping[int, str]) -> str:
     return "; ".join(parts) if parts else "none"
 
 
-def plan_summary_markdown(plan: DropPlan, summary: PlanSummary, protected: Mapping[int, str] | None = None) -> str:
+def plan_summary_markdown(plan: DropPlan, summary: costs.PlanSummary, protected: Mapping[int, str] | None = None) -> str:
     """Plain-words summary of a plan: what goes, what it saves, and warnings about protected blocks."""
     if not plan.blocks:
         return "**Nothing ticked.** Take the automatic selection or tick the blocks to drop."
