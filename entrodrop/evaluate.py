@@ -8,9 +8,9 @@ skipped), or a physically pruned model passed as ``pruned_model``. Quality on he
 * mean KL(dense || pruned) of the next-token distributions, in nats per token;
 * top-1 agreement: share of positions whose argmax token is the same.
 
-Long checks are generators of :class:`EvalEvent` (``done``/``total`` plus the partial result);
-``compare``, ``measure_speed`` and ``generate_side_by_side`` consume them for callers that only
-want the answer.
+Long checks are generators of :class:`~entrodrop.progress.ProgressEvent` (``done``/``total`` plus the
+partial result); ``compare``, ``measure_speed`` and ``generate_side_by_side`` run them to the end for
+callers that only want the answer.
 """
 
 from __future__ import annotations
@@ -30,23 +30,10 @@ from torch import nn
 from .costs import count_parameters, flops_share_removed, plan_parameter_counts, speedup_from_share
 from .loading import input_device
 from .plan import DropPlan
+from .progress import ProgressEvent, run_to_end
 from .prune import preview_plan
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalEvent:
-    """Progress of a long check: ``done`` of ``total`` units, and the result so far."""
-
-    stage: str  # "compare" | "speed" | "generate" | "select" | "sweep"
-    done: int
-    total: int
-    partial: object = None
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
 
 
 @dataclass
@@ -190,7 +177,7 @@ def iter_compare_many(
     *,
     batch_size: int = 1,
     pruned_models: Mapping[str, nn.Module] | None = None,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Compare several plans with the dense model in ONE pass over ``windows``: each batch runs the
     dense model once, then every plan (under a preview, or the physically pruned model given for
     that name in ``pruned_models``). Events carry ``partial = {name: QualityReport}``."""
@@ -225,7 +212,7 @@ def iter_compare_many(
                 tallies[name].add(dense_logp, dense_top1, dense_nll, pruned, ids)
                 del pruned
             done = min(start + batch_size, total)
-            yield EvalEvent("compare", done, total,
+            yield ProgressEvent("compare", done, total,
                             {name: t.report(done, total, counts[name], plans[name]) for name, t in tallies.items()})
 
 
@@ -236,24 +223,20 @@ def iter_compare(
     *,
     batch_size: int = 1,
     pruned_model: nn.Module | None = None,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Dense vs pruned quality, one event (``partial`` = running :class:`QualityReport`) per batch.
 
     The pruned model is ``model`` under a preview of ``plan``, or ``pruned_model`` when given
     (a physically pruned copy: its figures must match the preview's)."""
     others = {"plan": pruned_model} if pruned_model is not None else None
     for event in iter_compare_many(model, {"plan": plan}, windows, batch_size=batch_size, pruned_models=others):
-        yield EvalEvent(event.stage, event.done, event.total, event.partial["plan"])
+        yield ProgressEvent(event.stage, event.done, event.total, event.partial["plan"])
 
 
 def compare(model: nn.Module, plan: DropPlan, windows: torch.Tensor, *, batch_size: int = 1,
             pruned_model: nn.Module | None = None) -> QualityReport:
-    """Consume :func:`iter_compare` and return the final :class:`QualityReport`."""
-    last = None
-    for event in iter_compare(model, plan, windows, batch_size=batch_size, pruned_model=pruned_model):
-        last = event
-    assert last is not None
-    return last.partial
+    """Run :func:`iter_compare` to its end and return the final :class:`QualityReport`."""
+    return run_to_end(iter_compare(model, plan, windows, batch_size=batch_size, pruned_model=pruned_model))
 
 
 def mean_loss(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = None, *, batch_size: int = 1) -> float:
@@ -301,7 +284,7 @@ def iter_measure_speed(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Time dense and pruned alternately (warm-up rounds discarded); the last event's ``partial`` is
     the :class:`SpeedReport` with medians over ``repeats`` rounds."""
     if repeats < 1 or prefill_tokens < 1 or decode_tokens < 1:
@@ -326,7 +309,7 @@ def iter_measure_speed(
             if r >= warmup:
                 dense_runs.append(dense)
                 pruned_runs.append(pruned)
-            yield EvalEvent("speed", r + 1, rounds, None)
+            yield ProgressEvent("speed", r + 1, rounds, None)
     dtype = next(model.parameters()).dtype
     report = SpeedReport(
         device=str(device), dtype=str(dtype).replace("torch.", ""), prefill_tokens=prefill_tokens,
@@ -338,17 +321,14 @@ def iter_measure_speed(
         ideal_flops_removed=flops_share_removed(model, plan, prefill_tokens),
         plan=plan.to_dict(),
     )
-    yield EvalEvent("speed", rounds, rounds, report)
+    yield ProgressEvent("speed", rounds, rounds, report)
 
 
 def measure_speed(model: nn.Module, plan: DropPlan, tokenizer=None, *, prefill_tokens: int = 512,
                   decode_tokens: int = 32, repeats: int = 3, warmup: int = 1, seed: int = 0) -> SpeedReport:
-    """Consume :func:`iter_measure_speed` and return the :class:`SpeedReport`."""
-    last = None
-    for event in iter_measure_speed(model, plan, tokenizer, prefill_tokens=prefill_tokens,
-                                    decode_tokens=decode_tokens, repeats=repeats, warmup=warmup, seed=seed):
-        last = event
-    return last.partial
+    """Run :func:`iter_measure_speed` to its end and return the :class:`SpeedReport`."""
+    return run_to_end(iter_measure_speed(model, plan, tokenizer, prefill_tokens=prefill_tokens,
+                                         decode_tokens=decode_tokens, repeats=repeats, warmup=warmup, seed=seed))
 
 
 # -- generations -----------------------------------------------------------------------------------
@@ -385,7 +365,7 @@ def iter_side_by_side(
     *,
     max_new_tokens: int = 48,
     pruned_model: nn.Module | None = None,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Greedy generations, dense and pruned, one prompt at a time; ``partial`` is the list so far of
     ``{"prompt", "dense", "pruned", "same"}``."""
     rows: list[dict] = []
@@ -404,14 +384,11 @@ def iter_side_by_side(
             "pruned": tokenizer.decode(pruned, skip_special_tokens=True),
             "same": torch.equal(dense, pruned),
         })
-        yield EvalEvent("generate", i + 1, len(prompts), list(rows))
+        yield ProgressEvent("generate", i + 1, len(prompts), list(rows))
 
 
 def generate_side_by_side(model: nn.Module, plan: DropPlan, tokenizer, prompts: Sequence[str], *,
                           max_new_tokens: int = 48, pruned_model: nn.Module | None = None) -> list[dict]:
-    """Consume :func:`iter_side_by_side` and return its rows."""
-    rows: list[dict] = []
-    for event in iter_side_by_side(model, plan, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                   pruned_model=pruned_model):
-        rows = event.partial
-    return rows
+    """Run :func:`iter_side_by_side` to its end and return its rows (none for no prompts)."""
+    return run_to_end(iter_side_by_side(model, plan, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                        pruned_model=pruned_model), default=[])

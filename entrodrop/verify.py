@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .evaluate import EvalEvent, iter_compare_many, mean_loss
+from .evaluate import iter_compare_many, mean_loss
 from .plan import DroppedBlock, DropPlan
+from .progress import ProgressEvent, run_to_end
 from .scores import Scores
 from .select import select_blocks
 
@@ -49,13 +50,13 @@ def iter_select_loss_verified(
     candidate_factor: int = 2,
     protect: str | None = None,
     batch_size: int = 1,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Greedy loss-verified selection; events count loss evaluations, the last one's ``partial`` is
     the :class:`DropPlan` (criterion ``"loss"``, the losses in ``meta``)."""
     if count < 0:
         raise ValueError(f"count must be 0 or more, got {count}.")
     if count == 0:
-        yield EvalEvent("select", 0, 0, DropPlan(scores.num_layers, [], criterion=LOSS_CRITERION,
+        yield ProgressEvent("select", 0, 0, DropPlan(scores.num_layers, [], criterion=LOSS_CRITERION,
                                                  meta={"kind": kind, "count": 0}))
         return
     candidates = _entropy_candidates(scores, kind, candidate_factor * count, estimator, protect)
@@ -73,7 +74,7 @@ def iter_select_loss_verified(
             trial = DropPlan(scores.num_layers, [*chosen, DroppedBlock(layer, kind)])
             trial_losses[layer] = mean_loss(model, windows, trial, batch_size=batch_size)
             done += 1
-            yield EvalEvent("select", done, total, None)
+            yield ProgressEvent("select", done, total, None)
         best = min(pool, key=lambda layer: (trial_losses[layer], layer))
         pool.remove(best)
         chosen.append(DroppedBlock(best, kind, f"loss-verified: step {step + 1}, loss {trial_losses[best]:.4f} "
@@ -84,15 +85,12 @@ def iter_select_loss_verified(
         "kind": kind, "count": count, "estimator": estimator, "dense_loss": base_loss,
         "candidates": [b.layer for b in candidates.blocks], "steps": steps, "windows": int(windows.shape[0]),
     })
-    yield EvalEvent("select", total, total, plan)
+    yield ProgressEvent("select", total, total, plan)
 
 
 def select_loss_verified(model: nn.Module, scores: Scores, windows: torch.Tensor, **kwargs) -> DropPlan:
-    """Consume :func:`iter_select_loss_verified` and return the plan."""
-    last = None
-    for event in iter_select_loss_verified(model, scores, windows, **kwargs):
-        last = event
-    return last.partial
+    """Run :func:`iter_select_loss_verified` to its end and return the plan."""
+    return run_to_end(iter_select_loss_verified(model, scores, windows, **kwargs))
 
 
 @dataclass
@@ -122,7 +120,7 @@ def sweep_plans(
     protect: str | None = None,
     selection_windows: torch.Tensor | None = None,
     batch_size: int = 1,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Build the plan of every (criterion, count); ``partial`` of the last event is ``{(criterion,
     count): DropPlan}``. Counts a criterion cannot reach (protection) are skipped with a log line."""
     plans: dict[tuple[str, int], DropPlan] = {}
@@ -141,7 +139,7 @@ def sweep_plans(
                                                       protect=protect)
             except ValueError as exc:
                 logger.warning("Skipping %s at count %d: %s", criterion, n, exc)
-        yield EvalEvent("select", i + 1, len(jobs), dict(plans) if i + 1 == len(jobs) else None)
+        yield ProgressEvent("select", i + 1, len(jobs), dict(plans) if i + 1 == len(jobs) else None)
 
 
 def iter_sweep(
@@ -156,7 +154,7 @@ def iter_sweep(
     protect: str | None = None,
     selection_windows: torch.Tensor | None = None,
     batch_size: int = 1,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Select (stage ``select``) then compare every plan on ``windows`` in one pass (stage ``sweep``);
     the last event's ``partial`` is the list of :class:`SweepRow` (criterion order, then count)."""
     plans: dict[tuple[str, int], DropPlan] = {}
@@ -176,7 +174,7 @@ def iter_sweep(
     reports: dict = {}
     for event in iter_compare_many(model, named, windows, batch_size=batch_size):
         reports = event.partial
-        yield EvalEvent("sweep", event.done, event.total, None)
+        yield ProgressEvent("sweep", event.done, event.total, None)
     rows = []
     for (criterion, n), plan in plans.items():
         r = reports[unique[tuple(sorted(plan.keys()))]]
@@ -184,16 +182,12 @@ def iter_sweep(
                              pruned_perplexity=r.pruned_perplexity, kl_mean=r.kl_mean,
                              top1_agreement=r.top1_agreement, pruned_params=r.pruned_params,
                              dense_params=r.dense_params))
-    yield EvalEvent("sweep", len(rows), len(rows), rows)
+    yield ProgressEvent("sweep", len(rows), len(rows), rows)
 
 
 def sweep(model: nn.Module, scores: Scores, windows: torch.Tensor, **kwargs) -> list[SweepRow]:
-    """Consume :func:`iter_sweep` and return its rows."""
-    rows: list[SweepRow] = []
-    for event in iter_sweep(model, scores, windows, **kwargs):
-        if event.stage == "sweep" and isinstance(event.partial, list):
-            rows = event.partial
-    return rows
+    """Run :func:`iter_sweep` to its end and return its rows (the last event carries them)."""
+    return run_to_end(iter_sweep(model, scores, windows, **kwargs))
 
 
 def format_sweep_table(rows: Sequence[SweepRow]) -> str:

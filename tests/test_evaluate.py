@@ -9,7 +9,6 @@ from test_prune import sharp_model
 from tiny_models import LAYERS, VOCAB
 
 from entrodrop.evaluate import (
-    EvalEvent,
     compare,
     encode_prompt,
     generate_side_by_side,
@@ -19,6 +18,7 @@ from entrodrop.evaluate import (
     measure_speed,
 )
 from entrodrop.plan import DropPlan
+from entrodrop.progress import ProgressEvent
 from entrodrop.prune import count_parameters, prune_model
 from entrodrop.scores import BlockScore, Scores
 from entrodrop.verify import format_sweep_table, select_loss_verified, sweep
@@ -69,7 +69,7 @@ def test_dropping_blocks_costs_quality_and_parameters(model, windows):
 def test_compare_streams_progress_events(model, windows):
     events = list(iter_compare(model, DropPlan.parse("attn:2", LAYERS), windows, batch_size=2))
     assert [(e.done, e.total) for e in events] == [(2, 5), (4, 5), (5, 5)]
-    assert all(isinstance(e, EvalEvent) and e.stage == "compare" for e in events)
+    assert all(isinstance(e, ProgressEvent) and e.stage == "compare" for e in events)
     assert [e.partial.complete for e in events] == [False, False, True]
     assert events[0].partial.num_windows == 2
 
