@@ -17,6 +17,7 @@ what it shows is unit-tested here.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -25,20 +26,13 @@ from dataclasses import dataclass
 import pandas as pd
 
 from . import costs
-from .arch import BLOCK_KINDS
+from .arch import BLOCK_KINDS, kind_label
+from .criteria import get_criterion, ranked_criteria, resolve_estimator
 from .plan import DroppedBlock, DropPlan
 from .scores import Scores
-from .select import DEFAULT_PROTECTION, block_ranks, protected_layers, rank_blocks, select_blocks
+from .select import block_ranks, protected_layers, rank_blocks, select_blocks
 
 logger = logging.getLogger(__name__)
-
-KIND_NAMES = {"attn": "attention", "mlp": "MLP", "layer": "whole-layer"}
-RANKED_CRITERIA = ("entrodrop", "cosine", "angular")
-CRITERION_NAMES = {
-    "entrodrop": "entropy increase (EntroDrop)",
-    "cosine": "cosine importance (LLM-Drop / ShortGPT)",
-    "angular": "angular distance (Gromov et al.)",
-}
 
 # streams each block reads and writes: ("x", i) is X_i, ("y", i) is Y_i
 _BLOCK_STREAMS = {"attn": (("x", 0), ("y", 0)), "mlp": (("y", 0), ("x", 1)), "layer": (("x", 0), ("x", 1))}
@@ -93,7 +87,7 @@ def scores_csv(scores: Scores) -> str:
 
 def criterion_ranks(scores: Scores, kind: str, estimator: str) -> dict[str, dict[int, int]]:
     """{criterion: {layer: rank}}; rank 1 is the first block that criterion would drop (no protection)."""
-    return {criterion: block_ranks(scores, criterion, kind, estimator=estimator) for criterion in RANKED_CRITERIA}
+    return {criterion: block_ranks(scores, criterion, kind, estimator=estimator) for criterion in ranked_criteria()}
 
 
 def block_table(
@@ -115,9 +109,8 @@ def block_table(
             row[f"ΔH {est}"] = round(b.delta_entropy.get(est, float("nan")), 4)
         row["cosine importance"] = round(b.cosine_importance, 5)
         row["angular distance"] = round(b.angular_distance, 5)
-        row["rank entrodrop"] = ranks["entrodrop"][b.layer]
-        row["rank cosine"] = ranks["cosine"][b.layer]
-        row["rank angular"] = ranks["angular"][b.layer]
+        for criterion, rank in ranks.items():
+            row[f"rank {criterion}"] = rank[b.layer]
         row["protected"] = protected.get(b.layer, "")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -168,11 +161,11 @@ def plan_summary_markdown(plan: DropPlan, summary: costs.PlanSummary, protected:
     if not plan.blocks:
         return "**Nothing ticked.** Take the automatic selection or tick the blocks to drop."
     protected = protected or {}
-    kinds = ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in summary.kinds.items())
+    kinds = ", ".join(f"{n} {kind_label(k, attributive=True)}" for k, n in summary.kinds.items())
     by_kind: dict[str, list[int]] = {}
     for b in plan.blocks:
         by_kind.setdefault(b.kind, []).append(b.layer)
-    where = "; ".join(f"{KIND_NAMES[k]} blocks of layers {_layer_list(v)}" for k, v in by_kind.items())
+    where = "; ".join(f"{kind_label(k, attributive=True)} blocks of layers {_layer_list(v)}" for k, v in by_kind.items())
     origin = ("the automatic choice" if plan.criterion != "manual" else
               "a hand-edited choice" + (f" (started from {plan.meta['edited_from']})" if plan.meta.get("edited_from") else ""))
     lines = [
@@ -257,14 +250,14 @@ class Disagreement:
     table: pd.DataFrame
 
     def markdown(self) -> str:
-        kind = KIND_NAMES[self.kind]
+        kind = kind_label(self.kind, attributive=True)
         if self.count == 0:
             return "Set a count above 0 to compare what the criteria would drop."
         lines = [f"**At {_plural(self.count, kind + ' block')}, with each criterion's published protection:**", ""]
-        for criterion in RANKED_CRITERIA:
-            layers = self.chosen.get(criterion)
+        for criterion in self.chosen:
+            layers = self.chosen[criterion]
             text = _layer_list(layers) if layers is not None else f"cannot choose ({self.errors.get(criterion, '')})"
-            lines.append(f"- {CRITERION_NAMES[criterion]}: {text}")
+            lines.append(f"- {get_criterion(criterion).label}: {text}")
         e, c = self.chosen.get("entrodrop"), self.chosen.get("cosine")
         if e is not None and c is not None:
             common = sorted(set(e) & set(c))
@@ -285,7 +278,8 @@ def criteria_disagreement(scores: Scores, kind: str, count: int, estimator: str)
     """What entrodrop, cosine and angular would each drop at ``count`` blocks (default protections)."""
     chosen: dict[str, list[int] | None] = {}
     errors: dict[str, str] = {}
-    for criterion in RANKED_CRITERIA:
+    ranked = ranked_criteria()
+    for criterion in ranked:
         try:
             plan = select_blocks(scores, criterion, kind, count=count, estimator=estimator)
             chosen[criterion] = [b.layer for b in plan.blocks]
@@ -293,22 +287,18 @@ def criteria_disagreement(scores: Scores, kind: str, count: int, estimator: str)
             chosen[criterion] = None
             errors[criterion] = str(exc)
     ranks = criterion_ranks(scores, kind, estimator)
-    values = {c: [v for _, v in sorted(rank_blocks(scores, c, kind, estimator=estimator))] for c in RANKED_CRITERIA}
-    spearman = {
-        "entrodrop~cosine": _spearman(values["entrodrop"], values["cosine"]),
-        "entrodrop~angular": _spearman(values["entrodrop"], values["angular"]),
-        "cosine~angular": _spearman(values["cosine"], values["angular"]),
-    }
+    values = {c: [v for _, v in sorted(rank_blocks(scores, c, kind, estimator=estimator))] for c in ranked}
+    spearman = {f"{a}~{b}": _spearman(values[a], values[b]) for a, b in itertools.combinations(ranked, 2)}
     picked = sorted({layer for layers in chosen.values() if layers for layer in layers})
     rows = []
     for layer in picked:
         row = {"layer": layer}
-        for criterion in RANKED_CRITERIA:
+        for criterion in ranked:
             row[criterion] = "✓" if layer in (chosen[criterion] or []) else ""
-        for criterion in RANKED_CRITERIA:
+        for criterion in ranked:
             row[f"rank {criterion}"] = ranks[criterion][layer]
         rows.append(row)
-    columns = ["layer", *RANKED_CRITERIA, *(f"rank {c}" for c in RANKED_CRITERIA)]
+    columns = ["layer", *ranked, *(f"rank {c}" for c in ranked)]
     return Disagreement(kind=kind, count=count, chosen=chosen, errors=errors, spearman=spearman,
                         table=pd.DataFrame(rows, columns=columns))
 
@@ -342,12 +332,12 @@ def explain_scores(
     if scores is None:
         return ("### How to read the curves\n\nLoad a model and start a calibration: the curves fill in "
                 "batch by batch, and this panel explains them with your model's numbers.")
-    est = estimator if estimator in scores.estimators else scores.estimators[0]
+    est = resolve_estimator(scores, estimator)
     L = scores.num_layers
     curve = scores.entropy_curve[est]
     boundary = stage_boundary if stage_boundary is not None else scores.stage_boundary.get(est, 0)
     boundary = min(max(int(boundary), 0), L)
-    kind_name = KIND_NAMES[kind]
+    kind_name = kind_label(kind, attributive=True)
     tokens = (scores.calibration or {}).get("tokens", "?")
     progress = (f"after {scores.batches_done} of {scores.batches_total} batches — numbers will still move"
                 if not scores.complete else f"{scores.batches_done} batches, {tokens} tokens")
@@ -394,7 +384,7 @@ def explain_scores(
                      "they compress rather than add.")
 
     lines += ["", "### How the automatic choice works", ""]
-    protect = protect or DEFAULT_PROTECTION["entrodrop"]
+    protect = protect or get_criterion("entrodrop").default_protection
     try:
         protected = protected_layers(scores, protect, estimator=est, stage_boundary=boundary)
     except ValueError:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .criteria import get_criterion, model_criteria, ranked_criteria
 from .evaluate import iter_compare_many, mean_loss
 from .plan import DroppedBlock, DropPlan
 from .progress import ProgressEvent, run_to_end
@@ -25,7 +26,9 @@ from .select import select_blocks
 
 logger = logging.getLogger(__name__)
 
-LOSS_CRITERION = "loss"
+LOSS = get_criterion("loss")
+# wiring: front ends still import this (cli_prune.py); read criteria.get_criterion(name).needs_model instead
+LOSS_CRITERION = LOSS.name
 
 
 def _entropy_candidates(scores: Scores, kind: str, wanted: int, estimator: str, protect: str | None) -> DropPlan:
@@ -56,7 +59,7 @@ def iter_select_loss_verified(
     if count < 0:
         raise ValueError(f"count must be 0 or more, got {count}.")
     if count == 0:
-        yield ProgressEvent("select", 0, 0, DropPlan(scores.num_layers, [], criterion=LOSS_CRITERION,
+        yield ProgressEvent("select", 0, 0, DropPlan(scores.num_layers, [], criterion=LOSS.name,
                                                  meta={"kind": kind, "count": 0}))
         return
     candidates = _entropy_candidates(scores, kind, candidate_factor * count, estimator, protect)
@@ -81,7 +84,7 @@ def iter_select_loss_verified(
                                                f"(dense {base_loss:.4f}) among {len(trial_losses)} candidates"))
         steps.append({"chosen": best, "losses": {str(k): v for k, v in trial_losses.items()}})
         logger.info("loss-verified step %d: %s %d -> loss %.4f", step + 1, kind, best, trial_losses[best])
-    plan = DropPlan(scores.num_layers, chosen, criterion=LOSS_CRITERION, meta={
+    plan = DropPlan(scores.num_layers, chosen, criterion=LOSS.name, meta={
         "kind": kind, "count": count, "estimator": estimator, "dense_loss": base_loss,
         "candidates": [b.layer for b in candidates.blocks], "steps": steps, "windows": int(windows.shape[0]),
     })
@@ -128,7 +131,7 @@ def sweep_plans(
     for i, (criterion, n) in enumerate(jobs):
         if n == 0:
             plans[(criterion, n)] = DropPlan(scores.num_layers, [], criterion=criterion)
-        elif criterion == LOSS_CRITERION:
+        elif criterion in model_criteria():  # the loss-verified search, the one criterion that runs the model
             if selection_windows is None:
                 raise ValueError("The loss criterion needs selection_windows (calibration windows) to pick with.")
             plans[(criterion, n)] = select_loss_verified(model, scores, selection_windows, kind=kind, count=n,
@@ -147,7 +150,7 @@ def iter_sweep(
     scores: Scores,
     windows: torch.Tensor,
     *,
-    criteria: Sequence[str] = ("entrodrop", "cosine", "angular"),
+    criteria: Sequence[str] | None = None,
     kind: str = "attn",
     counts: Sequence[int] = (0, 2, 4, 6, 8),
     estimator: str = "bucket",
@@ -156,7 +159,9 @@ def iter_sweep(
     batch_size: int = 1,
 ) -> Iterator[ProgressEvent]:
     """Select (stage ``select``) then compare every plan on ``windows`` in one pass (stage ``sweep``);
-    the last event's ``partial`` is the list of :class:`SweepRow` (criterion order, then count)."""
+    the last event's ``partial`` is the list of :class:`SweepRow` (criterion order, then count).
+    ``criteria`` defaults to every criterion that ranks from the scores."""
+    criteria = ranked_criteria() if criteria is None else criteria
     plans: dict[tuple[str, int], DropPlan] = {}
     for event in sweep_plans(model, scores, criteria, kind, counts, estimator=estimator, protect=protect,
                              selection_windows=selection_windows, batch_size=batch_size):
