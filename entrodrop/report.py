@@ -8,7 +8,7 @@ what it shows is unit-tested here.
 * :func:`block_table` — the blocks of one kind with their scores, ranks per criterion, protection
   and whether they are ticked;
 * :func:`plan_summary_markdown` — what a plan removes (from :mod:`entrodrop.costs`), in words;
-* :func:`check_table` — dense vs pruned measurements side by side;
+* :func:`check_table` — dense vs pruned measurements side by side (rows from :mod:`entrodrop.checks`);
 * :func:`criteria_disagreement` — which blocks entropy, cosine and angular would drop, and where they differ;
 * :func:`explain_scores` — the teaching text beside the curves, with this model's numbers;
 * :func:`data_source_args` — what the UI's data-source widgets mean for :func:`~entrodrop.data.load_corpus`;
@@ -27,6 +27,7 @@ import pandas as pd
 
 from . import costs
 from .arch import BLOCK_KINDS, kind_label
+from .checks import ChecksResult, checks_frame
 from .criteria import get_criterion, ranked_criteria, resolve_estimator
 from .plan import DroppedBlock, DropPlan
 from .scores import Scores
@@ -43,12 +44,6 @@ def _stream_entropy(scores: Scores, estimator: str, stream: tuple[str, int], lay
     values = scores.entropy_curve[estimator] if which == "x" else scores.mid_entropy.get(estimator, [])
     idx = layer + offset
     return float(values[idx]) if idx < len(values) else float("nan")
-
-
-def _fmt(value: float, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{value:.{digits}g}"
 
 
 def _plural(n: int, word: str) -> str:
@@ -187,27 +182,8 @@ def plan_summary_markdown(plan: DropPlan, summary: costs.PlanSummary, protected:
 # -- checks ------------------------------------------------------------------------------------
 def check_table(quality: Mapping | None, speed: Mapping | None = None) -> pd.DataFrame:
     """Dense vs pruned, one row per measure, from ``QualityReport.to_dict()`` / ``SpeedReport.to_dict()``."""
-    rows: list[dict] = []
-
-    def add(measure: str, dense: str, pruned: str, change: str = "") -> None:
-        rows.append({"measure": measure, "dense": dense, "pruned": pruned, "change": change})
-
-    if quality:
-        ratio = quality.get("perplexity_ratio", float("nan"))
-        add("perplexity (held-out)", _fmt(quality["dense_perplexity"]), _fmt(quality["pruned_perplexity"]),
-            f"×{ratio:.3f}" if math.isfinite(ratio) else "—")
-        add("mean KL(dense ‖ pruned), nats/token", "0", _fmt(quality["kl_mean"], 3))
-        add("top-1 agreement with dense", "100%", f"{100 * quality['top1_agreement']:.1f}%")
-        share = quality["params_removed"] / quality["dense_params"] if quality["dense_params"] else 0.0
-        add("parameters", f"{quality['dense_params']:,}", f"{quality['pruned_params']:,}", f"−{100 * share:.1f}%")
-        add("held-out text", f"{quality['num_windows']} windows", f"{quality['num_tokens']:,} predicted tokens")
-    if speed:
-        add(f"prefill latency, {speed['prefill_tokens']} tokens", f"{speed['dense_prefill_s'] * 1000:.1f} ms",
-            f"{speed['pruned_prefill_s'] * 1000:.1f} ms", f"×{speed['prefill_speedup']:.2f} faster")
-        add(f"decode speed, {speed['decode_tokens']} tokens", f"{speed['dense_decode_tps']:.1f} tok/s",
-            f"{speed['pruned_decode_tps']:.1f} tok/s", f"×{speed['decode_speedup']:.2f}")
-        add("ideal speed-up from FLOPs", "", "", f"×{speed['ideal_speedup']:.2f}")
-    return pd.DataFrame(rows, columns=["measure", "dense", "pruned", "change"])
+    # wiring: front ends still call this (ui.py); the rows are checks.check_rows, the table checks.checks_frame
+    return checks_frame(ChecksResult.from_dict({"quality": quality, "speed": speed}))
 
 
 # -- where the criteria disagree ---------------------------------------------------------------
