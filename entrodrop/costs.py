@@ -24,7 +24,7 @@ from torch import nn
 
 from .arch import BLOCK_KINDS, SUB_BLOCK_KINDS, ArchSpec, block_modules, get_arch, get_layers
 from .plan import DropPlan
-from .prune import SkippedAttention
+from .prune import SkippedAttention, check_plan
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -161,6 +161,7 @@ def summarize_plan(plan: DropPlan, costs: BlockCosts) -> PlanSummary:
 def plan_parameter_counts(model: nn.Module, plan: DropPlan) -> tuple[int, int, int, int]:
     """(dense params, dense bytes, pruned params, pruned bytes) of ``model`` under ``plan``, without
     copying or touching it."""
+    check_plan(model, plan)  # the same refusals as a preview or a physical removal of the plan
     summary = summarize_plan(plan, measure_block_costs(model, seq_len=1))
     return (summary.dense_params, summary.dense_bytes, summary.dense_params - summary.params_removed,
             summary.dense_bytes - summary.bytes_removed)
