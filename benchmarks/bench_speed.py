@@ -13,7 +13,7 @@ the library's own timer (the one ``measure_speed`` uses). Every round times the 
 one pruned variant and its preview, then the dense model again, and so on, so each pruned run sits
 between two dense runs; its speed-up is the mean of those two dense times over its own. Reported:
 the median over rounds (one warm-up round discarded) and the min..max over rounds. The ideal
-speed-up is 1 / (1 - share of forward FLOPs removed) from ``evaluate.forward_flops``: the prefill
+speed-up is 1 / (1 - share of forward FLOPs removed) from ``costs.forward_flops``: the prefill
 at 512 tokens, and for decoding the FLOPs of tokens 513..544 (F(544) - F(512)).
 
 Threads: 1 by default. On a small machine shared with other jobs, a 2-thread forward stalls whenever
@@ -30,8 +30,9 @@ import statistics
 import torch
 
 from entrodrop.calibrate import EstimatorSettings, run_calibration
+from entrodrop.costs import forward_flops
 from entrodrop.data import load_corpus, make_windows
-from entrodrop.evaluate import forward_flops, time_prefill_and_decode
+from entrodrop.evaluate import time_prefill_and_decode
 from entrodrop.loading import load_model
 from entrodrop.plan import DropPlan
 from entrodrop.prune import preview_plan, prune_model

@@ -7,6 +7,8 @@ The library never imports gradio. Main entry points:
 * :func:`entrodrop.calibrate.iter_calibration` — streaming per-block statistics;
 * :func:`entrodrop.select.select_blocks` — entrodrop / cosine / angular / manual drop plans;
 * :mod:`entrodrop.prune`, :mod:`entrodrop.evaluate`, :mod:`entrodrop.export` — apply, check, save;
+* :mod:`entrodrop.criteria`, :mod:`entrodrop.costs`, :mod:`entrodrop.progress`, :mod:`entrodrop.checks` —
+  the criterion registry, what blocks cost, progress events, and the checks both front ends run;
 * :func:`load_pruned` — reload a sub-block-pruned export.
 """
 

@@ -32,6 +32,17 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 BLOCK_KINDS = ("attn", "mlp", "layer")
+SUB_BLOCK_KINDS = ("attn", "mlp")  # the two sub-blocks a whole layer is made of
+# what people call each kind; the one label table (plots, reports, the app's radios)
+BLOCK_KIND_LABELS = {"attn": "attention", "mlp": "MLP", "layer": "whole layer"}
+
+
+def kind_label(kind: str, *, attributive: bool = False) -> str:
+    """The label of a block kind; ``attributive`` hyphenates it before a noun ("whole-layer blocks")."""
+    if kind not in BLOCK_KIND_LABELS:
+        raise ValueError(f"Unknown block kind {kind!r}; use one of {', '.join(BLOCK_KINDS)}.")
+    label = BLOCK_KIND_LABELS[kind]
+    return label.replace(" ", "-") if attributive else label
 
 
 @dataclass(frozen=True)
@@ -221,28 +232,21 @@ def num_layers(model: nn.Module, spec: ArchSpec | None = None) -> int:
     return len(get_layers(model, spec))
 
 
-def block_modules(layer: nn.Module, spec: ArchSpec, kind: str) -> list[str]:
-    """Dotted names (inside ``layer``) of the modules that make up one sub-block."""
-    if kind == "attn":
-        return list(spec.attn)
-    if kind == "mlp":
-        return list(spec.mlp)
-    if kind == "layer":
-        return []
-    raise ValueError(f"Unknown block kind {kind!r}; use one of {', '.join(BLOCK_KINDS)}.")
+def block_modules(layer: nn.Module, spec: ArchSpec, kind: str) -> dict[str, nn.Module]:
+    """The modules of ``layer`` that make up one block, by dotted name inside the layer.
 
-
-def block_parameter_count(model: nn.Module, layer_idx: int, kind: str, spec: ArchSpec | None = None) -> int:
-    """Number of parameters a block holds (what dropping it removes)."""
-    spec = spec or get_arch(model)
-    layer = get_layers(model, spec)[layer_idx]
+    ``attn`` and ``mlp`` are the sub-block modules the spec lists (norms included); ``layer`` is the
+    whole layer, under the empty name. A ValueError names a module the spec expects but ``layer`` lacks."""
     if kind == "layer":
-        return sum(p.numel() for p in layer.parameters())
-    seen: set[int] = set()
-    total = 0
-    for name in block_modules(layer, spec, kind):
-        for p in get_module(layer, name).parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
+        return {"": layer}
+    if kind not in SUB_BLOCK_KINDS:
+        raise ValueError(f"Unknown block kind {kind!r}; use one of {', '.join(BLOCK_KINDS)}.")
+    names = spec.attn if kind == "attn" else spec.mlp
+    modules = {}
+    for name in names:
+        try:
+            modules[name] = get_module(layer, name)
+        except AttributeError as exc:
+            raise ValueError(f"The {spec.family} adapter expects a module {name!r} in every layer, but this "
+                             f"layer ({type(layer).__name__}) has none; the architecture adapter is wrong.") from exc
+    return modules

@@ -40,6 +40,7 @@ from .estimators import (
     unit_tokens,
 )
 from .loading import input_device
+from .progress import ProgressEvent, run_to_end
 from .scores import BlockScore, Scores, detect_stage_boundary
 
 logger = logging.getLogger(__name__)
@@ -73,22 +74,44 @@ class EstimatorSettings:
             )
 
 
-@dataclass
-class CalibrationEvent:
-    """Emitted after every batch. ``scores`` holds the running means so far."""
+@dataclass(init=False)
+class CalibrationEvent(ProgressEvent):
+    """A :class:`~entrodrop.progress.ProgressEvent` of stage ``calibrate``, emitted after every batch:
+    ``total`` batches, ``partial`` the running :class:`Scores`, plus the tokens measured so far."""
 
-    batch_index: int  # batches done so far (1-based)
-    num_batches: int
-    tokens_seen: int
-    scores: Scores
+    tokens_seen: int = 0
+
+    def __init__(self, batch_index: int, num_batches: int, tokens_seen: int, scores: Scores):
+        super().__init__("calibrate", batch_index, num_batches, scores)
+        self.tokens_seen = tokens_seen
 
     @property
-    def done(self) -> bool:
-        return self.batch_index >= self.num_batches
+    def scores(self) -> Scores:
+        """The running means so far (the event's ``partial``)."""
+        return self.partial
+
+    @property
+    def num_batches(self) -> int:
+        return self.total
+
+    # wiring: front ends still read event.done as "the last batch is done" (ui.py's Stop) and
+    # event.batch_index as the count (ui.py, cli.py). Once they read event.finished and event.done,
+    # delete this property pair: done is then the batch count, as in every ProgressEvent.
+    @property
+    def done(self) -> bool:  # type: ignore[override]
+        return self.batch_index >= self.total
+
+    @done.setter
+    def done(self, value: int) -> None:
+        self.batch_index = value
 
     @property
     def fraction(self) -> float:
-        return self.batch_index / max(self.num_batches, 1)
+        return self.batch_index / self.total if self.total else 1.0
+
+    @property
+    def finished(self) -> bool:
+        return self.batch_index >= self.total
 
 
 def stream_names(num_layers: int) -> list[str]:
@@ -437,9 +460,5 @@ def iter_calibration(
 
 
 def run_calibration(model: nn.Module, windows: torch.Tensor, **kwargs) -> Scores:
-    """Consume :func:`iter_calibration` and return the final scores."""
-    last = None
-    for event in iter_calibration(model, windows, **kwargs):
-        last = event
-    assert last is not None
-    return last.scores
+    """Run :func:`iter_calibration` to its end and return the final scores."""
+    return run_to_end(iter_calibration(model, windows, **kwargs))

@@ -8,9 +8,9 @@ skipped), or a physically pruned model passed as ``pruned_model``. Quality on he
 * mean KL(dense || pruned) of the next-token distributions, in nats per token;
 * top-1 agreement: share of positions whose argmax token is the same.
 
-Long checks are generators of :class:`EvalEvent` (``done``/``total`` plus the partial result);
-``compare``, ``measure_speed`` and ``generate_side_by_side`` consume them for callers that only
-want the answer.
+Long checks are generators of :class:`~entrodrop.progress.ProgressEvent` (``done``/``total`` plus the
+partial result); ``compare``, ``measure_speed`` and ``generate_side_by_side`` run them to the end for
+callers that only want the answer.
 """
 
 from __future__ import annotations
@@ -27,26 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import block_parameter_count, get_arch, get_layers, get_module
+from .costs import count_parameters, flops_share_removed, plan_parameter_counts, speedup_from_share
 from .loading import input_device
 from .plan import DropPlan
-from .prune import SkippedAttention, count_parameters, plan_parameter_counts, preview_plan
+from .progress import ProgressEvent, run_to_end
+from .prune import preview_plan
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalEvent:
-    """Progress of a long check: ``done`` of ``total`` units, and the result so far."""
-
-    stage: str  # "compare" | "speed" | "generate" | "select" | "sweep"
-    done: int
-    total: int
-    partial: object = None
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
 
 
 @dataclass
@@ -102,7 +89,7 @@ class SpeedReport:
     pruned_prefill_s: float
     dense_decode_tps: float  # median generated tokens per second (one token per step, KV cache)
     pruned_decode_tps: float
-    ideal_flops_removed: float  # share of forward FLOPs the plan removes (see ideal_speedup)
+    ideal_flops_removed: float  # share of forward FLOPs the plan removes (costs.flops_share_removed)
     plan: dict = field(default_factory=dict)
 
     @property
@@ -115,7 +102,7 @@ class SpeedReport:
 
     @property
     def ideal_speedup(self) -> float:
-        return 1.0 / (1.0 - self.ideal_flops_removed) if self.ideal_flops_removed < 1 else float("inf")
+        return speedup_from_share(self.ideal_flops_removed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -190,7 +177,7 @@ def iter_compare_many(
     *,
     batch_size: int = 1,
     pruned_models: Mapping[str, nn.Module] | None = None,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Compare several plans with the dense model in ONE pass over ``windows``: each batch runs the
     dense model once, then every plan (under a preview, or the physically pruned model given for
     that name in ``pruned_models``). Events carry ``partial = {name: QualityReport}``."""
@@ -225,7 +212,7 @@ def iter_compare_many(
                 tallies[name].add(dense_logp, dense_top1, dense_nll, pruned, ids)
                 del pruned
             done = min(start + batch_size, total)
-            yield EvalEvent("compare", done, total,
+            yield ProgressEvent("compare", done, total,
                             {name: t.report(done, total, counts[name], plans[name]) for name, t in tallies.items()})
 
 
@@ -236,24 +223,20 @@ def iter_compare(
     *,
     batch_size: int = 1,
     pruned_model: nn.Module | None = None,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Dense vs pruned quality, one event (``partial`` = running :class:`QualityReport`) per batch.
 
     The pruned model is ``model`` under a preview of ``plan``, or ``pruned_model`` when given
     (a physically pruned copy: its figures must match the preview's)."""
     others = {"plan": pruned_model} if pruned_model is not None else None
     for event in iter_compare_many(model, {"plan": plan}, windows, batch_size=batch_size, pruned_models=others):
-        yield EvalEvent(event.stage, event.done, event.total, event.partial["plan"])
+        yield ProgressEvent(event.stage, event.done, event.total, event.partial["plan"])
 
 
 def compare(model: nn.Module, plan: DropPlan, windows: torch.Tensor, *, batch_size: int = 1,
             pruned_model: nn.Module | None = None) -> QualityReport:
-    """Consume :func:`iter_compare` and return the final :class:`QualityReport`."""
-    last = None
-    for event in iter_compare(model, plan, windows, batch_size=batch_size, pruned_model=pruned_model):
-        last = event
-    assert last is not None
-    return last.partial
+    """Run :func:`iter_compare` to its end and return the final :class:`QualityReport`."""
+    return run_to_end(iter_compare(model, plan, windows, batch_size=batch_size, pruned_model=pruned_model))
 
 
 def mean_loss(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = None, *, batch_size: int = 1) -> float:
@@ -268,60 +251,6 @@ def mean_loss(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = N
             total += float(next_token_nll(_logits(model, ids), ids))
             count += ids.shape[0] * (ids.shape[1] - 1)
     return total / count
-
-
-# -- FLOPs -----------------------------------------------------------------------------------------
-def _attention_context(config, layer_idx: int, seq_len: int) -> int:
-    """Sum over the T query positions of how many keys each attends to (causal, sliding if any)."""
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    sliding = isinstance(window, int) and window > 0 and (
-        layer_types[layer_idx] == "sliding_attention" if layer_types else bool(getattr(config, "use_sliding_window", True))
-    )
-    if sliding:
-        return sum(min(t, window) for t in range(1, seq_len + 1))
-    return seq_len * (seq_len + 1) // 2
-
-
-def block_flops(model: nn.Module, seq_len: int) -> tuple[dict[tuple[int, str], float], float]:
-    """Matmul FLOPs of every attention and MLP sub-block, and of the LM head, over ``seq_len`` tokens.
-
-    Each weight does one multiply-add per token (2 FLOPs x parameters x tokens); attention adds the
-    score and value products, 2 x 2 x heads x head_dim x (keys seen, summed over queries)."""
-    spec = get_arch(model)
-    config = model.config
-    layers = get_layers(model, spec)
-    heads = getattr(config, "num_attention_heads", None) or 1
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    per_block: dict[tuple[int, str], float] = {}
-    for i, layer in enumerate(layers):
-        for kind in ("attn", "mlp"):
-            flops = 2.0 * block_parameter_count(model, i, kind, spec) * seq_len
-            if kind == "attn" and not isinstance(get_module(layer, spec.attn[0]), SkippedAttention):
-                flops += 4.0 * heads * head_dim * _attention_context(config, i, seq_len)
-            per_block[(i, kind)] = flops
-    head = model.get_output_embeddings()
-    head_flops = 2.0 * head.weight.numel() * seq_len if head is not None else 0.0
-    return per_block, head_flops
-
-
-def forward_flops(model: nn.Module, seq_len: int, plan: DropPlan | None = None) -> dict:
-    """FLOPs of one forward pass over ``seq_len`` tokens, dense and without ``plan``'s blocks."""
-    per_block, head_flops = block_flops(model, seq_len)
-    dense = sum(per_block.values()) + head_flops
-    removed = 0.0
-    for b in (plan.blocks if plan is not None else []):
-        kinds = ("attn", "mlp") if b.kind == "layer" else (b.kind,)
-        removed += sum(per_block[(b.layer, k)] for k in kinds)
-    return {"seq_len": seq_len, "dense": dense, "removed": removed, "pruned": dense - removed,
-            "share_removed": removed / dense if dense else 0.0}
-
-
-def ideal_speedup(model: nn.Module, plan: DropPlan, seq_len: int) -> float:
-    """Share of the forward pass's FLOPs that ``plan`` removes at ``seq_len`` tokens (0..1).
-
-    The ideal speed-up is ``1 / (1 - share)``; compare it with :func:`measure_speed`'s ratios."""
-    return forward_flops(model, seq_len, plan)["share_removed"]
 
 
 # -- speed -----------------------------------------------------------------------------------------
@@ -355,7 +284,7 @@ def iter_measure_speed(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Time dense and pruned alternately (warm-up rounds discarded); the last event's ``partial`` is
     the :class:`SpeedReport` with medians over ``repeats`` rounds."""
     if repeats < 1 or prefill_tokens < 1 or decode_tokens < 1:
@@ -380,7 +309,7 @@ def iter_measure_speed(
             if r >= warmup:
                 dense_runs.append(dense)
                 pruned_runs.append(pruned)
-            yield EvalEvent("speed", r + 1, rounds, None)
+            yield ProgressEvent("speed", r + 1, rounds, None)
     dtype = next(model.parameters()).dtype
     report = SpeedReport(
         device=str(device), dtype=str(dtype).replace("torch.", ""), prefill_tokens=prefill_tokens,
@@ -389,20 +318,17 @@ def iter_measure_speed(
         pruned_prefill_s=statistics.median(p for p, _ in pruned_runs),
         dense_decode_tps=statistics.median(t for _, t in dense_runs),
         pruned_decode_tps=statistics.median(t for _, t in pruned_runs),
-        ideal_flops_removed=ideal_speedup(model, plan, prefill_tokens),
+        ideal_flops_removed=flops_share_removed(model, plan, prefill_tokens),
         plan=plan.to_dict(),
     )
-    yield EvalEvent("speed", rounds, rounds, report)
+    yield ProgressEvent("speed", rounds, rounds, report)
 
 
 def measure_speed(model: nn.Module, plan: DropPlan, tokenizer=None, *, prefill_tokens: int = 512,
                   decode_tokens: int = 32, repeats: int = 3, warmup: int = 1, seed: int = 0) -> SpeedReport:
-    """Consume :func:`iter_measure_speed` and return the :class:`SpeedReport`."""
-    last = None
-    for event in iter_measure_speed(model, plan, tokenizer, prefill_tokens=prefill_tokens,
-                                    decode_tokens=decode_tokens, repeats=repeats, warmup=warmup, seed=seed):
-        last = event
-    return last.partial
+    """Run :func:`iter_measure_speed` to its end and return the :class:`SpeedReport`."""
+    return run_to_end(iter_measure_speed(model, plan, tokenizer, prefill_tokens=prefill_tokens,
+                                         decode_tokens=decode_tokens, repeats=repeats, warmup=warmup, seed=seed))
 
 
 # -- generations -----------------------------------------------------------------------------------
@@ -439,7 +365,7 @@ def iter_side_by_side(
     *,
     max_new_tokens: int = 48,
     pruned_model: nn.Module | None = None,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Greedy generations, dense and pruned, one prompt at a time; ``partial`` is the list so far of
     ``{"prompt", "dense", "pruned", "same"}``."""
     rows: list[dict] = []
@@ -458,14 +384,11 @@ def iter_side_by_side(
             "pruned": tokenizer.decode(pruned, skip_special_tokens=True),
             "same": torch.equal(dense, pruned),
         })
-        yield EvalEvent("generate", i + 1, len(prompts), list(rows))
+        yield ProgressEvent("generate", i + 1, len(prompts), list(rows))
 
 
 def generate_side_by_side(model: nn.Module, plan: DropPlan, tokenizer, prompts: Sequence[str], *,
                           max_new_tokens: int = 48, pruned_model: nn.Module | None = None) -> list[dict]:
-    """Consume :func:`iter_side_by_side` and return its rows."""
-    rows: list[dict] = []
-    for event in iter_side_by_side(model, plan, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                   pruned_model=pruned_model):
-        rows = event.partial
-    return rows
+    """Run :func:`iter_side_by_side` to its end and return its rows (none for no prompts)."""
+    return run_to_end(iter_side_by_side(model, plan, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                        pruned_model=pruned_model), default=[])

@@ -19,12 +19,13 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .arch import kind_label
+from .criteria import resolve_estimator
 from .scores import Scores
 from .select import block_ranks
 
 logger = logging.getLogger(__name__)
 
-KIND_LABELS = {"attn": "attention", "mlp": "MLP", "layer": "whole layer"}
 ESTIMATOR_COLORS = {"bucket": "#1f77b4", "knn": "#9467bd", "renyi": "#8c564b"}
 COMPRESSION_FILL = "rgba(31, 119, 180, 0.10)"
 EXPANSION_FILL = "rgba(255, 127, 14, 0.10)"
@@ -111,14 +112,14 @@ def blocks_figure(scores: Scores, kind: str = "attn", estimator: str | None = No
 
     Ticked blocks are red, protected ones grey; hover shows the value, its rank (1 = dropped first by
     that criterion) and the block's status."""
-    est = estimator if estimator in scores.estimators else scores.estimators[0]
+    est = resolve_estimator(scores, estimator)
     ticked = set(ticked)
     protected = protected or {}
     blocks = scores.blocks_of(kind)
     layers = [b.layer for b in blocks]
     colors = [DROP_COLOR if i in ticked else PROTECTED_COLOR if i in protected else KEEP_COLOR for i in layers]
     status = [_status(i, ticked, protected) for i in layers]
-    label = KIND_LABELS[kind]
+    label = kind_label(kind, attributive=True)
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
                         subplot_titles=(f"Entropy increase ΔH ({est})", "Cosine importance 1 − cos(in, out)"))
     panels = (  # (column, values, ranks, trace name, hover text for the value, what rank 1 means)
@@ -151,7 +152,7 @@ def rank_figure(scores: Scores, kind: str = "attn", estimator: str | None = None
     """Each block's rank by entropy increase (x) against its rank by cosine importance (y).
 
     On the diagonal both criteria agree; far from it they disagree. Rank 1 is dropped first."""
-    est = estimator if estimator in scores.estimators else scores.estimators[0]
+    est = resolve_estimator(scores, estimator)
     ticked = set(ticked)
     blocks = scores.blocks_of(kind)
     rank_dh = block_ranks(scores, "entrodrop", kind, estimator=est)
@@ -169,7 +170,7 @@ def rank_figure(scores: Scores, kind: str = "attn", estimator: str | None = None
     ))
     fig.update_xaxes(title_text=f"rank by entropy increase ({est}); 1 = dropped first", range=[0, n + 1])
     fig.update_yaxes(title_text="rank by cosine importance", range=[0, n + 1])
-    fig.update_layout(title=f"Where the criteria disagree — {KIND_LABELS[kind]} blocks", height=420,
+    fig.update_layout(title=f"Where the criteria disagree — {kind_label(kind, attributive=True)} blocks", height=420,
                       template="plotly_white", margin={"l": 60, "r": 20, "t": 60, "b": 50})
     return fig
 

@@ -315,17 +315,8 @@ def prune_model(model: nn.Module, plan: DropPlan, inplace: bool = False) -> nn.M
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(number of parameters, bytes they take), each shared tensor counted once.
+    """(parameters, bytes) of ``model``; see :func:`entrodrop.costs.count_parameters`."""
+    # wiring: front ends still import this (export.py); costs imports prune, hence the late import
+    from .costs import count_parameters as _count_parameters
 
-    ``parameters()`` already yields a tied tensor (e.g. embeddings shared with the LM head) once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
-
-
-def plan_parameter_counts(model: nn.Module, plan: DropPlan) -> tuple[int, int, int, int]:
-    """(dense params, dense bytes, pruned params, pruned bytes) of ``model`` under ``plan``, without
-    copying it: the preview swaps the dropped modules out, so what is left is what pruning keeps."""
-    dense_params, dense_bytes = count_parameters(model)
-    with preview_plan(model, plan):
-        pruned_params, pruned_bytes = count_parameters(model)
-    return dense_params, dense_bytes, pruned_params, pruned_bytes
+    return _count_parameters(model)

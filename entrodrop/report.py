@@ -7,9 +7,8 @@ what it shows is unit-tested here.
 * :func:`scores_frame` / :func:`scores_csv` — one row per block, every statistic;
 * :func:`block_table` — the blocks of one kind with their scores, ranks per criterion, protection
   and whether they are ticked;
-* :func:`measure_block_costs` + :func:`summarize_plan` — parameters and forward FLOPs a plan removes
-  and the ideal speed-up they allow;
-* :func:`check_table` — dense vs pruned measurements side by side;
+* :func:`plan_summary_markdown` — what a plan removes (from :mod:`entrodrop.costs`), in words;
+* :func:`check_table` — dense vs pruned measurements side by side (rows from :mod:`entrodrop.checks`);
 * :func:`criteria_disagreement` — which blocks entropy, cosine and angular would drop, and where they differ;
 * :func:`explain_scores` — the teaching text beside the curves, with this model's numbers;
 * :func:`data_source_args` — what the UI's data-source widgets mean for :func:`~entrodrop.data.load_corpus`;
@@ -18,27 +17,23 @@ what it shows is unit-tested here.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 
-from .arch import BLOCK_KINDS
+from . import costs
+from .arch import BLOCK_KINDS, kind_label
+from .checks import ChecksResult, checks_frame
+from .criteria import get_criterion, ranked_criteria, resolve_estimator
 from .plan import DroppedBlock, DropPlan
 from .scores import Scores
-from .select import DEFAULT_PROTECTION, block_ranks, protected_layers, rank_blocks, select_blocks
+from .select import block_ranks, protected_layers, rank_blocks, select_blocks
 
 logger = logging.getLogger(__name__)
-
-KIND_NAMES = {"attn": "attention", "mlp": "MLP", "layer": "whole-layer"}
-RANKED_CRITERIA = ("entrodrop", "cosine", "angular")
-CRITERION_NAMES = {
-    "entrodrop": "entropy increase (EntroDrop)",
-    "cosine": "cosine importance (LLM-Drop / ShortGPT)",
-    "angular": "angular distance (Gromov et al.)",
-}
 
 # streams each block reads and writes: ("x", i) is X_i, ("y", i) is Y_i
 _BLOCK_STREAMS = {"attn": (("x", 0), ("y", 0)), "mlp": (("y", 0), ("x", 1)), "layer": (("x", 0), ("x", 1))}
@@ -49,12 +44,6 @@ def _stream_entropy(scores: Scores, estimator: str, stream: tuple[str, int], lay
     values = scores.entropy_curve[estimator] if which == "x" else scores.mid_entropy.get(estimator, [])
     idx = layer + offset
     return float(values[idx]) if idx < len(values) else float("nan")
-
-
-def _fmt(value: float, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{value:.{digits}g}"
 
 
 def _plural(n: int, word: str) -> str:
@@ -93,7 +82,7 @@ def scores_csv(scores: Scores) -> str:
 
 def criterion_ranks(scores: Scores, kind: str, estimator: str) -> dict[str, dict[int, int]]:
     """{criterion: {layer: rank}}; rank 1 is the first block that criterion would drop (no protection)."""
-    return {criterion: block_ranks(scores, criterion, kind, estimator=estimator) for criterion in RANKED_CRITERIA}
+    return {criterion: block_ranks(scores, criterion, kind, estimator=estimator) for criterion in ranked_criteria()}
 
 
 def block_table(
@@ -115,9 +104,8 @@ def block_table(
             row[f"ΔH {est}"] = round(b.delta_entropy.get(est, float("nan")), 4)
         row["cosine importance"] = round(b.cosine_importance, 5)
         row["angular distance"] = round(b.angular_distance, 5)
-        row["rank entrodrop"] = ranks["entrodrop"][b.layer]
-        row["rank cosine"] = ranks["cosine"][b.layer]
-        row["rank angular"] = ranks["angular"][b.layer]
+        for criterion, rank in ranks.items():
+            row[f"rank {criterion}"] = rank[b.layer]
         row["protected"] = protected.get(b.layer, "")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -140,73 +128,12 @@ def plan_from_ticks(scores: Scores, kind: str, ticked: Iterable[int], auto_plan:
 
 
 # -- costs and plan summaries --------------------------------------------------------------------
-@dataclass
-class BlockCosts:
-    """What each block costs in one model: parameters and forward FLOPs at ``seq_len`` tokens."""
-
-    num_layers: int
-    seq_len: int
-    dense_params: int
-    dense_flops: float
-    params: dict[tuple[int, str], int] = field(default_factory=dict)  # (layer, kind) -> parameters
-    flops: dict[tuple[int, str], float] = field(default_factory=dict)  # (layer, kind) -> FLOPs
-
-
-def measure_block_costs(model, seq_len: int) -> BlockCosts:
-    """Parameters and forward FLOPs of every block (attn, mlp, layer = attn + mlp) of ``model``.
-
-    Reads the model only; call it while no preview is active on the same model."""
-    from .arch import block_parameter_count, get_arch, get_layers
-    from .evaluate import block_flops
-    from .prune import count_parameters
-
-    spec = get_arch(model)
-    L = len(get_layers(model, spec))
-    per_block, head_flops = block_flops(model, seq_len)  # one pass over the model, not one per block
-    costs = BlockCosts(num_layers=L, seq_len=seq_len, dense_params=count_parameters(model)[0],
-                       dense_flops=float(sum(per_block.values()) + head_flops))
-    for layer in range(L):
-        for kind in ("attn", "mlp", "layer"):
-            costs.params[(layer, kind)] = block_parameter_count(model, layer, kind, spec)
-        for kind in ("attn", "mlp"):
-            costs.flops[(layer, kind)] = float(per_block[(layer, kind)])
-        costs.flops[(layer, "layer")] = costs.flops[(layer, "attn")] + costs.flops[(layer, "mlp")]
-    return costs
-
-
-@dataclass
-class PlanSummary:
-    """What a plan removes, from :class:`BlockCosts`."""
-
-    num_blocks: int
-    kinds: dict[str, int]  # kind -> blocks dropped
-    params_removed: int
-    dense_params: int
-    flops_share: float  # share of forward FLOPs removed at seq_len
-    seq_len: int
-
-    @property
-    def params_share(self) -> float:
-        return self.params_removed / self.dense_params if self.dense_params else 0.0
-
-    @property
-    def ideal_speedup(self) -> float:
-        return 1.0 / (1.0 - self.flops_share) if self.flops_share < 1 else float("inf")
-
-
-def summarize_plan(plan: DropPlan, costs: BlockCosts) -> PlanSummary:
-    """Blocks, parameters and FLOPs ``plan`` removes, and the ideal (FLOPs-bound) speed-up."""
-    if plan.num_layers != costs.num_layers:
-        raise ValueError(f"The plan is for {plan.num_layers} layers but the model has {costs.num_layers}.")
-    kinds: dict[str, int] = {}
-    params = 0
-    flops = 0.0
-    for b in plan.blocks:
-        kinds[b.kind] = kinds.get(b.kind, 0) + 1
-        params += costs.params[(b.layer, b.kind)]
-        flops += costs.flops[(b.layer, b.kind)]
-    return PlanSummary(num_blocks=len(plan.blocks), kinds=kinds, params_removed=params, dense_params=costs.dense_params,
-                       flops_share=flops / costs.dense_flops if costs.dense_flops else 0.0, seq_len=costs.seq_len)
+# wiring: front ends still import these from report (ui.py: report.BlockCosts, report.measure_block_costs,
+# report.summarize_plan); their owner is entrodrop.costs
+BlockCosts = costs.BlockCosts
+PlanSummary = costs.PlanSummary
+measure_block_costs = costs.measure_block_costs
+summarize_plan = costs.summarize_plan
 
 
 def describe_protection(protected: Mapping[int, str]) -> str:
@@ -224,16 +151,16 @@ def describe_protection(protected: Mapping[int, str]) -> str:
     return "; ".join(parts) if parts else "none"
 
 
-def plan_summary_markdown(plan: DropPlan, summary: PlanSummary, protected: Mapping[int, str] | None = None) -> str:
+def plan_summary_markdown(plan: DropPlan, summary: costs.PlanSummary, protected: Mapping[int, str] | None = None) -> str:
     """Plain-words summary of a plan: what goes, what it saves, and warnings about protected blocks."""
     if not plan.blocks:
         return "**Nothing ticked.** Take the automatic selection or tick the blocks to drop."
     protected = protected or {}
-    kinds = ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in summary.kinds.items())
+    kinds = ", ".join(f"{n} {kind_label(k, attributive=True)}" for k, n in summary.kinds.items())
     by_kind: dict[str, list[int]] = {}
     for b in plan.blocks:
         by_kind.setdefault(b.kind, []).append(b.layer)
-    where = "; ".join(f"{KIND_NAMES[k]} blocks of layers {_layer_list(v)}" for k, v in by_kind.items())
+    where = "; ".join(f"{kind_label(k, attributive=True)} blocks of layers {_layer_list(v)}" for k, v in by_kind.items())
     origin = ("the automatic choice" if plan.criterion != "manual" else
               "a hand-edited choice" + (f" (started from {plan.meta['edited_from']})" if plan.meta.get("edited_from") else ""))
     lines = [
@@ -255,27 +182,8 @@ def plan_summary_markdown(plan: DropPlan, summary: PlanSummary, protected: Mappi
 # -- checks ------------------------------------------------------------------------------------
 def check_table(quality: Mapping | None, speed: Mapping | None = None) -> pd.DataFrame:
     """Dense vs pruned, one row per measure, from ``QualityReport.to_dict()`` / ``SpeedReport.to_dict()``."""
-    rows: list[dict] = []
-
-    def add(measure: str, dense: str, pruned: str, change: str = "") -> None:
-        rows.append({"measure": measure, "dense": dense, "pruned": pruned, "change": change})
-
-    if quality:
-        ratio = quality.get("perplexity_ratio", float("nan"))
-        add("perplexity (held-out)", _fmt(quality["dense_perplexity"]), _fmt(quality["pruned_perplexity"]),
-            f"×{ratio:.3f}" if math.isfinite(ratio) else "—")
-        add("mean KL(dense ‖ pruned), nats/token", "0", _fmt(quality["kl_mean"], 3))
-        add("top-1 agreement with dense", "100%", f"{100 * quality['top1_agreement']:.1f}%")
-        share = quality["params_removed"] / quality["dense_params"] if quality["dense_params"] else 0.0
-        add("parameters", f"{quality['dense_params']:,}", f"{quality['pruned_params']:,}", f"−{100 * share:.1f}%")
-        add("held-out text", f"{quality['num_windows']} windows", f"{quality['num_tokens']:,} predicted tokens")
-    if speed:
-        add(f"prefill latency, {speed['prefill_tokens']} tokens", f"{speed['dense_prefill_s'] * 1000:.1f} ms",
-            f"{speed['pruned_prefill_s'] * 1000:.1f} ms", f"×{speed['prefill_speedup']:.2f} faster")
-        add(f"decode speed, {speed['decode_tokens']} tokens", f"{speed['dense_decode_tps']:.1f} tok/s",
-            f"{speed['pruned_decode_tps']:.1f} tok/s", f"×{speed['decode_speedup']:.2f}")
-        add("ideal speed-up from FLOPs", "", "", f"×{speed['ideal_speedup']:.2f}")
-    return pd.DataFrame(rows, columns=["measure", "dense", "pruned", "change"])
+    # wiring: front ends still call this (ui.py); the rows are checks.check_rows, the table checks.checks_frame
+    return checks_frame(ChecksResult.from_dict({"quality": quality, "speed": speed}))
 
 
 # -- where the criteria disagree ---------------------------------------------------------------
@@ -318,14 +226,14 @@ class Disagreement:
     table: pd.DataFrame
 
     def markdown(self) -> str:
-        kind = KIND_NAMES[self.kind]
+        kind = kind_label(self.kind, attributive=True)
         if self.count == 0:
             return "Set a count above 0 to compare what the criteria would drop."
         lines = [f"**At {_plural(self.count, kind + ' block')}, with each criterion's published protection:**", ""]
-        for criterion in RANKED_CRITERIA:
-            layers = self.chosen.get(criterion)
+        for criterion in self.chosen:
+            layers = self.chosen[criterion]
             text = _layer_list(layers) if layers is not None else f"cannot choose ({self.errors.get(criterion, '')})"
-            lines.append(f"- {CRITERION_NAMES[criterion]}: {text}")
+            lines.append(f"- {get_criterion(criterion).label}: {text}")
         e, c = self.chosen.get("entrodrop"), self.chosen.get("cosine")
         if e is not None and c is not None:
             common = sorted(set(e) & set(c))
@@ -346,7 +254,8 @@ def criteria_disagreement(scores: Scores, kind: str, count: int, estimator: str)
     """What entrodrop, cosine and angular would each drop at ``count`` blocks (default protections)."""
     chosen: dict[str, list[int] | None] = {}
     errors: dict[str, str] = {}
-    for criterion in RANKED_CRITERIA:
+    ranked = ranked_criteria()
+    for criterion in ranked:
         try:
             plan = select_blocks(scores, criterion, kind, count=count, estimator=estimator)
             chosen[criterion] = [b.layer for b in plan.blocks]
@@ -354,22 +263,18 @@ def criteria_disagreement(scores: Scores, kind: str, count: int, estimator: str)
             chosen[criterion] = None
             errors[criterion] = str(exc)
     ranks = criterion_ranks(scores, kind, estimator)
-    values = {c: [v for _, v in sorted(rank_blocks(scores, c, kind, estimator=estimator))] for c in RANKED_CRITERIA}
-    spearman = {
-        "entrodrop~cosine": _spearman(values["entrodrop"], values["cosine"]),
-        "entrodrop~angular": _spearman(values["entrodrop"], values["angular"]),
-        "cosine~angular": _spearman(values["cosine"], values["angular"]),
-    }
+    values = {c: [v for _, v in sorted(rank_blocks(scores, c, kind, estimator=estimator))] for c in ranked}
+    spearman = {f"{a}~{b}": _spearman(values[a], values[b]) for a, b in itertools.combinations(ranked, 2)}
     picked = sorted({layer for layers in chosen.values() if layers for layer in layers})
     rows = []
     for layer in picked:
         row = {"layer": layer}
-        for criterion in RANKED_CRITERIA:
+        for criterion in ranked:
             row[criterion] = "✓" if layer in (chosen[criterion] or []) else ""
-        for criterion in RANKED_CRITERIA:
+        for criterion in ranked:
             row[f"rank {criterion}"] = ranks[criterion][layer]
         rows.append(row)
-    columns = ["layer", *RANKED_CRITERIA, *(f"rank {c}" for c in RANKED_CRITERIA)]
+    columns = ["layer", *ranked, *(f"rank {c}" for c in ranked)]
     return Disagreement(kind=kind, count=count, chosen=chosen, errors=errors, spearman=spearman,
                         table=pd.DataFrame(rows, columns=columns))
 
@@ -403,12 +308,12 @@ def explain_scores(
     if scores is None:
         return ("### How to read the curves\n\nLoad a model and start a calibration: the curves fill in "
                 "batch by batch, and this panel explains them with your model's numbers.")
-    est = estimator if estimator in scores.estimators else scores.estimators[0]
+    est = resolve_estimator(scores, estimator)
     L = scores.num_layers
     curve = scores.entropy_curve[est]
     boundary = stage_boundary if stage_boundary is not None else scores.stage_boundary.get(est, 0)
     boundary = min(max(int(boundary), 0), L)
-    kind_name = KIND_NAMES[kind]
+    kind_name = kind_label(kind, attributive=True)
     tokens = (scores.calibration or {}).get("tokens", "?")
     progress = (f"after {scores.batches_done} of {scores.batches_total} batches — numbers will still move"
                 if not scores.complete else f"{scores.batches_done} batches, {tokens} tokens")
@@ -455,7 +360,7 @@ def explain_scores(
                      "they compress rather than add.")
 
     lines += ["", "### How the automatic choice works", ""]
-    protect = protect or DEFAULT_PROTECTION["entrodrop"]
+    protect = protect or get_criterion("entrodrop").default_protection
     try:
         protected = protected_layers(scores, protect, estimator=est, stage_boundary=boundary)
     except ValueError:

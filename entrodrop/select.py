@@ -11,7 +11,8 @@
 * ``manual`` — the layers the caller lists.
 
 Ties break by layer index (lower first). Baselines run unprotected by default (as published),
-except that nothing may drop every block.
+except that nothing may drop every block. What each criterion is, how it ranks and its default
+protection live in :mod:`entrodrop.criteria`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .arch import BLOCK_KINDS
+from .criteria import REGISTRY, check_estimator, get_criterion, ranked_criteria, score_criteria
 from .plan import DroppedBlock, DropPlan
 from .scores import Scores
 
-CRITERIA = ("entrodrop", "cosine", "angular", "manual")
 PROTECTIONS = ("stage", "released", "none")
-DEFAULT_PROTECTION = {"entrodrop": "stage", "cosine": "none", "angular": "none", "manual": "none"}
+# wiring: front ends still import these (cli.py: CRITERIA; ui.py: DEFAULT_PROTECTION); both are
+# read from the criterion registry (criteria.score_criteria(), criteria.get_criterion(name).default_protection)
+CRITERIA = score_criteria()
+DEFAULT_PROTECTION = {name: c.default_protection for name, c in REGISTRY.items()}
 
 
 def protected_layers(scores: Scores, protect: str, *, estimator: str = "bucket", stage_boundary: int | None = None) -> dict[int, str]:
@@ -59,24 +63,12 @@ def resolve_count(num_layers: int, count: int | None, fraction: float | None) ->
     return count
 
 
-def _check_estimator(scores: Scores, estimator: str) -> None:
-    if estimator not in scores.estimators:
-        raise ValueError(f"Estimator {estimator!r} was not calibrated; available: {', '.join(scores.estimators)}.")
-
-
 def rank_blocks(scores: Scores, criterion: str, kind: str, *, estimator: str = "bucket") -> list[tuple[int, float]]:
     """All blocks of ``kind`` as (layer, score), best candidates to drop first."""
-    blocks = scores.blocks_of(kind)
-    if criterion == "entrodrop":
-        _check_estimator(scores, estimator)
-        values = [(b.layer, b.delta_entropy[estimator]) for b in blocks]
-    elif criterion == "cosine":
-        values = [(b.layer, b.cosine_importance) for b in blocks]
-    elif criterion == "angular":
-        values = [(b.layer, b.angular_distance) for b in blocks]
-    else:
-        raise ValueError(f"Criterion {criterion!r} has no ranking; choose from entrodrop, cosine, angular.")
-    return sorted(values, key=lambda lv: (lv[1], lv[0]))
+    ranking = get_criterion(criterion).rank
+    if ranking is None:
+        raise ValueError(f"Criterion {criterion!r} has no ranking; choose from {', '.join(ranked_criteria())}.")
+    return sorted(ranking(scores, kind, estimator), key=lambda lv: (lv[1], lv[0]))
 
 
 def block_ranks(scores: Scores, criterion: str, kind: str, *, estimator: str = "bucket") -> dict[int, int]:
@@ -111,25 +103,27 @@ def select_blocks(
     layers: Iterable[int] | None = None,
 ) -> DropPlan:
     """Choose blocks of ``kind`` to drop with ``criterion``; returns a validated plan with reasons."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"Unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}.")
+    if criterion not in score_criteria():
+        raise ValueError(f"Unknown criterion {criterion!r} for selection from scores; choose from "
+                         f"{', '.join(score_criteria())} (criteria that run the model are in entrodrop.verify).")
+    chosen_by = get_criterion(criterion)
     if kind not in BLOCK_KINDS:
         raise ValueError(f"Unknown block kind {kind!r}; choose from {', '.join(BLOCK_KINDS)}.")
     L = scores.num_layers
     meta = {"kind": kind, "estimator": estimator}
-    if criterion == "manual":
+    if chosen_by.rank is None:  # a hand-made list
         chosen = sorted(set(layers or []))
         blocks = [DroppedBlock(layer, kind, "chosen by hand") for layer in chosen]
-        return DropPlan(num_layers=L, blocks=blocks, criterion="manual", meta=meta)
+        return DropPlan(num_layers=L, blocks=blocks, criterion=criterion, meta=meta)
 
-    if criterion == "entrodrop":
-        _check_estimator(scores, estimator)  # before counting, so the message names the real problem
+    if chosen_by.uses_estimator:
+        check_estimator(scores, estimator)  # before counting, so the message names the real problem
     n = resolve_count(L, count, fraction)
-    protect = protect or DEFAULT_PROTECTION[criterion]
+    protect = protect or chosen_by.default_protection
     protected = protected_layers(scores, protect, estimator=estimator, stage_boundary=stage_boundary)
     eligible = {layer for layer in range(L) if layer not in protected}
     meta.update(protect=protect, protected=sorted(protected), count=n)
-    if criterion == "entrodrop" and protect == "stage":
+    if chosen_by.uses_estimator and protect == "stage":
         meta["stage_boundary"] = stage_boundary if stage_boundary is not None else scores.stage_boundary[estimator]
     if n > len(eligible):
         raise ValueError(
@@ -146,7 +140,7 @@ def select_blocks(
         return DropPlan(num_layers=L, blocks=blocks, criterion=criterion, meta=meta)
 
     ranked = [(layer, v) for layer, v in rank_blocks(scores, criterion, kind, estimator=estimator) if layer in eligible]
-    label = {"entrodrop": f"delta_entropy[{estimator}]", "cosine": "cosine importance", "angular": "angular distance"}[criterion]
+    label = chosen_by.reason_score(estimator)
     blocks = [
         DroppedBlock(layer, kind, f"{criterion}: {label} = {value:.4g}, rank {rank + 1} of {len(ranked)} eligible")
         for rank, (layer, value) in enumerate(ranked[:n])

@@ -17,14 +17,18 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .evaluate import EvalEvent, iter_compare_many, mean_loss
+from .criteria import get_criterion, model_criteria, ranked_criteria
+from .evaluate import iter_compare_many, mean_loss
 from .plan import DroppedBlock, DropPlan
+from .progress import ProgressEvent, run_to_end
 from .scores import Scores
 from .select import select_blocks
 
 logger = logging.getLogger(__name__)
 
-LOSS_CRITERION = "loss"
+LOSS = get_criterion("loss")
+# wiring: front ends still import this (cli_prune.py); read criteria.get_criterion(name).needs_model instead
+LOSS_CRITERION = LOSS.name
 
 
 def _entropy_candidates(scores: Scores, kind: str, wanted: int, estimator: str, protect: str | None) -> DropPlan:
@@ -49,13 +53,13 @@ def iter_select_loss_verified(
     candidate_factor: int = 2,
     protect: str | None = None,
     batch_size: int = 1,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Greedy loss-verified selection; events count loss evaluations, the last one's ``partial`` is
     the :class:`DropPlan` (criterion ``"loss"``, the losses in ``meta``)."""
     if count < 0:
         raise ValueError(f"count must be 0 or more, got {count}.")
     if count == 0:
-        yield EvalEvent("select", 0, 0, DropPlan(scores.num_layers, [], criterion=LOSS_CRITERION,
+        yield ProgressEvent("select", 0, 0, DropPlan(scores.num_layers, [], criterion=LOSS.name,
                                                  meta={"kind": kind, "count": 0}))
         return
     candidates = _entropy_candidates(scores, kind, candidate_factor * count, estimator, protect)
@@ -73,26 +77,23 @@ def iter_select_loss_verified(
             trial = DropPlan(scores.num_layers, [*chosen, DroppedBlock(layer, kind)])
             trial_losses[layer] = mean_loss(model, windows, trial, batch_size=batch_size)
             done += 1
-            yield EvalEvent("select", done, total, None)
+            yield ProgressEvent("select", done, total, None)
         best = min(pool, key=lambda layer: (trial_losses[layer], layer))
         pool.remove(best)
         chosen.append(DroppedBlock(best, kind, f"loss-verified: step {step + 1}, loss {trial_losses[best]:.4f} "
                                                f"(dense {base_loss:.4f}) among {len(trial_losses)} candidates"))
         steps.append({"chosen": best, "losses": {str(k): v for k, v in trial_losses.items()}})
         logger.info("loss-verified step %d: %s %d -> loss %.4f", step + 1, kind, best, trial_losses[best])
-    plan = DropPlan(scores.num_layers, chosen, criterion=LOSS_CRITERION, meta={
+    plan = DropPlan(scores.num_layers, chosen, criterion=LOSS.name, meta={
         "kind": kind, "count": count, "estimator": estimator, "dense_loss": base_loss,
         "candidates": [b.layer for b in candidates.blocks], "steps": steps, "windows": int(windows.shape[0]),
     })
-    yield EvalEvent("select", total, total, plan)
+    yield ProgressEvent("select", total, total, plan)
 
 
 def select_loss_verified(model: nn.Module, scores: Scores, windows: torch.Tensor, **kwargs) -> DropPlan:
-    """Consume :func:`iter_select_loss_verified` and return the plan."""
-    last = None
-    for event in iter_select_loss_verified(model, scores, windows, **kwargs):
-        last = event
-    return last.partial
+    """Run :func:`iter_select_loss_verified` to its end and return the plan."""
+    return run_to_end(iter_select_loss_verified(model, scores, windows, **kwargs))
 
 
 @dataclass
@@ -122,7 +123,7 @@ def sweep_plans(
     protect: str | None = None,
     selection_windows: torch.Tensor | None = None,
     batch_size: int = 1,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Build the plan of every (criterion, count); ``partial`` of the last event is ``{(criterion,
     count): DropPlan}``. Counts a criterion cannot reach (protection) are skipped with a log line."""
     plans: dict[tuple[str, int], DropPlan] = {}
@@ -130,7 +131,7 @@ def sweep_plans(
     for i, (criterion, n) in enumerate(jobs):
         if n == 0:
             plans[(criterion, n)] = DropPlan(scores.num_layers, [], criterion=criterion)
-        elif criterion == LOSS_CRITERION:
+        elif criterion in model_criteria():  # the loss-verified search, the one criterion that runs the model
             if selection_windows is None:
                 raise ValueError("The loss criterion needs selection_windows (calibration windows) to pick with.")
             plans[(criterion, n)] = select_loss_verified(model, scores, selection_windows, kind=kind, count=n,
@@ -141,7 +142,7 @@ def sweep_plans(
                                                       protect=protect)
             except ValueError as exc:
                 logger.warning("Skipping %s at count %d: %s", criterion, n, exc)
-        yield EvalEvent("select", i + 1, len(jobs), dict(plans) if i + 1 == len(jobs) else None)
+        yield ProgressEvent("select", i + 1, len(jobs), dict(plans) if i + 1 == len(jobs) else None)
 
 
 def iter_sweep(
@@ -149,16 +150,18 @@ def iter_sweep(
     scores: Scores,
     windows: torch.Tensor,
     *,
-    criteria: Sequence[str] = ("entrodrop", "cosine", "angular"),
+    criteria: Sequence[str] | None = None,
     kind: str = "attn",
     counts: Sequence[int] = (0, 2, 4, 6, 8),
     estimator: str = "bucket",
     protect: str | None = None,
     selection_windows: torch.Tensor | None = None,
     batch_size: int = 1,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Select (stage ``select``) then compare every plan on ``windows`` in one pass (stage ``sweep``);
-    the last event's ``partial`` is the list of :class:`SweepRow` (criterion order, then count)."""
+    the last event's ``partial`` is the list of :class:`SweepRow` (criterion order, then count).
+    ``criteria`` defaults to every criterion that ranks from the scores."""
+    criteria = ranked_criteria() if criteria is None else criteria
     plans: dict[tuple[str, int], DropPlan] = {}
     for event in sweep_plans(model, scores, criteria, kind, counts, estimator=estimator, protect=protect,
                              selection_windows=selection_windows, batch_size=batch_size):
@@ -176,7 +179,7 @@ def iter_sweep(
     reports: dict = {}
     for event in iter_compare_many(model, named, windows, batch_size=batch_size):
         reports = event.partial
-        yield EvalEvent("sweep", event.done, event.total, None)
+        yield ProgressEvent("sweep", event.done, event.total, None)
     rows = []
     for (criterion, n), plan in plans.items():
         r = reports[unique[tuple(sorted(plan.keys()))]]
@@ -184,16 +187,12 @@ def iter_sweep(
                              pruned_perplexity=r.pruned_perplexity, kl_mean=r.kl_mean,
                              top1_agreement=r.top1_agreement, pruned_params=r.pruned_params,
                              dense_params=r.dense_params))
-    yield EvalEvent("sweep", len(rows), len(rows), rows)
+    yield ProgressEvent("sweep", len(rows), len(rows), rows)
 
 
 def sweep(model: nn.Module, scores: Scores, windows: torch.Tensor, **kwargs) -> list[SweepRow]:
-    """Consume :func:`iter_sweep` and return its rows."""
-    rows: list[SweepRow] = []
-    for event in iter_sweep(model, scores, windows, **kwargs):
-        if event.stage == "sweep" and isinstance(event.partial, list):
-            rows = event.partial
-    return rows
+    """Run :func:`iter_sweep` to its end and return its rows (the last event carries them)."""
+    return run_to_end(iter_sweep(model, scores, windows, **kwargs))
 
 
 def format_sweep_table(rows: Sequence[SweepRow]) -> str:

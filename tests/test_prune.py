@@ -5,7 +5,8 @@ import torch
 from tiny_models import FAMILIES, LAYERS, VOCAB, tiny_model
 
 import entrodrop.prune as prune
-from entrodrop.arch import block_parameter_count, get_arch, get_layers
+from entrodrop.arch import get_arch, get_layers
+from entrodrop.costs import block_parameter_count
 from entrodrop.plan import DropPlan
 from entrodrop.prune import SkippedAttention, ZeroBlock, count_parameters, preview_plan, prune_model
 

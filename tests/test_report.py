@@ -10,10 +10,10 @@ from tiny_models import random_windows, tiny_model
 
 from entrodrop import report
 from entrodrop.calibrate import EstimatorSettings, run_calibration
-from entrodrop.evaluate import compare, ideal_speedup, measure_speed
+from entrodrop.costs import measure_block_costs, summarize_plan
+from entrodrop.evaluate import compare, measure_speed
 from entrodrop.export import push_folder_to_hub
 from entrodrop.plan import DroppedBlock, DropPlan
-from entrodrop.prune import plan_parameter_counts
 from entrodrop.scores import BlockScore, Scores, detect_stage_boundary
 from entrodrop.select import protected_layers, rank_blocks, select_blocks
 
@@ -96,34 +96,16 @@ def test_plan_from_ticks_keeps_reasons_and_marks_edits():
         report.plan_from_ticks(scores, "layer", range(L))
 
 
-def test_block_costs_add_up_to_what_pruning_removes(tiny):
-    costs = report.measure_block_costs(tiny, seq_len=32)
-    n = costs.num_layers
-    for i in range(n):
-        assert costs.params[(i, "layer")] == costs.params[(i, "attn")] + costs.params[(i, "mlp")]
-        assert costs.flops[(i, "attn")] > 0 and costs.flops[(i, "mlp")] > 0
-    plan = DropPlan(n, [DroppedBlock(1, "attn"), DroppedBlock(2, "mlp"), DroppedBlock(3, "layer")])
-    summary = report.summarize_plan(plan, costs)
-    dense_params, _, pruned_params, _ = plan_parameter_counts(tiny, plan)
-    assert summary.params_removed == dense_params - pruned_params
-    assert summary.dense_params == dense_params
-    assert summary.flops_share == pytest.approx(ideal_speedup(tiny, plan, 32), rel=1e-9)
-    assert summary.ideal_speedup == pytest.approx(1 / (1 - summary.flops_share))
-    assert summary.kinds == {"attn": 1, "mlp": 1, "layer": 1}
-    with pytest.raises(ValueError, match="layers"):
-        report.summarize_plan(DropPlan(n + 1, []), costs)
-
-
 def test_plan_summary_words_numbers_and_protection_warning(tiny):
-    costs = report.measure_block_costs(tiny, seq_len=16)
+    costs = measure_block_costs(tiny, seq_len=16)
     plan = DropPlan(costs.num_layers, [DroppedBlock(0, "attn", "x"), DroppedBlock(2, "attn", "y")], criterion="manual")
-    summary = report.summarize_plan(plan, costs)
+    summary = summarize_plan(plan, costs)
     text = report.plan_summary_markdown(plan, summary, {0: "compression stage"})
     assert "drop 2 blocks" in text and f"{summary.params_removed:,}" in text
     assert f"×{summary.ideal_speedup:.2f}" in text
     assert "layer 0: compression stage" in text and "hand-edited" in text
     empty = DropPlan(costs.num_layers, [])
-    assert "Nothing ticked" in report.plan_summary_markdown(empty, report.summarize_plan(empty, costs))
+    assert "Nothing ticked" in report.plan_summary_markdown(empty, summarize_plan(empty, costs))
 
 
 # -- disagreement -------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""Typed checks: one set of rows for every renderer, and the checks run once for both front ends."""
+
+import pytest
+import torch
+from tiny_models import LAYERS, VOCAB, tiny_model
+
+from entrodrop.checks import (
+    ChecksResult,
+    Generation,
+    check_rows,
+    checks_frame,
+    checks_markdown,
+    checks_text,
+    iter_checks,
+)
+from entrodrop.evaluate import compare, measure_speed
+from entrodrop.plan import DropPlan
+from entrodrop.progress import run_to_end
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return DropPlan.parse("attn:1", LAYERS)
+
+
+@pytest.fixture(scope="module")
+def measured(model, plan):
+    windows = torch.randint(1, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    quality = compare(model, plan, windows)
+    speed = measure_speed(model, plan, prefill_tokens=16, decode_tokens=2, repeats=1, warmup=0)
+    return ChecksResult(quality=quality, speed=speed,
+                        generations=[Generation("hi | there", "a\nb", "c", same=False)])
+
+
+def test_rows_hold_measure_dense_pruned_and_change(measured):
+    rows = {r.measure: r for r in check_rows(measured)}
+    q, s = measured.quality, measured.speed
+    assert rows["perplexity (held-out)"].pruned == f"{q.pruned_perplexity:.4g}"
+    assert rows["perplexity (held-out)"].change == f"×{q.perplexity_ratio:.3f}"
+    assert rows["parameters"].pruned == f"{q.pruned_params:,}"
+    assert rows["ideal speed-up from FLOPs"].change == f"×{s.ideal_speedup:.2f}"
+    assert rows["generation: hi | there"].change == "differs"
+    assert [r.measure for r in check_rows(measured, generations=False)][-1] == "ideal speed-up from FLOPs"
+    assert check_rows(ChecksResult()) == []
+
+
+def test_every_renderer_shows_the_same_rows(measured):
+    frame = checks_frame(measured)
+    assert list(frame.columns) == ["measure", "dense", "pruned", "change"]
+    assert list(frame.measure) == [r.measure for r in check_rows(measured, generations=False)]
+    text = checks_text(measured)
+    card = checks_markdown(measured)
+    for row in check_rows(measured, generations=False):
+        assert row.measure in text and row.pruned in text
+        assert row.measure in card and row.pruned in card
+    assert "hi \\| there" in card and "a b" in card  # one line per cell in the card
+    assert checks_text(ChecksResult()) == "" and checks_markdown(ChecksResult()) == ""
+
+
+def test_result_round_trips_through_both_dict_shapes(measured):
+    as_dict = measured.to_dict()
+    again = ChecksResult.from_dict(as_dict)
+    assert again.quality == measured.quality and again.speed == measured.speed
+    assert again.generations == measured.generations
+    # what the CLI kept: report objects and generation dicts
+    legacy = ChecksResult.from_dict({"quality": measured.quality, "generations": [{"prompt": "p", "dense": "d",
+                                                                                   "pruned": "d", "same": True}]})
+    assert legacy.quality is measured.quality and legacy.generations == [Generation("p", "d", "d", True)]
+    assert not ChecksResult() and legacy
+    with pytest.raises(TypeError, match="QualityReport"):
+        ChecksResult.from_dict({"quality": 3})
+
+
+def test_iter_checks_streams_every_stage_and_ends_with_the_result(model, plan, tiny_tokenizer):
+    events = list(iter_checks(model, plan, tiny_tokenizer, data={"source": "text", "text": "one two three. " * 400},
+                              eval_samples=2, seq_len=16, speed=True, prefill_tokens=8, decode_tokens=2, repeats=1,
+                              warmup=0, prompts=["hello"], max_new_tokens=3))
+    stages = [e.stage for e in events]
+    assert stages[:2] == ["read", "read"] and stages[-1] == "generate"
+    assert stages.index("compare") < stages.index("speed") < stages.index("generate")
+    final = events[-1].partial
+    assert final.quality.num_windows == 2 and final.quality.complete
+    assert final.speed is not None and final.generations[0].prompt == "hello"
+    assert final.eval_data == {"data": "text", "part": "heldout", "samples": 2, "seq_len": 16, "seed": 0}
+    assert events[2].partial.speed is None  # each event carries the result so far, not a later one
+    nothing = run_to_end(iter_checks(model, plan, tiny_tokenizer))
+    assert isinstance(nothing, ChecksResult) and not nothing
