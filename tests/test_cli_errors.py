@@ -19,7 +19,7 @@ def scores_dict(num_layers: int = 4, model: str = "tiny-qwen2", estimators=("buc
     curve = [10.0 - i if i < 2 else 8.0 + i for i in range(num_layers + 1)]
     return {"model": model, "num_layers": num_layers, "estimators": list(estimators),
             "entropy_curve": {e: curve for e in estimators}, "mid_entropy": {e: [9.0] * num_layers for e in estimators},
-            "stage_boundary": {e: 2 for e in estimators}, "blocks": blocks,
+            "stage_boundary": {e: min(2, num_layers) for e in estimators}, "blocks": blocks,
             "angular_matrix": [[0.0] * (num_layers + 1) for _ in range(num_layers + 1)], "calibration": {},
             "batches_done": 1, "batches_total": 1, "complete": True}
 

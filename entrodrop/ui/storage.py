@@ -36,7 +36,7 @@ DEFAULTS = {"ENTRODROP_SESSION_TTL_MIN": 60.0, "ENTRODROP_MAX_EXPORT_GB": 20.0}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _BUSY: Counter[Path] = Counter()  # session folder -> jobs writing into it now
 _BUSY_LOCK = threading.Lock()
-_JANITOR: dict = {"thread": None}
+_JANITOR: dict = {"thread": None, "wake": threading.Event()}
 
 
 def _setting(name: str) -> float:
@@ -187,14 +187,18 @@ def remove_stale(now: float | None = None, ttl_s: float | None = None) -> list[P
 
 
 def start_janitor() -> threading.Thread:
-    """Start (once per process) the thread that runs :func:`remove_stale` every TTL/4, at most every 5 minutes."""
-    thread = _JANITOR["thread"]
+    """Start (once per process) the thread that runs :func:`remove_stale` every TTL/4 (between 0.5 s and
+    5 minutes), so a folder goes at most 1.25 x TTL after its last use. Called again, it wakes the
+    thread to re-read the TTL."""
+    thread, wake = _JANITOR["thread"], _JANITOR["wake"]
     if thread is not None and thread.is_alive():
+        wake.set()
         return thread
 
     def work():
         while True:
-            time.sleep(min(max(session_ttl_s() / 4, 0.5), 300.0))
+            wake.wait(min(max(session_ttl_s() / 4, 0.5), 300.0))
+            wake.clear()
             try:
                 remove_stale()
             except Exception:  # the janitor must outlive a bad moment on the disk
