@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .arch import BLOCK_KINDS
+from .jsonfile import load_json_file
 
 
 def _is_whole(value) -> bool:
@@ -136,21 +137,7 @@ class DropPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> DropPlan:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"Plan file {p} does not exist.")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"Plan file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"Plan file {p} is not valid JSON: {exc}") from exc
-        except RecursionError as exc:
-            raise ValueError(f"Plan file {p} is nested too deeply to be a plan.") from exc
-        try:
-            return cls.from_dict(data)
-        except ValueError as exc:
-            raise ValueError(f"Plan file {p}: {exc}") from exc
+        return load_json_file(path, "Plan file", cls.from_dict)
 
     @classmethod
     def parse(cls, text: str, num_layers: int) -> DropPlan:

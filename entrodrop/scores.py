@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .arch import BLOCK_KINDS
+from .jsonfile import load_json_file
 
 SCORES_FORMAT_VERSION = 1
 
@@ -219,18 +220,5 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"Scores file {p} does not exist. Write one with `entrodrop scan MODEL --json {p}`.")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"Scores file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"Scores file {p} is not valid JSON: {exc}") from exc
-        except RecursionError as exc:
-            raise ValueError(f"Scores file {p} is nested too deeply to be a scores file.") from exc
-        try:
-            return cls.from_dict(data)
-        except ValueError as exc:
-            raise ValueError(f"Scores file {p}: {exc}") from exc
+        return load_json_file(path, "Scores file", cls.from_dict,
+                              hint=f"Write one with `entrodrop scan MODEL --json {path}`.")
