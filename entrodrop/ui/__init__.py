@@ -102,6 +102,7 @@ def launch(demo: gr.Blocks | None = None, *, preload: str | None = DEFAULT_MODEL
     kwargs.setdefault("server_name", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     kwargs.setdefault("server_port", int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     kwargs.setdefault("max_file_size", f"{float(os.environ.get('ENTRODROP_MAX_UPLOAD_MB', '50')):g}mb")
+    kwargs.setdefault("allowed_paths", [str(storage.sessions_root())])  # zips served from an ENTRODROP_WORK_DIR too
     for key, value in launch_style().items():
         kwargs.setdefault(key, value)
     return demo.launch(**kwargs)
