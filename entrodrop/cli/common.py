@@ -92,10 +92,12 @@ def check_args(args) -> None:
 def load_from_args(args):
     """The :class:`~entrodrop.loading.LoadedModel` the model options name; loader messages go to the log.
 
-    The config is read first (no weights), so a ``--seq-len`` beyond the model's positions fails at once."""
-    from ..loading import check_seq_len, load_config, load_model
+    Where reading the config is cheap (not a GGUF file, whose header alone takes seconds to parse), it
+    is read first, so a ``--seq-len`` beyond the model's positions fails before any weight loads; the
+    windows are checked against the loaded model's config in any case."""
+    from ..loading import check_seq_len, load_config, load_model, resolve_model_spec
 
-    if getattr(args, "seq_len", None) is not None:
+    if getattr(args, "seq_len", None) is not None and not resolve_model_spec(args.model).gguf_file:
         try:
             check_seq_len(load_config(args.model, trust_remote_code=args.trust_remote_code), args.seq_len)
         except ValueError as exc:
