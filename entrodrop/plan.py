@@ -7,6 +7,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .arch import BLOCK_KINDS
+from .jsonfile import load_json_file
+
+
+def _is_whole(value) -> bool:
+    """An int (or a float with no fraction, as some JSON writers give), never a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
 @dataclass(frozen=True)
@@ -97,31 +105,39 @@ class DropPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> DropPlan:
-        try:
-            return cls(
-                num_layers=int(data["num_layers"]),
-                blocks=[DroppedBlock(int(b["layer"]), str(b["kind"]), str(b.get("reason", ""))) for b in data["blocks"]],
-                criterion=data.get("criterion", "manual"),
-                meta=data.get("meta", {}),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(
-                "A plan needs 'num_layers' and 'blocks' (a list of {'layer': int, 'kind': 'attn'|'mlp'|'layer'})."
-            ) from exc
+        """A plan from its JSON form, every field checked: ValueError naming the first wrong field."""
+        shape = "A plan needs 'num_layers' and 'blocks' (a list of {'layer': int, 'kind': 'attn'|'mlp'|'layer'})."
+        if not isinstance(data, dict) or "num_layers" not in data or "blocks" not in data:
+            raise ValueError(shape)
+        num_layers = data["num_layers"]
+        if not _is_whole(num_layers):
+            raise ValueError(f"Field 'num_layers' of the plan must be a whole number, got {num_layers!r}. {shape}")
+        if not isinstance(data["blocks"], list):
+            raise ValueError(f"Field 'blocks' of the plan must be a list, got {data['blocks']!r:.80}. {shape}")
+        blocks = []
+        for i, b in enumerate(data["blocks"]):
+            if not isinstance(b, dict) or "layer" not in b or "kind" not in b:
+                raise ValueError(f"Field 'blocks[{i}]' of the plan must be an object with 'layer' and 'kind', "
+                                 f"got {b!r:.80}.")
+            if not _is_whole(b["layer"]):
+                raise ValueError(f"Field 'blocks[{i}].layer' of the plan must be a whole number, got {b['layer']!r}.")
+            for key in ("kind", "reason"):
+                if not isinstance(b.get(key, ""), str):
+                    raise ValueError(f"Field 'blocks[{i}].{key}' of the plan must be text, got {b[key]!r}.")
+            blocks.append(DroppedBlock(int(b["layer"]), b["kind"], b.get("reason", "")))
+        criterion, meta = data.get("criterion", "manual"), data.get("meta", {})
+        if not isinstance(criterion, str):
+            raise ValueError(f"Field 'criterion' of the plan must be text, got {criterion!r}.")
+        if not isinstance(meta, dict):
+            raise ValueError(f"Field 'meta' of the plan must be an object, got {meta!r:.80}.")
+        return cls(num_layers=int(num_layers), blocks=blocks, criterion=criterion, meta=meta)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> DropPlan:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"Plan file {p} does not exist.")
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"Plan file {p} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return load_json_file(path, "Plan file", cls.from_dict)
 
     @classmethod
     def parse(cls, text: str, num_layers: int) -> DropPlan:

@@ -290,9 +290,10 @@ def test_export_verifies_zips_and_reloads(ready, tiny_dir, tmp_path):
     select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="none")
     ready.predict(n_windows=2, seq_len=32, measure_speed=False, api_name="/run_check")
     before, _, model = shared_model_state(tiny_dir)
-    status, card, download = ready.predict(out_dir=str(tmp_path / "out"), api_name="/export")
-    assert status.startswith("✓ Exported to") and "Verification PASSED" in status
+    status, card, download = ready.predict(name="out", api_name="/export")
+    assert status.startswith("✓ Exported 'out'") and "Verification PASSED" in status
     assert "# tiny-llama — 1 block(s) dropped with EntroDrop" in card and "## Measured checks" in card
+    download = ready.predict(api_name="/export_zip")  # chained after /export in the page
     response = httpx.get(download["value"]["url"])  # served over HTTP, as the browser downloads it
     assert response.status_code == 200
     (tmp_path / "download.zip").write_bytes(response.content)
@@ -302,9 +303,9 @@ def test_export_verifies_zips_and_reloads(ready, tiny_dir, tmp_path):
     dropped = [i for i, layer in enumerate(reloaded.model.layers) if type(layer.self_attn).__name__ == "SkippedAttention"]
     assert len(dropped) == 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(AppError, match="is not empty. Tick 'Overwrite'"):
-        ready.predict(out_dir=str(tmp_path / "out"), api_name="/export")
-    status, *_ = ready.predict(out_dir=str(tmp_path / "out"), overwrite=True, api_name="/export")
+    with pytest.raises(AppError, match="already have an export named 'out'. Tick 'Replace"):
+        ready.predict(name="out", api_name="/export")
+    status, *_ = ready.predict(name="out", overwrite=True, api_name="/export")
     assert "Verification PASSED" in status
     with pytest.raises(AppError, match="Could not reach the Hugging Face Hub"):
         ready.predict(repo_id="me/tiny-pruned", token="hf_x", api_name="/push")

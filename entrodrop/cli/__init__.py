@@ -13,6 +13,7 @@ import logging
 import sys
 
 from . import evaluate, prune, scan, select, sweep
+from .common import check_args
 
 logger = logging.getLogger("entrodrop")
 
@@ -33,15 +34,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line for a person: an OSError's reason and file, else the library's message."""
+    if isinstance(exc, OSError) and exc.strerror and not str(exc).startswith(exc.strerror):
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    elif isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `entrodrop` console script; returns the exit code."""
+    """Entry point of the `entrodrop` console script; returns the exit code.
+
+    Every failure is one line ``entrodrop: error: ...`` on stderr: exit 2 for what the user must change
+    (ValueError, TypeError), 1 for the system (OSError: a path, a permission, a full disk) and for
+    anything unexpected (``-v`` shows its traceback), 130 for Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.command == "select" and args.count is None and args.fraction is None and args.criterion != "manual":
         parser.error("select needs --count or --fraction")
     try:
+        check_args(args)
         return args.func(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, KeyError) as exc:
+        code, exc_ = 2, exc
+    except OSError as exc:
+        code, exc_ = 1, exc
+    except KeyboardInterrupt:
+        print("entrodrop: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or a library failure: still one line; -v shows where
+        if args.verbose:
+            logger.exception("Unexpected error")
+        print(f"entrodrop: error: unexpected {type(exc).__name__}: {error_line(exc)} (run with -v for details)",
+              file=sys.stderr)
+        return 1
+    if args.verbose:
+        logger.info("Error details", exc_info=exc_)
+    print(f"entrodrop: error: {error_line(exc_)}", file=sys.stderr)
+    return code

@@ -33,7 +33,7 @@ def run_checks(args, loaded, plan) -> dict:
 
     checks: dict = {}
     if args.eval_samples > 0:
-        windows = heldout_windows(args, loaded.tokenizer)
+        windows = heldout_windows(args, loaded)
         checks["quality"] = progress(iter_compare(loaded.model, plan, windows, batch_size=args.batch_size),
                                      "checking quality").partial
         checks["eval_data"] = {"data": args.data, "part": "heldout", "samples": int(windows.shape[0]),

@@ -64,11 +64,44 @@ def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = Fal
     p.add_argument("--stage-boundary", type=int, default=None, help="override the detected stage boundary")
 
 
+# -- checks before any work ----------------------------------------------------------------------
+# option -> smallest value it takes (argparse checks types; these are the ranges)
+_MINIMUM = {"samples": 1, "seq_len": 2, "batch_size": 1, "bins": 2, "knn_k": 1, "skip_first": 0, "seed": 0,
+            "eval_samples": 0, "max_new_tokens": 0, "prefill_tokens": 1, "decode_tokens": 1, "repeats": 1,
+            "count": 0}
+
+
+def check_args(args) -> None:
+    """Refuse option values out of range (``--batch-size 0``, ``--samples -1``...) before anything loads."""
+    for name, minimum in _MINIMUM.items():
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
+    fraction = getattr(args, "fraction", None)
+    if fraction is not None and not 0 < fraction < 1:
+        raise ValueError(f"--fraction must be between 0 and 1 (exclusive), got {fraction}.")
+    estimators = getattr(args, "estimators", None)
+    if estimators is not None:
+        names = [e.strip() for e in estimators.split(",") if e.strip()]
+        unknown = [e for e in names if e not in ENTROPY_ESTIMATORS]
+        if not names or unknown:
+            raise ValueError(f"--estimators takes names from {','.join(ENTROPY_ESTIMATORS)}, got {estimators!r}.")
+
+
 # -- model, text, calibration -----------------------------------------------------------------
 def load_from_args(args):
-    """The :class:`~entrodrop.loading.LoadedModel` the model options name; loader messages go to the log."""
-    from ..loading import load_model
+    """The :class:`~entrodrop.loading.LoadedModel` the model options name; loader messages go to the log.
 
+    Where reading the config is cheap (not a GGUF file, whose header alone takes seconds to parse), it
+    is read first, so a ``--seq-len`` beyond the model's positions fails before any weight loads; the
+    windows are checked against the loaded model's config in any case."""
+    from ..loading import check_seq_len, load_config, load_model, resolve_model_spec
+
+    if getattr(args, "seq_len", None) is not None and not resolve_model_spec(args.model).gguf_file:
+        try:
+            check_seq_len(load_config(args.model, trust_remote_code=args.trust_remote_code), args.seq_len)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("seq_len=", "--seq-len ")) from exc
     return load_model(
         args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
         offload_folder=args.offload_folder, trust_remote_code=args.trust_remote_code,
@@ -76,25 +109,27 @@ def load_from_args(args):
     )
 
 
-def windows_from_args(args, tokenizer, part: str = "calibration"):
-    """Token windows (``part`` calibration or heldout) of the text the data options name."""
+def windows_from_args(args, loaded, part: str = "calibration"):
+    """Token windows (``part`` calibration or heldout) of the text the data options name, for ``loaded``
+    (a :class:`~entrodrop.loading.LoadedModel`: its config bounds the window length)."""
     from ..data import load_corpus, make_windows
 
     corpus = load_corpus(args.data, column=args.column)
-    return make_windows(tokenizer, corpus, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, part=part)
+    return make_windows(loaded.tokenizer, corpus, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                        part=part, config=loaded.model.config)
 
 
-def heldout_windows(args, tokenizer):
+def heldout_windows(args, loaded):
     """``--eval-samples`` windows from the held-out part of the same text."""
     eval_args = argparse.Namespace(**{**vars(args), "samples": args.eval_samples})
-    return windows_from_args(eval_args, tokenizer, part="heldout")
+    return windows_from_args(eval_args, loaded, part="heldout")
 
 
 def calibrate_from_args(args, loaded) -> Scores:
     """Calibrate with a progress bar; Ctrl-C between batches keeps the partial scores."""
     from tqdm.auto import tqdm
 
-    windows = windows_from_args(args, loaded.tokenizer)
+    windows = windows_from_args(args, loaded)
     settings = EstimatorSettings(
         estimators=tuple(e.strip() for e in args.estimators.split(",") if e.strip()), bins=args.bins, k=args.knn_k
     )

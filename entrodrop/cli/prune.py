@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from .checks import add_check_args, format_checks, run_checks
 from .common import add_data_args, add_model_args, load_from_args
 from .select import add_plan_args, format_plan, plan_from_args
@@ -20,18 +18,18 @@ def cmd_prune(args) -> int:
             from exc
     loaded = load_from_args(args)
     plan, scores = plan_from_args(args, loaded, required=True)
+    if not plan.blocks:
+        raise ValueError("The plan drops no block, so the export would be the dense model. Give blocks to drop "
+                         "with --plan or --count.")
     print(format_plan(plan))
     checks = run_checks(args, loaded, plan)
     if checks:
         print(format_checks(checks))
-    try:
-        # export_pruned takes the criterion from the plan and the calibration settings from the scores
-        result = export_pruned(loaded.model, loaded.tokenizer, plan, args.out, scores=scores, checks=checks,
-                               source=ModelSource.of(loaded), overwrite=args.overwrite,
-                               write_remote_code=args.remote_code)
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # export_pruned takes the criterion from the plan and the calibration settings from the scores;
+    # an OSError (disk full, permission) reaches main(), which says it in one line with exit 1
+    result = export_pruned(loaded.model, loaded.tokenizer, plan, args.out, scores=scores, checks=checks,
+                           source=ModelSource.of(loaded), overwrite=args.overwrite,
+                           write_remote_code=args.remote_code)
     print(result.verdict)
     print(f"written to {result.path}; reload with:\n{result.reload_hint}")
     return 0 if result.ok else 1

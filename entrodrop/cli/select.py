@@ -4,12 +4,15 @@ file, or selected after a fresh calibration."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from ..plan import DropPlan
 from ..scores import Scores
 from ..select import select_blocks
 from .common import add_selection_args, calibrate_from_args, progress, windows_from_args
+
+logger = logging.getLogger("entrodrop")
 
 
 def format_plan(plan) -> str:
@@ -22,14 +25,43 @@ def format_plan(plan) -> str:
     return "\n".join(lines)
 
 
+def select_checked(scores: Scores, args, **kwargs):
+    """``select_blocks`` with the selection options, refusing a plan with fewer blocks than asked for
+    (never an empty or short plan with exit 0)."""
+    plan = select_blocks(scores, args.criterion, args.kind, count=args.count, fraction=args.fraction,
+                         estimator=args.estimator, protect=args.protect, stage_boundary=args.stage_boundary, **kwargs)
+    asked = plan.meta.get("count")
+    if args.fraction is not None and asked == 0:
+        raise ValueError(f"--fraction {args.fraction} of {scores.num_layers} {args.kind} blocks rounds to 0 blocks; "
+                         "give a larger fraction or --count.")
+    if isinstance(asked, int) and len(plan.blocks) != asked:
+        protected = plan.meta.get("protected", [])
+        raise ValueError(f"Only {len(plan.blocks)} of the {asked} {args.kind} blocks asked for could be chosen with "
+                         f"--criterion {args.criterion} (protected layers: {protected or 'none'}). Ask for fewer, or "
+                         "change --protect.")
+    return plan
+
+
+def check_scores_fit(scores: Scores, loaded) -> None:
+    """Scores must be of this model's shape; a different model name is worth a warning (a renamed copy is fine)."""
+    if scores.num_layers != loaded.num_layers:
+        raise ValueError(f"The scores are for a model with {scores.num_layers} layers ({scores.model}); "
+                         f"{loaded.name} has {loaded.num_layers}. Use scores from `entrodrop scan` of this model.")
+    if scores.model != loaded.name:
+        logger.warning("The scores were measured on '%s', not on '%s': the plan may not fit this model.",
+                       scores.model, loaded.name)
+
+
 def cmd_select(args) -> int:
     """Choose blocks from a scores JSON; print the plan, optionally write it."""
     scores = Scores.load(args.scores)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    plan = select_blocks(
-        scores, args.criterion, args.kind, count=args.count, fraction=args.fraction,
-        estimator=args.estimator, protect=args.protect, stage_boundary=args.stage_boundary, layers=layers,
-    )
+    if args.criterion == "manual" and not args.layers:
+        raise ValueError("--criterion manual needs --layers, e.g. --layers 3,7.")
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()] if args.layers else None
+    except ValueError as exc:
+        raise ValueError(f"--layers takes comma-separated layer numbers, e.g. 3,7; got {args.layers!r}.") from exc
+    plan = select_checked(scores, args, layers=layers)
     print(format_plan(plan))
     if args.out:
         plan.save(args.out)
@@ -51,29 +83,32 @@ def plan_from_args(args, loaded, *, required: bool):
     if args.plan:
         plan = DropPlan.load(args.plan) if Path(args.plan).suffix == ".json" or Path(args.plan).is_file() \
             else DropPlan.parse(args.plan, L)
+        if plan.num_layers != L:
+            raise ValueError(f"The plan is for a model with {plan.num_layers} layers; {loaded.name} has {L}.")
         scores = Scores.load(args.scores) if args.scores else None
+        if scores is not None:
+            check_scores_fit(scores, loaded)
         return plan, scores
     if args.count is None and args.fraction is None:
         if required:
             raise ValueError("Say what to drop: --plan PLAN.json|'attn:3,attn:5', or --count N (with --scores "
                              "S.json, or calibrating with --data first).")
         return DropPlan(L, []), None
+    if args.criterion == "manual":
+        raise ValueError("To drop blocks by hand, give them with --plan, e.g. --plan attn:3,attn:7.")
     scores = Scores.load(args.scores) if args.scores else calibrate_from_args(args, loaded)
-    if scores.num_layers != L:
-        raise ValueError(f"The scores are for a model with {scores.num_layers} layers; this one has {L}.")
+    check_scores_fit(scores, loaded)
     if args.criterion == "loss":
         from ..verify import iter_select_loss_verified
 
         if args.count is None:
             raise ValueError("The loss criterion needs --count.")
-        windows = windows_from_args(args, loaded.tokenizer)
+        windows = windows_from_args(args, loaded)
         event = progress(iter_select_loss_verified(
             loaded.model, scores, windows, kind=args.kind, count=args.count, estimator=args.estimator,
             protect=args.protect, batch_size=args.batch_size), "loss-verified selection", unit="eval")
         return event.partial, scores
-    plan = select_blocks(scores, args.criterion, args.kind, count=args.count, fraction=args.fraction,
-                         estimator=args.estimator, protect=args.protect, stage_boundary=args.stage_boundary)
-    return plan, scores
+    return select_checked(scores, args), scores
 
 
 def register(subparsers) -> None:

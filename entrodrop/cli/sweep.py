@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..scores import Scores
-from ..select import PROTECTIONS
+from ..select import CRITERIA, PROTECTIONS, select_blocks
 from .common import (
     add_data_args,
     add_model_args,
@@ -14,6 +14,20 @@ from .common import (
     windows_from_args,
     write_json,
 )
+from .select import check_scores_fit
+
+
+def check_counts(scores: Scores, criteria: list[str], counts: list[int], args) -> None:
+    """Every (criterion, count) must be reachable under its protection: an unreachable one is an error,
+    never a row silently left out."""
+    for criterion in criteria:
+        rule = "entrodrop" if criterion == "loss" else criterion  # loss refines entrodrop's candidates
+        for count in counts:
+            if count:
+                try:
+                    select_blocks(scores, rule, args.kind, count=count, estimator=args.estimator, protect=args.protect)
+                except ValueError as exc:
+                    raise ValueError(f"{criterion} at count {count}: {exc}") from exc
 
 
 def cmd_sweep(args) -> int:
@@ -21,14 +35,26 @@ def cmd_sweep(args) -> int:
     from ..verify import LOSS_CRITERION, format_sweep_table, iter_sweep
 
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    known = (*(c for c in CRITERIA if c != "manual"), LOSS_CRITERION)
+    unknown = [c for c in criteria if c not in known]
+    if not criteria or unknown:
+        raise ValueError(f"--criteria takes names from {','.join(known)}; got {args.criteria!r}.")
     try:
         counts = sorted({int(c) for c in args.counts.split(",") if c.strip()})
     except ValueError as exc:
-        raise ValueError(f"--counts takes comma-separated integers, e.g. 0,2,4,6,8 ({exc}).") from exc
+        raise ValueError(f"--counts takes comma-separated whole numbers, e.g. 0,2,4,6,8; got {args.counts!r}.") from exc
+    if not counts or counts[0] < 0:
+        raise ValueError(f"--counts takes whole numbers of 0 or more, e.g. 0,2,4,6,8; got {args.counts!r}.")
+    scores = Scores.load(args.scores) if args.scores else None
+    if scores is not None:
+        check_counts(scores, criteria, counts, args)  # before the model loads
     loaded = load_from_args(args)
-    scores = Scores.load(args.scores) if args.scores else calibrate_from_args(args, loaded)
-    selection_windows = windows_from_args(args, loaded.tokenizer) if LOSS_CRITERION in criteria else None
-    windows = heldout_windows(args, loaded.tokenizer)
+    if scores is None:
+        scores = calibrate_from_args(args, loaded)
+        check_counts(scores, criteria, counts, args)
+    check_scores_fit(scores, loaded)
+    selection_windows = windows_from_args(args, loaded) if LOSS_CRITERION in criteria else None
+    windows = heldout_windows(args, loaded)
     rows = progress(iter_sweep(loaded.model, scores, windows, criteria=criteria, kind=args.kind, counts=counts,
                                estimator=args.estimator, protect=args.protect,
                                selection_windows=selection_windows, batch_size=args.batch_size),

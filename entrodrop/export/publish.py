@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
+import zipfile
 from pathlib import Path
 
 
 def zip_export(out_dir: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
-    """Zip an export folder (for download); returns the ``.zip`` path, next to the folder by default."""
+    """Zip an export folder (for download); returns the ``.zip`` path, next to the folder by default.
+
+    Entries are stored, not deflated: safetensors weights do not compress, and deflating them
+    costs about a minute of CPU for a 135M model. Written under a temporary name, then renamed."""
     folder = Path(out_dir).expanduser().absolute()
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not an export folder (no config.json).")
     dest = Path(dest).expanduser().absolute() if dest is not None else folder.parent / f"{folder.name}.zip"
     partial = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        written = shutil.make_archive(str(partial), "zip", root_dir=folder.parent, base_dir=folder.name)
-        os.replace(written, dest)
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
+            for path in sorted(folder.rglob("*")):
+                archive.write(path, arcname=str(Path(folder.name) / path.relative_to(folder)))
+        os.replace(partial, dest)
     except BaseException:
-        for leftover in (Path(f"{partial}.zip"), partial):
-            if leftover.exists():
-                leftover.unlink()
+        if partial.exists():
+            partial.unlink()
         raise
     return dest
 

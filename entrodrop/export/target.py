@@ -33,17 +33,35 @@ def check_target(out_dir, overwrite: bool = False, needed_bytes: int = 0) -> Pat
     target = Path(out_dir).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target} exists and is a file; choose a folder path for the export.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    try:
+        busy = target.is_dir() and any(target.iterdir())
+    except OSError as exc:
+        raise OSError(exc.errno, f"Cannot read the export folder {target} ({exc.strerror or exc}); choose a folder "
+                                 "you can write to.") from exc
+    if busy and not overwrite:
         raise TargetNotEmptyError(target)
     parent = target.parent
+    for above in (parent, *parent.parents):  # "out.txt/sub": a file where a folder must be
+        if above.exists():
+            if not above.is_dir():
+                raise ValueError(f"{above} is a file, so {target} cannot be created inside it; choose a folder path "
+                                 "for the export.")
+            break
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PermissionError(
-            f"Cannot create {parent} ({exc.strerror or exc}); choose a folder you can write to."
-        ) from exc
+        raise OSError(exc.errno, f"Cannot create {parent} ({exc.strerror or exc}); choose a folder you can "
+                                 "write to.") from exc
     if not os.access(parent, os.W_OK | os.X_OK) or (target.is_dir() and not os.access(target, os.W_OK | os.X_OK)):
-        raise PermissionError(f"Cannot write to {parent}: permission denied. Choose a folder you can write to.")
+        raise PermissionError(errno.EACCES, f"Cannot write to {parent}: permission denied. Choose a folder you can "
+                                            "write to.")
+    probe = parent / f".{target.name}.probe-{uuid.uuid4().hex[:8]}"
+    try:  # access() says yes to root everywhere, and pseudo file systems (/proc, /sys) refuse anyway
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise OSError(exc.errno, f"Cannot write to {parent} ({exc.strerror or exc}); choose a folder you can "
+                                 "write to.") from exc
     free = shutil.disk_usage(parent).free
     if needed_bytes and free < needed_bytes:
         raise OSError(

@@ -7,6 +7,8 @@ receiving the other steps' components it writes as arguments:
 
 * :mod:`.state` — the shared model cache and launch preload, the per-session :class:`Session`,
   error mapping to ``gr.Error``;
+* :mod:`.limits`, :mod:`.turns`, :mod:`.storage` — running in public: request limits set by the
+  operator, fair turns on the shared model, private session folders with a disk budget and a janitor;
 * :mod:`.model` — 1, load a model (resets every later step);
 * :mod:`.calibrate` — 2, stream the curves while calibration runs;
 * :mod:`.choose` — 3, automatic selection and ticks;
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..loading import DEFAULT_MODEL
-from . import calibrate, check, choose, export, model
+from . import calibrate, check, choose, export, model, storage
 from .state import MODEL_CACHE, Session, delete_session, start_preload
 
 __all__ = ["MODEL_CACHE", "Session", "Steps", "build_app", "create_steps", "launch", "launch_style", "start_preload"]
@@ -68,7 +70,8 @@ def create_steps(default_model: str = DEFAULT_MODEL) -> Steps:
 
 
 def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
-    """The EntroDrop Studio Blocks app (queue enabled), not launched."""
+    """The EntroDrop Studio Blocks app (queue enabled), not launched; starts the session-folder janitor."""
+    storage.start_janitor()
     with gr.Blocks(title="EntroDrop Studio", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
         session = gr.State(Session(), delete_callback=delete_session)
         gr.Markdown(INTRO)
@@ -98,6 +101,8 @@ def launch(demo: gr.Blocks | None = None, *, preload: str | None = DEFAULT_MODEL
     demo = demo or build_app()
     kwargs.setdefault("server_name", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     kwargs.setdefault("server_port", int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    kwargs.setdefault("max_file_size", f"{float(os.environ.get('ENTRODROP_MAX_UPLOAD_MB', '50')):g}mb")
+    kwargs.setdefault("allowed_paths", [str(storage.sessions_root())])  # zips served from an ENTRODROP_WORK_DIR too
     for key, value in launch_style().items():
         kwargs.setdefault(key, value)
     return demo.launch(**kwargs)

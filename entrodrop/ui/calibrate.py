@@ -11,7 +11,11 @@ from .. import plots, report
 from ..calibrate import EstimatorSettings, iter_calibration
 from ..data import BUNDLED_DATASETS, load_corpus, make_windows
 from ..estimators import ENTROPY_ESTIMATORS
-from .state import MODEL_GROUP, Session, error, loaded_model, user_errors
+from .limits import check_calibration, check_text, whole_number
+from .state import Session, error, model_events, model_job, sharing_note, user_errors
+from .storage import in_sessions_root
+
+MAX_BINS = 1000  # bucket histograms cost hidden size x bins per stream: far more adds nothing but memory
 
 
 class CalibrateTab:
@@ -84,6 +88,19 @@ def create_ui() -> CalibrateTab:
     return tab
 
 
+def calibration_data(source: str, *, upload=None, hub_name=None, column=None, text=None) -> dict:
+    """``load_corpus`` arguments for the data a visitor chose, checked as untrusted: a hub name is only
+    ever a hub name (``hub_only``), an upload only a file gradio received, pasted text bounded."""
+    data = report.data_source_args(source, upload=upload, hub_name=hub_name, column=column, text=text)
+    if source == "hub":
+        data["hub_only"] = True
+    elif source == "file" and in_sessions_root(data["source"]):  # gradio checked it is an upload, not this
+        raise ValueError("That file is not an upload. Upload a .txt, .jsonl, .csv or .parquet file.")
+    elif source == "text":
+        check_text(text)
+    return data
+
+
 def show_source(choice: str):
     """Show the inputs the chosen text source needs (file, hub name, column, pasted text)."""
     return (gr.update(visible=choice == "file"), gr.update(visible=choice == "hub"),
@@ -114,42 +131,55 @@ class CalibrateHandlers:
                   bins, knn_k, seed, view_kind, view_est):
         """Stream calibration: new curves after every batch; Stop keeps what was measured."""
         session.stop_requested = False
-        data = report.data_source_args(source, upload=upload, hub_name=hub_name, column=column, text=text)
+        samples = whole_number(samples, "Samples (windows)")
+        seq_len = whole_number(seq_len, "Tokens per window", minimum=2)
+        check_calibration(samples, seq_len)  # before any text is read
+        data = calibration_data(source, upload=upload, hub_name=hub_name, column=column, text=text)
         if not estimators:
             raise error("Tick at least one entropy estimator (bucket, knn or renyi).")
-        settings = EstimatorSettings(estimators=tuple(estimators), bins=int(bins or 20), k=int(knn_k or 25))
-        seq_len, samples = int(seq_len), int(samples)
+        unknown = [e for e in estimators if e not in ENTROPY_ESTIMATORS]
+        if unknown:
+            raise error(f"Unknown entropy estimator {unknown[0]!r}; choose from {', '.join(ENTROPY_ESTIMATORS)}.")
+        bins = whole_number(bins if bins not in (None, "") else 20, "bucket: bins per dimension", minimum=2)
+        if bins > MAX_BINS:
+            raise error(f"bucket: bins per dimension must be at most {MAX_BINS}, got {bins}.")
+        knn_k = whole_number(knn_k if knn_k not in (None, "") else 25, "knn: neighbour rank k")
+        seed = whole_number(seed if seed not in (None, "") else 0, "seed", minimum=0)
+        settings = EstimatorSettings(estimators=tuple(estimators), bins=bins, k=knn_k)
         yield {self.tab.calib_status: "▶ Reading the calibration text…"}
-        loaded = loaded_model(session)
-        corpus = load_corpus(**data)
-        windows = make_windows(loaded.tokenizer, corpus, num_samples=samples, seq_len=seq_len, seed=int(seed or 0))
-        # per-block costs are read from the model here, where no preview can be active (model group)
-        costs = report.measure_block_costs(loaded.model, seq_len)
-        events = iter_calibration(loaded.model, windows, settings=settings, batch_size=1, model_name=loaded.name,
-                                  calibration={"data": corpus.name, "seed": int(seed or 0)}, spec=loaded.arch)
-        session.view_kind = view_kind
-        session.view_est = view_est if view_est in settings.estimators else settings.estimators[0]
-        yield {self.tab.calib_status: f"▶ Calibrating on {len(windows)} windows of {seq_len} tokens from {corpus.name}…",
-               self.tab.view_est: gr.update(choices=list(settings.estimators), value=session.view_est),
-               self.check.check_seq: gr.update(value=seq_len)}
-        started = time.monotonic()
-        stopped = False
-        try:
-            for event in events:
-                if event.batch_index == 1:  # the settings worked: the previous results give way
-                    session.reset_results()
-                    session.data, session.costs = data, costs
-                    session.estimator = settings.estimators[0]
-                session.scores = event.scores
-                status = (f"▶ Batch {event.batch_index}/{event.num_batches} · {event.tokens_seen:,} tokens · "
-                          f"{time.monotonic() - started:.1f} s")
-                # the view radio may change while this runs: draw what the session shows now
-                yield {self.tab.calib_status: status, **self._curves(session, session.view_kind, session.view_est)}
-                if session.stop_requested:
-                    stopped = not event.done
-                    break
-        finally:
-            events.close()  # removes the hooks even if the client went away mid-run
+        with model_job(session) as (loaded, job):
+            corpus = load_corpus(**data)
+            windows = make_windows(loaded.tokenizer, corpus, num_samples=samples, seq_len=seq_len, seed=seed,
+                                   config=loaded.model.config)
+            # per-block costs are read from the model in a turn of its own, where no preview can be active
+            costs = job.call(report.measure_block_costs, loaded.model, seq_len)
+            events = job.steps(iter_calibration(loaded.model, windows, settings=settings, batch_size=1,
+                                                model_name=loaded.name, spec=loaded.arch,
+                                                calibration={"data": corpus.name, "seed": seed}))
+            session.view_kind = view_kind
+            session.view_est = view_est if view_est in settings.estimators else settings.estimators[0]
+            yield {self.tab.calib_status: f"▶ Calibrating on {len(windows)} windows of {seq_len} tokens from "
+                                          f"{corpus.name}{sharing_note(job)}…",
+                   self.tab.view_est: gr.update(choices=list(settings.estimators), value=session.view_est),
+                   self.check.check_seq: gr.update(value=seq_len)}
+            started = time.monotonic()
+            stopped = False
+            try:
+                for event in events:
+                    if event.batch_index == 1:  # the settings worked: the previous results give way
+                        session.reset_results()
+                        session.data, session.costs = data, costs
+                        session.estimator = settings.estimators[0]
+                    session.scores = event.scores
+                    status = (f"▶ Batch {event.batch_index}/{event.num_batches} · {event.tokens_seen:,} tokens · "
+                              f"{time.monotonic() - started:.1f} s{sharing_note(job)}")
+                    # the view radio may change while this runs: draw what the session shows now
+                    yield {self.tab.calib_status: status, **self._curves(session, session.view_kind, session.view_est)}
+                    if session.stop_requested:
+                        stopped = not event.done
+                        break
+            finally:
+                events.close()  # removes the hooks even if the client went away mid-run
         scores = session.scores
         elapsed = time.monotonic() - started
         if stopped:
@@ -186,7 +216,7 @@ def create_event_handlers(session: gr.State, calibrate_tab: CalibrateTab, check_
         [session, tab.source, tab.upload, tab.hub_name, tab.column, tab.text, tab.samples, tab.seq_len,
          tab.estimators, tab.bins, tab.knn_k, tab.seed, tab.view_kind, tab.view_est],
         [tab.calib_status, tab.entropy_plot, tab.blocks_plot, tab.explainer, tab.view_est, check_tab.check_seq],
-        api_name="calibrate", show_progress_on=[tab.calib_status], concurrency_id=MODEL_GROUP, concurrency_limit=1)
+        api_name="calibrate", show_progress_on=[tab.calib_status], **model_events())
     tab.stop_btn.click(handlers.stop, [session], [tab.calib_status], api_name="stop", **light)
     for trigger in (tab.view_kind.input, tab.view_est.input):
         trigger(handlers.redraw, [session, tab.view_kind, tab.view_est], [tab.blocks_plot, tab.explainer],

@@ -9,7 +9,8 @@ import pandas as pd
 from .. import report
 from ..data import load_corpus, make_windows
 from ..evaluate import iter_compare, iter_measure_speed, iter_side_by_side
-from .state import MODEL_GROUP, Session, error, loaded_model, plan_to_run, user_errors
+from .limits import check_check, check_generation, check_text, whole_number
+from .state import Session, error, model_events, model_job, plan_to_run, sharing_note, user_errors
 
 
 class CheckTab:
@@ -70,27 +71,33 @@ class CheckHandlers:
     @user_errors
     def run_check(self, session: Session, n_windows, seq_len, measure_speed, prefill, decode):
         """Dense vs pruned on held-out windows, then latency; the shared model is only previewed."""
+        n_windows = whole_number(n_windows, "Held-out windows")
+        seq_len = whole_number(seq_len, "Tokens per window", minimum=2)
+        measure_speed = bool(measure_speed)
+        prefill = whole_number(prefill, "Prefill tokens") if measure_speed else 0
+        decode = whole_number(decode, "Decode tokens") if measure_speed else 0
+        check_check(n_windows, seq_len, prefill=prefill, decode=decode)
         plan = plan_to_run(session)
         if session.data is None:
             raise error("No calibration text known: run a calibration in step 2 first.")
-        loaded = loaded_model(session)
         yield {self.tab.check_status: "▶ Reading the held-out text…", self.tab.check_table: pd.DataFrame()}
-        corpus = load_corpus(**session.data)
-        windows = make_windows(loaded.tokenizer, corpus, num_samples=int(n_windows), seq_len=int(seq_len),
-                               part="heldout")
-        quality = None
-        for event in iter_compare(loaded.model, plan, windows):
-            quality = event.partial.to_dict()
-            yield {self.tab.check_status: f"▶ Quality: window {event.done}/{event.total}",
-                   self.tab.check_table: report.check_table(quality)}
-        speed = None
-        if measure_speed:
-            for event in iter_measure_speed(loaded.model, plan, loaded.tokenizer, prefill_tokens=int(prefill),
-                                            decode_tokens=int(decode), repeats=2, warmup=1):
-                if event.partial is not None:
-                    speed = event.partial.to_dict()
-                else:
-                    yield {self.tab.check_status: f"▶ Timing: round {event.done}/{event.total}"}
+        with model_job(session) as (loaded, job):
+            corpus = load_corpus(**session.data)
+            windows = make_windows(loaded.tokenizer, corpus, num_samples=n_windows, seq_len=seq_len,
+                                   part="heldout", config=loaded.model.config)
+            quality = None
+            for event in job.steps(iter_compare(loaded.model, plan, windows)):
+                quality = event.partial.to_dict()
+                yield {self.tab.check_status: f"▶ Quality: window {event.done}/{event.total}{sharing_note(job)}",
+                       self.tab.check_table: report.check_table(quality)}
+            speed = None
+            if measure_speed:
+                for event in job.steps(iter_measure_speed(loaded.model, plan, loaded.tokenizer, prefill_tokens=prefill,
+                                                          decode_tokens=decode, repeats=2, warmup=1)):
+                    if event.partial is not None:
+                        speed = event.partial.to_dict()
+                    else:
+                        yield {self.tab.check_status: f"▶ Timing: round {event.done}/{event.total}{sharing_note(job)}"}
         checks = {"quality": quality}
         if speed:
             checks["speed"] = speed
@@ -104,13 +111,17 @@ class CheckHandlers:
     @user_errors
     def generate(self, session: Session, prompt: str, max_new: int):
         """Greedy generations from the dense model and the previewed pruned model."""
+        max_new = whole_number(max_new, "New tokens")
+        check_generation(max_new)
         plan = plan_to_run(session)
-        if not (prompt or "").strip():
+        if not isinstance(prompt, str) or not prompt.strip():
             raise error("The prompt is empty: type a prompt.")
-        loaded = loaded_model(session)
-        rows = []
-        for event in iter_side_by_side(loaded.model, plan, loaded.tokenizer, [prompt], max_new_tokens=int(max_new)):
-            rows = event.partial
+        check_text(prompt)
+        with model_job(session) as (loaded, job):
+            rows = []
+            for event in job.steps(iter_side_by_side(loaded.model, plan, loaded.tokenizer, [prompt],
+                                                     max_new_tokens=max_new)):
+                rows = event.partial
         session.checks["generations"] = rows
         row = rows[0]
         pruned = row["pruned"] + ("\n\n(identical to the dense model)" if row["same"] else "")
@@ -121,7 +132,7 @@ def create_event_handlers(session: gr.State, check_tab: CheckTab) -> None:
     """Wire step 4."""
     tab = check_tab
     handlers = CheckHandlers(check_tab)
-    model = {"concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+    model = model_events()
     tab.check_btn.click(handlers.run_check, [session, tab.check_windows, tab.check_seq, tab.check_speed, tab.prefill,
                                              tab.decode], [tab.check_status, tab.check_table],
                         api_name="run_check", show_progress_on=[tab.check_status], **model)

@@ -1,11 +1,15 @@
 """Step 5, export: write, reload-verify and zip the pruned model and show its card; scores and plots
-as files; push the export to the Hugging Face Hub."""
+as files; push the export to the Hugging Face Hub.
+
+A visitor names the export, never a path: it goes to ``exports/NAME`` in the session's private
+folder (:mod:`.storage`), within the server's disk budget. Zipping is a separate event
+(``/export_zip``, chained after a successful export in the page) in a group of its own, so it never
+holds the model's turns; API clients call it after ``/export``."""
 
 from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import gradio as gr
 
@@ -18,13 +22,25 @@ from ..export import (
     push_folder_to_hub,
     zip_export,
 )
-from .state import MODEL_GROUP, Session, error, loaded_model, need_scores, plan_to_run, user_errors
+from . import storage
+from .state import (
+    Session,
+    error,
+    model_events,
+    model_job,
+    need_scores,
+    plan_to_run,
+    sharing_note,
+    user_errors,
+)
+
+ZIP_GROUP = "zip"  # zipping reads only the session's files: off the model's group, one at a time
 
 
 class ExportTab:
     """Step 5's components."""
 
-    out_dir: gr.Textbox
+    name: gr.Textbox
     overwrite: gr.Checkbox
     export_btn: gr.Button
     export_status: gr.Markdown
@@ -44,9 +60,10 @@ def create_ui() -> ExportTab:
     tab = ExportTab()
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
-            tab.out_dir = gr.Textbox("", label="Export folder", elem_id="export-dir",
-                                     placeholder="blank: a new folder in this session's temporary space")
-            tab.overwrite = gr.Checkbox(False, label="Overwrite a non-empty folder", elem_id="export-overwrite")
+            tab.name = gr.Textbox("", label="Export name", elem_id="export-name", max_length=storage.MAX_NAME_CHARS,
+                                  placeholder="blank: MODEL-CRITERION-COUNT; letters, digits, '.', '_', '-'",
+                                  info="Saved in this session's private space; removed when you leave.")
+            tab.overwrite = gr.Checkbox(False, label="Replace my export of the same name", elem_id="export-overwrite")
             tab.export_btn = gr.Button("Export and verify", variant="primary", elem_id="export-btn")
             tab.export_status = gr.Markdown("", elem_id="export-status")
             tab.download = gr.DownloadButton("Download the pruned model (.zip)", value=None, interactive=False,
@@ -88,38 +105,56 @@ class ExportHandlers:
         self.tab = export_tab
 
     @user_errors
-    def export(self, session: Session, out_dir: str, overwrite: bool):
-        """Write, reload-verify and zip the pruned model; show its card and offer the zip."""
+    def export(self, session: Session, name: str, overwrite: bool):
+        """Write and reload-verify the pruned model under ``name`` in the session's folder; show its card."""
         plan = plan_to_run(session)
-        loaded = loaded_model(session)
-        name = f"{slug(session.model_name)}-{plan.criterion}-{len(plan.blocks)}{session.kind}"
-        target = Path(out_dir.strip()).expanduser() if (out_dir or "").strip() else session.work_path() / name
-        if not target.is_absolute():
-            target = session.work_path() / target
-        try:
-            check_target(target, bool(overwrite))  # a busy folder fails before the status says "Writing"
-        except TargetNotEmptyError as exc:  # the library says overwrite=True; here it is a tick box
-            raise error(f"The export folder {exc.path} is not empty. Tick 'Overwrite' to replace it, or choose "
-                        "an empty or new folder.") from exc
-        yield {self.tab.export_status: f"▶ Writing {plan.describe()} to {target} and reloading it to verify…",
-               self.tab.download: gr.update(value=None, interactive=False)}
-        result = export_pruned(loaded.model, loaded.tokenizer, plan, target, scores=session.scores,
-                               checks=session.checks or None, source=ModelSource.of(loaded), overwrite=bool(overwrite))
+        if name is not None and not isinstance(name, str):
+            raise error("The export name must be text, e.g. 'my-model-pruned'.")
+        name = storage.export_name(name, f"{slug(session.model_name)}-{plan.criterion}-{len(plan.blocks)}{session.kind}")
+        folder = session.work_path()
+        target = folder / "exports" / name
+        with storage.busy(folder), model_job(session) as (loaded, job):
+            # the folder and its zip: at most the dense model's size each
+            storage.check_disk_budget(2 * int(loaded.model.get_memory_footprint()), replacing=target)
+            try:
+                check_target(target, bool(overwrite))  # a busy folder fails before the status says "Writing"
+            except TargetNotEmptyError as exc:  # the library says overwrite=True; here it is a tick box
+                raise error(f"You already have an export named '{name}'. Tick 'Replace my export of the same "
+                            "name' to replace it, or choose another name.") from exc
+            yield {self.tab.export_status: f"▶ Writing {plan.describe()} as '{name}' and reloading it to "
+                                           f"verify{sharing_note(job)}…",
+                   self.tab.download: gr.update(value=None, interactive=False)}
+            result = job.call(export_pruned, loaded.model, loaded.tokenizer, plan, target, scores=session.scores,
+                              checks=session.checks or None, source=ModelSource.of(loaded),
+                              overwrite=bool(overwrite))
         session.export_dir = result.path
-        yield {self.tab.export_status: f"▶ {result.verdict}\n\nZipping…"}
-        zip_path = zip_export(result.path, dest=session.work_path() / f"{result.path.name}.zip")
         card = card_for_display((result.path / "README.md").read_text(encoding="utf-8"))
         icon = "✓" if result.ok else "✗"
-        status = (f"{icon} Exported to `{result.path}` ({result.pruned_params:,} of {result.dense_params:,} parameters "
-                  f"kept). {result.verdict}\n\nReload with:\n```python\n{result.reload_hint}\n```")
-        yield {self.tab.export_status: status, self.tab.card: card,
-               self.tab.download: gr.update(value=str(zip_path), interactive=True)}
+        hint = result.reload_hint.replace(str(result.path), name)
+        status = (f"{icon} Exported '{name}' ({result.pruned_params:,} of {result.dense_params:,} parameters kept). "
+                  f"{result.verdict}\n\nThe download button below turns on when the zip is ready. After "
+                  f"unzipping, reload with:\n```python\n{hint}\n```")
+        yield {self.tab.export_status: status, self.tab.card: card}
+
+    @user_errors
+    def zip_download(self, session: Session):
+        """Zip the session's last export (stored, not deflated) and offer it for download."""
+        export_dir = session.export_dir
+        if export_dir is None or not (export_dir / "config.json").is_file():
+            raise error("Export the pruned model first (the button above), then download it.")
+        folder = session.work_path()
+        dest = folder / "zips" / f"{export_dir.name}.zip"
+        with storage.busy(folder):
+            storage.check_disk_budget(storage.folder_bytes(export_dir), replacing=dest)
+            dest.parent.mkdir(exist_ok=True)
+            zip_path = zip_export(export_dir, dest=dest)
+        return gr.update(value=str(zip_path), interactive=True)
 
     @user_errors
     def score_files_handler(self, session: Session):
         """Scores as CSV and JSON, plots as PNG and one interactive HTML file."""
         scores = need_scores(session)
-        folder = session.work_path() / f"scores-{int(time.time() * 1000)}"
+        folder = session.work_path() / "scores" / f"scores-{int(time.time() * 1000)}"
         folder.mkdir(parents=True)
         (folder / "scores.csv").write_text(report.scores_csv(scores), encoding="utf-8")
         scores.save(folder / "scores.json")
@@ -158,9 +193,11 @@ def create_event_handlers(session: gr.State, export_tab: ExportTab) -> None:
     tab = export_tab
     handlers = ExportHandlers(export_tab)
     light = {"concurrency_limit": None}
-    tab.export_btn.click(handlers.export, [session, tab.out_dir, tab.overwrite],
-                         [tab.export_status, tab.card, tab.download], api_name="export",
-                         show_progress_on=[tab.export_status], concurrency_id=MODEL_GROUP, concurrency_limit=1)
+    exporting = tab.export_btn.click(handlers.export, [session, tab.name, tab.overwrite],
+                                     [tab.export_status, tab.card, tab.download], api_name="export",
+                                     show_progress_on=[tab.export_status], **model_events())
+    exporting.success(handlers.zip_download, [session], [tab.download], api_name="export_zip",
+                      show_progress_on=[tab.download], concurrency_id=ZIP_GROUP, concurrency_limit=1)
     tab.files_btn.click(handlers.score_files_handler, [session], [tab.score_files], api_name="score_files", **light)
     tab.push_btn.click(handlers.push, [session, tab.hub_repo, tab.hub_token, tab.hub_private], [tab.hub_status],
                        api_name="push", **light)

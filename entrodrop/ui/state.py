@@ -3,9 +3,14 @@
 
 Sharing: the loaded models live in one process-wide :class:`~entrodrop.loading.ModelCache`
 (bounded by count and memory); everything a user chooses or computes lives in a per-session
-:class:`Session` held by ``gr.State``. Events that run a model (calibrate, check, generate,
-export) share the concurrency group :data:`MODEL_GROUP` with a limit of one: calibration hooks and
-the reversible preview both act on the shared model object, so they must never overlap.
+:class:`Session` held by ``gr.State``, its files in a private folder (:mod:`.storage`).
+
+Model use: events that run a model (calibrate, check, generate, export) share the concurrency
+group :data:`MODEL_GROUP`, which admits ``ENTRODROP_MODEL_JOBS`` jobs at once (:func:`model_events`).
+Calibration hooks and the reversible preview both act on the shared model object, so admitted jobs
+take fair turns on it between batches (:mod:`.turns`) and never overlap; :func:`model_job` holds
+the model in the cache for the whole job, so eviction never drops it mid-job. Request sizes are
+checked against the operator's limits first (:mod:`.limits`).
 
 Errors: handlers are wrapped by :func:`user_errors`, which turns the library's ValueError /
 OSError / TypeError into ``gr.Error`` with the library's message (it says what to do).
@@ -17,10 +22,10 @@ import functools
 import inspect
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +36,9 @@ from ..loading import DEFAULT_MODEL, ModelCache, model_facts
 from ..plan import DropPlan
 from ..scores import Scores
 from ..select import DEFAULT_PROTECTION, protected_layers
+from . import storage
+from .limits import limit
+from .turns import MODEL_TURNS, ModelJob
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +99,15 @@ class Session:
         self.export_dir = None
 
     def work_path(self) -> Path:
-        """This session's private folder for exports and files (removed when the session ends)."""
-        if self.workdir is None:
-            self.workdir = Path(tempfile.mkdtemp(prefix="entrodrop-session-"))
+        """This session's private folder for exports and files, marked as used now.
+
+        Removed when the session ends or after ``ENTRODROP_SESSION_TTL_MIN`` unused minutes; a new
+        one is made if the janitor removed it."""
+        if self.workdir is None or not self.workdir.is_dir():
+            if self.workdir is not None:  # removed as unused: what was in it is gone
+                self.export_dir = None
+            self.workdir = storage.new_session_folder()
+        storage.touch(self.workdir)
         return self.workdir
 
     def protection(self) -> str:
@@ -117,8 +131,14 @@ class Session:
 
 def delete_session(session: Session) -> None:
     """``gr.State``'s delete callback: remove the session's private folder."""
-    if isinstance(session, Session) and session.workdir is not None:
-        shutil.rmtree(session.workdir, ignore_errors=True)
+    if isinstance(session, Session):
+        storage.remove_session_folder(session.workdir)
+
+
+def model_events() -> dict:
+    """Event options of every model-running event: one concurrency group admitting ``ENTRODROP_MODEL_JOBS``
+    jobs, which then take turns on the model (:func:`model_job`)."""
+    return {"concurrency_id": MODEL_GROUP, "concurrency_limit": limit("ENTRODROP_MODEL_JOBS")}
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -169,11 +189,21 @@ def facts_for(key: tuple, loaded) -> dict:
         return _FACTS[key]
 
 
-def loaded_model(session: Session):
-    """The session's model from the shared cache (loaded again if it was evicted)."""
+@contextmanager
+def model_job(session: Session) -> Iterator[tuple]:
+    """``(loaded, job)``: the session's model, held in the shared cache (loaded again if it was evicted)
+    for the whole ``with`` block, and a :class:`~.turns.ModelJob` whose turns every model run must take."""
     if not session.model_spec:
         raise error("No model loaded yet: load one in step 1.")
-    return MODEL_CACHE.get_or_load(session.model_spec, dtype=session.dtype, device=session.device)
+    with MODEL_CACHE.use(session.model_spec, dtype=session.dtype, device=session.device) as loaded, \
+            MODEL_TURNS.job() as job:
+        yield loaded, job
+
+
+def sharing_note(job: ModelJob) -> str:
+    """Says how many other jobs take turns on the model now (explains a slower pace); "" when none."""
+    others = job.others()
+    return f" (taking turns on the model with {others} other job{'s' if others > 1 else ''})" if others else ""
 
 
 def need_scores(session: Session) -> Scores:
