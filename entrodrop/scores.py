@@ -4,7 +4,8 @@ JSON names (stable; other tools read them): ``model``, ``num_layers``, ``entropy
 {estimator: L+1 floats, H(X_0..X_L)}, ``mid_entropy`` {estimator: L floats, H(Y_0..Y_{L-1})},
 ``stage_boundary`` {estimator: int}, ``blocks`` (list of {``layer``, ``kind``,
 ``delta_entropy`` {estimator: float}, ``cosine_importance``, ``angular_distance``}),
-``angular_matrix`` (L+1 x L+1), ``calibration`` {``data``, ``samples``, ``seq_len``, ``seed``,
+``angular_matrix`` (L+1 x L+1, mean over all tokens), ``angular_matrix_last`` (L+1 x L+1, the last
+token of each window only, as Gromov et al. measure it; empty in files written before it existed), ``calibration`` {``data``, ``samples``, ``seq_len``, ``seed``,
 ``tokens``, ``massive_ratio``, ...}, ``batches_done``, ``batches_total``, ``complete``.
 
 ``entropy_curve``, ``mid_entropy`` and every ``delta_entropy`` use all tokens, as the released
@@ -108,6 +109,7 @@ class Scores:
     entropy_curve_sinkfree: dict[str, list[float]] = field(default_factory=dict)
     mid_entropy_sinkfree: dict[str, list[float]] = field(default_factory=dict)
     massive_tokens: dict = field(default_factory=dict)
+    angular_matrix_last: list[list[float]] = field(default_factory=list)  # last token of each window only
     format_version: int = SCORES_FORMAT_VERSION
 
     def sinkfree_curve(self, estimator: str) -> list[float]:
@@ -174,6 +176,7 @@ class Scores:
             entropy_curve_sinkfree=sinkfree,
             mid_entropy_sinkfree={k: [float(x) for x in v] for k, v in data.get("mid_entropy_sinkfree", {}).items()},
             massive_tokens=data.get("massive_tokens", {}),
+            angular_matrix_last=data.get("angular_matrix_last", []),
         )
 
     def save(self, path: str | Path) -> None:
