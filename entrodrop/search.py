@@ -19,7 +19,7 @@ checks report on, and a choice tuned on it would be scored on the text it was pi
   when that does not hold it can differ, which is why ``search="greedy"`` (every candidate
   re-measured at every step) exists and ``benchmarks/bench_recommend.py`` compares the two.
 
-The generators yield :class:`~entrodrop.evaluate.EvalEvent` progress; ``partial`` of every event
+The generators yield :class:`~entrodrop.progress.ProgressEvent` progress; ``partial`` of every event
 after a completed step is the best plan so far, so a consumer that stops early keeps it.
 """
 
@@ -32,14 +32,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .evaluate import EvalEvent, mean_loss
+from .criteria import DEFAULT_CRITERION, criterion_estimator, get_criterion, resolve_estimator
+from .evaluate import mean_loss
 from .plan import DroppedBlock, DropPlan
+from .progress import ProgressEvent
 from .scores import Scores
-from .select import protected_layers, rank_blocks
+from .select import protected_layers, rank_blocks, select_blocks
 
 logger = logging.getLogger(__name__)
 
 SEARCHES = ("lazy", "greedy")
+MEASURE_WINDOWS = 2  # calibration windows the loss is measured on (bench_recommend.py places it)
+POOL_EXTRA = 4  # each criterion puts its best count + POOL_EXTRA candidates into the pool (bench_recommend.py)
 POOL_CRITERIA = ("entrodrop", "cosine", "angular")  # score-based criteria whose best candidates join the pool
 MIN_WINDOWS = 1
 
@@ -77,8 +81,7 @@ def _check_windows(windows: torch.Tensor, what: str) -> None:
 
 def eligible_layers(scores: Scores, protect: str, estimator: str | None = None) -> list[int]:
     """Layers that ``protect`` leaves droppable, in order."""
-    est = estimator or scores.estimators[0]
-    protected = protected_layers(scores, protect, estimator=est)
+    protected = protected_layers(scores, protect, estimator=resolve_estimator(scores, estimator))
     return [layer for layer in range(scores.num_layers) if layer not in protected]
 
 
@@ -90,7 +93,7 @@ def iter_ablation(
     kind: str = "attn",
     layers: Sequence[int] | None = None,
     batch_size: int = 1,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Drop each block of ``kind`` in ``layers`` (default: all) alone and measure the mean loss.
 
     One event per measured block (stage ``"ablation"``); the last event's ``partial`` is the
@@ -101,22 +104,22 @@ def iter_ablation(
         raise ValueError("No block is eligible for ablation: relax the protection or choose another kind.")
     total = len(layers) + 1
     dense = mean_loss(model, windows, batch_size=batch_size)
-    yield EvalEvent("ablation", 1, total, None)
+    yield ProgressEvent("ablation", 1, total, None)
     losses: dict[int, float] = {}
     for i, layer in enumerate(layers):
         losses[layer] = mean_loss(model, windows, DropPlan(num_layers, [DroppedBlock(layer, kind)]),
                                   batch_size=batch_size)
         done = i + 2
         result = Ablation(kind, dense, dict(losses), int(windows.shape[0]), int(windows.numel()))
-        yield EvalEvent("ablation", done, total, result if done == total else None)
+        yield ProgressEvent("ablation", done, total, result if done == total else None)
 
 
 def candidate_pool(scores: Scores, ablation: Ablation, kind: str, eligible: Sequence[int], per_criterion: int,
                    estimator: str | None = None) -> dict[int, list[str]]:
     """Union of the ``per_criterion`` best eligible candidates of every criterion: layer -> criteria naming it."""
     allowed = set(eligible)
-    est = estimator or scores.estimators[0]
-    rankings = {c: [layer for layer, _ in rank_blocks(scores, c, kind, estimator=est)] for c in POOL_CRITERIA}
+    rankings = {c: [layer for layer, _ in rank_blocks(scores, c, kind, estimator=estimator if c == "entrodrop" else None)]
+                for c in POOL_CRITERIA}
     rankings["ablation"] = [layer for layer, _ in ablation.ranking()]
     pool: dict[int, list[str]] = {}
     for criterion, order in rankings.items():
@@ -138,10 +141,10 @@ def iter_recommend(
     search: str = "lazy",
     ablation: Ablation | None = None,
     batch_size: int = 1,
-) -> Iterator[EvalEvent]:
+) -> Iterator[ProgressEvent]:
     """Greedy, loss-measured choice of ``count`` blocks of ``kind`` (criterion ``"recommended"``).
 
-    ``pool_per_criterion`` (default ``count + 4``) is how many of each criterion's best candidates
+    ``pool_per_criterion`` (default ``count + POOL_EXTRA``) is how many of each criterion's best candidates
     join the pool; ``None`` with ``search="greedy"`` and a pool as large as the eligible set is the
     full-pool greedy reference. Pass a precomputed ``ablation`` (same kind and windows) to reuse it.
     Events: stage ``"ablation"`` while single blocks are measured, then ``"recommend"``; after each
@@ -152,7 +155,7 @@ def iter_recommend(
     if count < 0:
         raise ValueError(f"count must be 0 or more, got {count}.")
     _check_windows(windows, "The recommended criterion")
-    est = estimator or scores.estimators[0]
+    est = criterion_estimator("entrodrop", scores, estimator)  # which entropy ranking joins the pool
     eligible = eligible_layers(scores, protect, est)
     if count > len(eligible):
         raise ValueError(f"Cannot drop {count} {kind} blocks: only {len(eligible)} of {scores.num_layers} are "
@@ -161,14 +164,14 @@ def iter_recommend(
     meta = {"kind": kind, "count": count, "protect": protect, "search": search, "estimator": est,
             "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
     if count == 0:
-        yield EvalEvent("recommend", 0, 0, DropPlan(L, [], criterion="recommended", meta=meta))
+        yield ProgressEvent("recommend", 0, 0, DropPlan(L, [], criterion="recommended", meta=meta))
         return
     if ablation is None or ablation.kind != kind or not set(eligible) <= set(ablation.losses):
         for event in iter_ablation(model, L, windows, kind=kind, layers=eligible, batch_size=batch_size):
             if event.partial is not None:
                 ablation = event.partial
-            yield EvalEvent(event.stage, event.done, event.total, None)  # partial is only ever a plan here
-    per = pool_per_criterion if pool_per_criterion is not None else count + 4
+            yield ProgressEvent(event.stage, event.done, event.total, None)  # partial is only ever a plan here
+    per = pool_per_criterion if pool_per_criterion is not None else count + POOL_EXTRA
     pool = candidate_pool(scores, ablation, kind, eligible, per, est)
     if len(pool) < count:  # a tiny pool (few eligible blocks): widen with the ablation order
         for layer, _ in ablation.ranking():
@@ -200,7 +203,7 @@ def iter_recommend(
             fresh[layer] = mean_loss(model, windows, trial, batch_size=batch_size)
             bound[layer] = fresh[layer] - loss_now
             done += 1
-            yield EvalEvent("recommend", done, worst_case, None)
+            yield ProgressEvent("recommend", done, worst_case, None)
         best_layer = min(fresh, key=lambda layer: (fresh[layer], layer))
         increase = fresh[best_layer] - ablation.dense_loss
         chosen.append(DroppedBlock(best_layer, kind, (
@@ -214,7 +217,7 @@ def iter_recommend(
         del bound[best_layer]
         plan = DropPlan(L, list(chosen), criterion="recommended", meta={**meta, "steps": list(steps),
                                                                         "loss": loss_now, "complete": step == count})
-        yield EvalEvent("recommend", done, worst_case if step < count else done, plan)
+        yield ProgressEvent("recommend", done, worst_case if step < count else done, plan)
 
 
 def ablation_plan(scores: Scores, ablation: Ablation, kind: str, count: int, protect: str = "none",
@@ -230,3 +233,56 @@ def ablation_plan(scores: Scores, ablation: Ablation, kind: str, count: int, pro
     return DropPlan(scores.num_layers, blocks, criterion="ablation",
                     meta={"kind": kind, "count": count, "protect": protect, "dense_loss": ablation.dense_loss,
                           "windows": ablation.windows})
+
+
+def iter_select(
+    model: nn.Module,
+    scores: Scores,
+    windows: torch.Tensor | None,
+    *,
+    criterion: str = DEFAULT_CRITERION,
+    kind: str = "attn",
+    count: int = 4,
+    estimator: str | None = None,
+    protect: str | None = None,
+    stage_boundary: int | None = None,
+    ablation: Ablation | None = None,
+    num_windows: int = MEASURE_WINDOWS,
+    batch_size: int = 1,
+    **search_options,
+) -> Iterator[ProgressEvent]:
+    """Choose ``count`` blocks of ``kind`` with any criterion; the last event's ``partial`` is the plan.
+
+    Criteria that read only the scores answer at once (one event); ``ablation`` and ``recommended``
+    measure the model on the first ``num_windows`` of ``windows`` (calibration windows only).
+    ``search_options`` go to :func:`iter_recommend` (``pool_per_criterion``, ``search``). Pass
+    ``ablation`` (measured on the same windows) to reuse single-block losses across counts.
+    """
+    chosen_by = get_criterion(criterion)
+    chosen_by.check_kind(kind)
+    protect = protect or chosen_by.default_protection
+    if not chosen_by.needs_model:
+        plan = select_blocks(scores, criterion, kind, count=count, estimator=estimator, protect=protect,
+                             stage_boundary=stage_boundary)
+        yield ProgressEvent("select", 1, 1, plan)
+        return
+    if windows is None:
+        raise ValueError(f"The {criterion} criterion measures the model: pass calibration windows (windows=...).")
+    if num_windows < 1:
+        raise ValueError(f"num_windows must be at least 1, got {num_windows}.")
+    windows = windows[:num_windows]
+    if criterion == "ablation":
+        eligible = eligible_layers(scores, protect, estimator)
+        if count > len(eligible):
+            raise ValueError(f"Cannot drop {count} {kind} blocks: only {len(eligible)} of {scores.num_layers} are "
+                             f"eligible under protection '{protect}'. Drop fewer or relax the protection.")
+        if ablation is None or ablation.kind != kind or not set(eligible) <= set(ablation.losses):
+            for event in iter_ablation(model, scores.num_layers, windows, kind=kind, layers=eligible,
+                                       batch_size=batch_size):
+                ablation = event.partial if event.partial is not None else ablation
+                yield ProgressEvent(event.stage, event.done, event.total, None)
+        plan = ablation_plan(scores, ablation, kind, count, protect, estimator)
+        yield ProgressEvent("select", 1, 1, plan)
+        return
+    yield from iter_recommend(model, scores, windows, kind=kind, count=count, estimator=estimator, protect=protect,
+                              ablation=ablation, batch_size=batch_size, **search_options)

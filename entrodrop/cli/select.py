@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..criteria import get_criterion
 from ..plan import DropPlan
 from ..scores import Scores
 from ..select import select_blocks
@@ -41,7 +42,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     """``--plan`` / ``--scores`` and the selection options, for commands that apply a plan."""
     p.add_argument("--plan", default=None, help="plan JSON (from `entrodrop select --out`) or blocks such as 'attn:3,attn:5'")
     p.add_argument("--scores", default=None, help="scores JSON from `entrodrop scan --json` (else calibrate first)")
-    add_selection_args(p, extra_criteria=("loss",))
+    add_selection_args(p, measured=True)
 
 
 def plan_from_args(args, loaded, *, required: bool):
@@ -61,15 +62,17 @@ def plan_from_args(args, loaded, *, required: bool):
     scores = Scores.load(args.scores) if args.scores else calibrate_from_args(args, loaded)
     if scores.num_layers != L:
         raise ValueError(f"The scores are for a model with {scores.num_layers} layers; this one has {L}.")
-    if args.criterion == "loss":
-        from ..verify import iter_select_loss_verified
+    if get_criterion(args.criterion).needs_model:
+        from ..progress import ProgressEvent
+        from ..search import iter_select
 
         if args.count is None:
-            raise ValueError("The loss criterion needs --count.")
-        windows = windows_from_args(args, loaded.tokenizer)
-        event = progress(iter_select_loss_verified(
-            loaded.model, scores, windows, kind=args.kind, count=args.count, estimator=args.estimator,
-            protect=args.protect, batch_size=args.batch_size), "loss-verified selection", unit="eval")
+            raise ValueError(f"The {args.criterion} criterion needs --count.")
+        windows = windows_from_args(args, loaded.tokenizer)  # calibration windows: never the held-out part
+        event: ProgressEvent = progress(iter_select(
+            loaded.model, scores, windows, criterion=args.criterion, kind=args.kind, count=args.count,
+            estimator=args.estimator, protect=args.protect, batch_size=args.batch_size),
+            f"{args.criterion} selection", unit="eval")
         return event.partial, scores
     plan = select_blocks(scores, args.criterion, args.kind, count=args.count, fraction=args.fraction,
                          estimator=args.estimator, protect=args.protect, stage_boundary=args.stage_boundary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..arch import BLOCK_KINDS
 from ..scores import Scores
 from ..select import PROTECTIONS
 from .common import (
@@ -18,16 +19,20 @@ from .common import (
 
 def cmd_sweep(args) -> int:
     """Print the sweep table; optionally write rows, data and calibration as JSON."""
-    from ..verify import LOSS_CRITERION, format_sweep_table, iter_sweep
+    from ..criteria import get_criterion
+    from ..verify import format_sweep_table, iter_sweep
 
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    for name in criteria:
+        get_criterion(name)  # an unknown name fails before the model loads
+    measured = any(get_criterion(name).needs_model for name in criteria)
     try:
         counts = sorted({int(c) for c in args.counts.split(",") if c.strip()})
     except ValueError as exc:
         raise ValueError(f"--counts takes comma-separated integers, e.g. 0,2,4,6,8 ({exc}).") from exc
     loaded = load_from_args(args)
     scores = Scores.load(args.scores) if args.scores else calibrate_from_args(args, loaded)
-    selection_windows = windows_from_args(args, loaded.tokenizer) if LOSS_CRITERION in criteria else None
+    selection_windows = windows_from_args(args, loaded.tokenizer) if measured else None
     windows = heldout_windows(args, loaded.tokenizer)
     rows = progress(iter_sweep(loaded.model, scores, windows, criteria=criteria, kind=args.kind, counts=counts,
                                estimator=args.estimator, protect=args.protect,
@@ -48,11 +53,13 @@ def register(subparsers) -> None:
     add_model_args(sweep)
     add_data_args(sweep)
     sweep.add_argument("--scores", default=None, help="scores JSON from `entrodrop scan --json` (else calibrate)")
-    sweep.add_argument("--criteria", default="entrodrop,cosine,angular",
-                       help="comma-separated from entrodrop, cosine, angular, loss (default entrodrop,cosine,angular)")
-    sweep.add_argument("--kind", default="attn", choices=("attn", "mlp", "layer"), help="granularity (default attn)")
+    sweep.add_argument("--criteria", default="recommended,entrodrop,cosine,angular",
+                       help="comma-separated criteria (default recommended,entrodrop,cosine,angular; also "
+                            "ablation, angular-last)")
+    sweep.add_argument("--kind", default="attn", choices=BLOCK_KINDS, help="granularity (default attn)")
     sweep.add_argument("--counts", default="0,2,4,6,8", help="comma-separated drop counts (default 0,2,4,6,8)")
-    sweep.add_argument("--estimator", default="bucket", help="entropy estimator that ranks blocks (default bucket)")
+    sweep.add_argument("--estimator", default=None,
+                       help="entropy estimator that ranks blocks (default: each criterion's own, knn for entrodrop)")
     sweep.add_argument("--protect", default=None, choices=PROTECTIONS,
                        help="protection for every criterion (default: each criterion's own)")
     sweep.add_argument("--eval-samples", type=int, default=16, help="held-out windows per plan (default 16)")
