@@ -1,14 +1,14 @@
 """What the ``recommended`` criterion costs and what it buys, to place its defaults at a measured knee.
 
     .venv/bin/python benchmarks/bench_recommend.py [--kind attn] [--counts 4,8] [--windows 1,2,4,8] \
-        [--pools 2,4,8] [--calib-samples 32] [--eval-samples 16] [--seq-len 256] [--threads 2] [--json out.json]
+        [--pool-extras 0,4] [--calib-samples 32] [--eval-samples 16] [--seq-len 256] [--threads 2] [--json out.json]
 
 One calibration of the bundled SmolLM2 on the calibration part of gsm8k with the defaults of the app
 and CLI (timed: that is the unit every cost below is reported in). Then, for every count:
 
 * ``recommended`` with every (windows, pool per criterion, search) setting: seconds, the ratio to the
   calibration's seconds, forward passes, and held-out perplexity on the held-out part of gsm8k;
-* the full-pool greedy reference (every eligible block a candidate at every step, 8 windows):
+* the full-pool greedy reference (every eligible block a candidate at every step, 4 windows):
   the quality ceiling the pooled search is measured against.
 
 Selection only ever reads calibration windows (the first N of the calibration set).
@@ -27,23 +27,33 @@ from entrodrop.data import load_corpus, make_windows
 from entrodrop.evaluate import compare
 from entrodrop.loading import load_model
 from entrodrop.plan import DropPlan
-from entrodrop.search import iter_recommend
+from entrodrop.progress import run_to_end
+from entrodrop.search import iter_ablation, iter_recommend
 
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+ABLATIONS: dict[int, tuple] = {}  # windows -> (Ablation, seconds): measured once, charged to every run
+
+
 def run_recommend(model, scores, windows, **kwargs):
+    """(plan, seconds, loss evaluations) of one recommended run, the single-block ablation included."""
+    n = int(windows.shape[0])
+    if n not in ABLATIONS:
+        start = time.perf_counter()
+        ABLATIONS[n] = (run_to_end(iter_ablation(model, scores.num_layers, windows, kind=kwargs["kind"])),
+                        time.perf_counter() - start)
+    ablation, ablation_s = ABLATIONS[n]
     start = time.perf_counter()
     plan = evaluations = None
-    for event in iter_recommend(model, scores, windows, **kwargs):
+    for event in iter_recommend(model, scores, windows, ablation=ablation, **kwargs):
         if event.partial is not None:
             plan = event.partial
-        if event.stage == "recommend":
-            evaluations = event.done
-    seconds = time.perf_counter() - start
-    return plan, seconds, evaluations
+        evaluations = event.done
+    seconds = time.perf_counter() - start + ablation_s
+    return plan, seconds, evaluations + len(ablation.losses) + 1
 
 
 def main() -> None:
@@ -51,12 +61,14 @@ def main() -> None:
     parser.add_argument("--kind", default="attn")
     parser.add_argument("--counts", type=ints, default=[4, 8])
     parser.add_argument("--windows", type=ints, default=[1, 2, 4, 8])
-    parser.add_argument("--pools", type=ints, default=[2, 4, 8])
+    parser.add_argument("--pool-extras", type=ints, default=[0, 4],
+                        help="each criterion's best count + EXTRA candidates join the pool")
     parser.add_argument("--searches", default="lazy,greedy")
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--reference-windows", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -88,16 +100,17 @@ def main() -> None:
     print(f"dense held-out perplexity {dense:.3f}")
     for count in args.counts:
         if args.reference:
-            ref = calib[:8]
-            plan, seconds, evals = run_recommend(loaded.model, scores, ref, kind=args.kind, count=count,
+            n = args.reference_windows
+            plan, seconds, evals = run_recommend(loaded.model, scores, calib[:n], kind=args.kind, count=count,
                                                  pool_per_criterion=scores.num_layers, search="greedy")
-            record("full-pool greedy, 8 windows", count, 8, scores.num_layers, "greedy", plan, seconds, evals)
+            record(f"full-pool greedy, {n} win", count, n, scores.num_layers, "greedy", plan, seconds, evals)
         for n in args.windows:
-            for pool in args.pools:
+            for extra in args.pool_extras:
                 for search in args.searches.split(","):
+                    pool = count + extra
                     plan, seconds, evals = run_recommend(loaded.model, scores, calib[:n], kind=args.kind, count=count,
                                                          pool_per_criterion=pool, search=search)
-                    record(f"{search}, {n} win, pool {pool}", count, n, pool, search, plan, seconds, evals)
+                    record(f"{search}, {n} win, pool +{extra}", count, n, pool, search, plan, seconds, evals)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"calibration_seconds": calib_s, "dense_ppl": dense, "rows": rows}, fh, indent=1)

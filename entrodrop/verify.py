@@ -169,10 +169,11 @@ def sweep(model: nn.Module, scores: Scores, windows: torch.Tensor, **kwargs) -> 
 
 def format_sweep_table(rows: Sequence[SweepRow]) -> str:
     """Plain-text table: one line per (criterion, count)."""
-    head = f"{'criterion':<10} {'count':>5} {'ppl dense':>10} {'ppl pruned':>11} {'KL':>9} {'top-1':>7}  blocks"
+    width = max([9, *(len(r.criterion) for r in rows)])
+    head = f"{'criterion':<{width}} {'count':>5} {'ppl dense':>10} {'ppl pruned':>11} {'KL':>9} {'top-1':>7}  blocks"
     lines = [head, "-" * len(head)]
     for r in rows:
         blocks = ",".join(f"{b['kind']}:{b['layer']}" for b in r.plan["blocks"]) or "-"
-        lines.append(f"{r.criterion:<10} {r.count:>5} {r.dense_perplexity:>10.3f} {r.pruned_perplexity:>11.3f} "
+        lines.append(f"{r.criterion:<{width}} {r.count:>5} {r.dense_perplexity:>10.3f} {r.pruned_perplexity:>11.3f} "
                      f"{r.kl_mean:>9.4f} {r.top1_agreement:>7.3f}  {blocks}")
     return "\n".join(lines)
