@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .costs import BlockCosts, summarize_plan
 from .criteria import get_criterion, ranked_criteria
 from .evaluate import iter_compare_many
 from .plan import DropPlan
@@ -165,6 +166,17 @@ def iter_sweep(
 def sweep(model: nn.Module, scores: Scores, windows: torch.Tensor, **kwargs) -> list[SweepRow]:
     """Run :func:`iter_sweep` to its end and return its rows (the last event carries them)."""
     return run_to_end(iter_sweep(model, scores, windows, **kwargs))
+
+
+def tradeoff_points(rows: Sequence[SweepRow], costs: BlockCosts) -> list[dict]:
+    """Every sweep row with what its plan saves: ``expected_speedup`` (FLOPs-bound, at the costs'
+    sequence length) and ``params_removed_share``, for :func:`entrodrop.plots.tradeoff_figure`."""
+    points = []
+    for r in rows:
+        summary = summarize_plan(DropPlan.from_dict(r.plan), costs)
+        points.append({**r.to_dict(), "expected_speedup": summary.ideal_speedup,
+                       "params_removed_share": summary.params_share})
+    return points
 
 
 def format_sweep_table(rows: Sequence[SweepRow]) -> str:
