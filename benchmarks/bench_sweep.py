@@ -1,18 +1,19 @@
-"""Quality after dropping 0..12 attention sub-blocks of the bundled model: entrodrop vs cosine vs angular.
+"""Held-out quality of every criterion at every drop count on the bundled model, from one calibration.
 
-    .venv/bin/python benchmarks/bench_sweep.py [--calib-samples 32] [--eval-samples 16] [--seq-len 256] \
-        [--no-variant] [--threads 1] [--json out.json]
+    .venv/bin/python benchmarks/bench_sweep.py --kind attn --counts 0-12 [--calib-data gsm8k] \
+        [--eval-data gsm8k] [--calib-samples 32] [--eval-samples 16] [--seq-len 256] [--threads 1] [--json out.json]
 
-One calibration on the calibration part of gsm8k (bucket entropy, 20 bins), then ``verify.sweep``:
-every criterion at every count, perplexity / KL(dense || pruned) / top-1 agreement on windows of the
-held-out part of gsm8k (a different set of problems). Each criterion uses its own default protection
-(entrodrop: "stage"; cosine and angular: none, as published).
+One calibration (bucket and knn entropy, the app's and CLI's defaults: 32 windows of 256 tokens) on the
+calibration part of ``--calib-data``; the measured criteria (recommended, ablation) pick on the first
+windows of that same calibration part. Every plan is then scored on the held-out part of
+``--eval-data`` (a different set of documents; another data set for a cross-dataset run): perplexity,
+KL(dense || pruned), top-1 agreement.
 
-Unless ``--no-variant``, the same sweep runs again from a calibration with ``skip_first=1`` (the first
-token of every window, an attention sink on this model, left out of the statistics). That is a
-variant shown for comparison, not the method.
-
-Threads: 1 by default (on a 2-core machine shared with other jobs one thread runs faster and steadier).
+Criteria, each with its own default protection unless named:
+  recommended (ours), ablation (ours), entrodrop as released (knn; layers 0, 1, L-1 protected),
+  entrodrop released with bucket entropy, entrodrop with the paper's stage rule (bucket, boundary on the
+  sink-free curve), cosine importance, angular (whole layers: Gromov et al.'s span on all tokens; sub-blocks:
+  ours) and, for whole layers, angular-last (Gromov et al. as published, last token).
 """
 
 from __future__ import annotations
@@ -23,84 +24,73 @@ import time
 
 import torch
 
-from entrodrop.calibrate import EstimatorSettings, run_calibration
+from entrodrop.calibrate import iter_calibration
 from entrodrop.data import load_corpus, make_windows
 from entrodrop.loading import load_model
-from entrodrop.select import rank_blocks
-from entrodrop.verify import sweep
-
-CRITERIA = ("entrodrop", "cosine", "angular")
+from entrodrop.progress import run_to_end
+from entrodrop.verify import Variant, format_sweep_table, sweep
 
 
-def format_table(rows) -> str:
-    """One line per count: perplexity, KL and top-1 agreement of each criterion side by side."""
-    by = {(r.criterion, r.count): r for r in rows}
-    counts = sorted({r.count for r in rows})
-    head = f"{'count':>5} |" + "|".join(f" {c:<9} {'ppl':>9} {'KL':>6} {'top-1':>6} " for c in CRITERIA)
-    lines = [head, "-" * len(head)]
-    for n in counts:
-        cells = []
-        for c in CRITERIA:
-            r = by.get((c, n))
-            cells.append(f" {'':<9} {r.pruned_perplexity:>9.3f} {r.kl_mean:>6.3f} {r.top1_agreement:>6.3f} "
-                         if r else f" {'':<9} {'n/a':>9} {'':>6} {'':>6} ")
-        lines.append(f"{n:>5} |" + "|".join(cells))
-    return "\n".join(lines)
+def parse_counts(text: str) -> list[int]:
+    if "-" in text:
+        lo, hi = (int(x) for x in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(x) for x in text.split(",") if x]
 
 
-def run(loaded, calib, heldout, counts, skip_first: int) -> tuple[dict, list]:
-    start = time.perf_counter()
-    scores = run_calibration(loaded.model, calib, spec=loaded.arch, settings=EstimatorSettings(estimators=("bucket",)),
-                             skip_first=skip_first)
-    rows = sweep(loaded.model, scores, heldout, criteria=CRITERIA, kind="attn", counts=counts, estimator="bucket")
-    order = {c: [layer for layer, _ in rank_blocks(scores, c, "attn", estimator="bucket")] for c in CRITERIA}
-    info = {"skip_first": skip_first, "stage_boundary": scores.stage_boundary["bucket"], "ranking": order,
-            "seconds": round(time.perf_counter() - start, 1)}
-    return info, rows
+def variants(kind: str) -> list[Variant]:
+    out = [
+        Variant("recommended"),
+        Variant("ablation"),
+        Variant("entrodrop", label="entrodrop (released, knn)"),
+        Variant("entrodrop", estimator="bucket", label="entrodrop (released, bucket)"),
+        Variant("entrodrop", estimator="bucket", protect="stage", label="entrodrop (stage, bucket)"),
+        Variant("cosine"),
+        Variant("angular"),
+    ]
+    if kind == "layer":
+        out.append(Variant("angular-last"))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", default="attn")
+    parser.add_argument("--counts", type=parse_counts, default=list(range(13)))
+    parser.add_argument("--calib-data", default="gsm8k")
+    parser.add_argument("--eval-data", default="gsm8k")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--max-count", type=int, default=12)
-    parser.add_argument("--no-variant", dest="variant", action="store_false", help="skip the skip_first=1 sweep")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     loaded = load_model("smollm2")
-    corpus = load_corpus("gsm8k")
-    calib = make_windows(loaded.tokenizer, corpus, num_samples=args.calib_samples, seq_len=args.seq_len, seed=0)
-    heldout = make_windows(loaded.tokenizer, corpus, num_samples=args.eval_samples, seq_len=args.seq_len, seed=0,
-                           part="heldout")
-    counts = list(range(args.max_count + 1))
-    print(f"{loaded.name}, attention sub-blocks, calibration gsm8k {calib.shape[0]} x {args.seq_len} "
-          f"(bucket entropy), held-out gsm8k {heldout.shape[0]} x {args.seq_len}")
-
-    results = []
-    for skip_first in (0, 1) if args.variant else (0,):
-        info, rows = run(loaded, calib, heldout, counts, skip_first)
-        title = "METHOD (skip_first=0)" if skip_first == 0 else "VARIANT, not the method: skip_first=1 calibration"
-        print(f"\n{title}; entrodrop stage boundary {info['stage_boundary']} ({info['seconds']} s)")
-        print(f"dense perplexity {rows[0].dense_perplexity:.3f}; columns: pruned perplexity, KL nats/token, top-1")
-        print(format_table(rows))
-        last = {r.criterion: {b["layer"] for b in r.plan["blocks"]} for r in rows if r.count == args.max_count}
-        for c, order in info["ranking"].items():
-            chosen = [layer for layer in order if layer in last.get(c, ())]
-            print(f"  {c:<9} drops at count {args.max_count}, in ranking order: {chosen}")
-        results.append({**info, "rows": [r.to_dict() for r in rows]})
-
+    calib = make_windows(loaded.tokenizer, load_corpus(args.calib_data), num_samples=args.calib_samples,
+                         seq_len=args.seq_len, seed=0)
+    heldout = make_windows(loaded.tokenizer, load_corpus(args.eval_data), num_samples=args.eval_samples,
+                           seq_len=args.seq_len, seed=0, part="heldout")
+    start = time.perf_counter()
+    scores = run_to_end(iter_calibration(loaded.model, calib, spec=loaded.arch))
+    calib_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rows = sweep(loaded.model, scores, heldout, criteria=variants(args.kind), kind=args.kind, counts=args.counts,
+                 selection_windows=calib)
+    sweep_s = time.perf_counter() - start
+    print(f"{loaded.name}, {args.kind} blocks; calibration {args.calib_data} {calib.shape[0]} x {args.seq_len} "
+          f"({calib_s:.0f} s); held-out {args.eval_data} {heldout.shape[0]} x {args.seq_len} "
+          f"({heldout.numel() - heldout.shape[0]} predicted tokens); sweep {sweep_s:.0f} s")
+    print(f"stage boundary (sink-free): {scores.stage_boundary}")
+    print(format_sweep_table(rows))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"model": loaded.name, "kind": "attn", "estimator": "bucket",
-                       "calibration": {"data": "gsm8k", "part": "calibration", "samples": int(calib.shape[0]),
-                                       "seq_len": args.seq_len, "seed": 0},
-                       "heldout": {"data": "gsm8k", "part": "heldout", "samples": int(heldout.shape[0]),
-                                   "seq_len": args.seq_len, "seed": 0},
-                       "sweeps": results}, fh, indent=2)
+            json.dump({"model": loaded.name, "kind": args.kind, "calib_data": args.calib_data,
+                       "eval_data": args.eval_data, "calib_windows": list(calib.shape),
+                       "heldout_windows": list(heldout.shape), "calibration_seconds": calib_s,
+                       "sweep_seconds": sweep_s, "stage_boundary": scores.stage_boundary,
+                       "rows": [r.to_dict() for r in rows]}, fh, indent=1)
 
 
 if __name__ == "__main__":

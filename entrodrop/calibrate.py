@@ -238,7 +238,8 @@ class RunningStats:
     h_y_sinkfree: dict[str, torch.Tensor] = field(default_factory=dict)  # estimator -> (L,), massive tokens out
     cos: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (L,) cosine importance
     ang: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (L,) angular distance
-    ang_matrix: torch.Tensor | None = None  # (L+1, L+1)
+    ang_matrix: torch.Tensor | None = None  # (L+1, L+1), all tokens
+    ang_matrix_last: torch.Tensor | None = None  # (L+1, L+1), the last token of each window
     massive_ratio: float = MASSIVE_RATIO
     massive: MassiveTokenTracker | None = None
 
@@ -251,11 +252,12 @@ class RunningStats:
         self.cos = {k: torch.zeros(L, dtype=torch.float64) for k in ("attn", "mlp", "layer")}
         self.ang = {k: torch.zeros(L, dtype=torch.float64) for k in ("attn", "mlp", "layer")}
         self.ang_matrix = torch.zeros(L + 1, L + 1, dtype=torch.float64)
+        self.ang_matrix_last = torch.zeros(L + 1, L + 1, dtype=torch.float64)
         self.massive = MassiveTokenTracker(L, self.massive_ratio)
 
     def state_bytes(self) -> int:
         tensors = [*self.h_x.values(), *self.h_y.values(), *self.h_x_sinkfree.values(), *self.h_y_sinkfree.values(),
-                   *self.cos.values(), *self.ang.values(), self.ang_matrix]
+                   *self.cos.values(), *self.ang.values(), self.ang_matrix, self.ang_matrix_last]
         return sum(t.numel() * t.element_size() for t in tensors) + self.massive.state_bytes()
 
     def add_batch(
@@ -266,11 +268,13 @@ class RunningStats:
         *,
         positions: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
+        last_token: torch.Tensor | None = None,
     ) -> None:
         """Fold one batch in. ``xs``: (L+1, N, d) streams X_0..X_L; ``ys``: (L, N, d) streams Y_l.
 
         ``positions`` / ``token_ids`` (N,) say where each token sits in its window and which id it
         is, for the massive-token report (positions default to 0..N-1, ids to unknown).
+        ``last_token`` (N,) bool marks the last real token of each window (default: the last of the N).
         """
         kw = dict(bins=settings.bins, k=settings.k, alpha=settings.alpha)
         n_tokens = xs.shape[1]
@@ -307,6 +311,10 @@ class RunningStats:
             self.cos[kind] += importance_from_cosine(cos).cpu()
             self.ang[kind] += angular_from_cosine(cos).cpu()
         self.ang_matrix += angular_distance_matrix(unit_x, unit=True).cpu()
+        if last_token is None:
+            last_token = torch.zeros(n_tokens, dtype=torch.bool)
+            last_token[-1] = True
+        self.ang_matrix_last += angular_distance_matrix(unit_x[:, last_token.to(unit_x.device)], unit=True).cpu()
         self.batches += 1
         self.tokens += int(n_tokens)
 
@@ -346,6 +354,7 @@ class RunningStats:
             stage_boundary={e: detect_stage_boundary(c) for e, c in curve_free.items()},
             blocks=blocks,
             angular_matrix=(self.ang_matrix / n).tolist(),
+            angular_matrix_last=(self.ang_matrix_last / n).tolist(),
             calibration={**calibration, "tokens": self.tokens, "batches": self.batches},
             batches_done=self.batches,
             batches_total=batches_total,
@@ -445,11 +454,14 @@ def iter_calibration(
             flat = mask.reshape(-1)  # (B*T,) on the CPU, like the windows
             positions = torch.arange(mask.shape[1]).expand_as(mask).reshape(-1)[flat]  # (N,)
             token_ids = windows[start : start + batch_size].reshape(-1)[flat]  # (N,)
+            # the last real token of each window: Gromov et al.'s angular distance reads only that one
+            last_pos = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)  # (B,)
+            last_token = (torch.arange(mask.shape[1]) == last_pos[:, None]).reshape(-1)[flat]  # (N,)
             mask = mask.to(stats_device)
             xs = _stack_tokens(cap.x, mask)  # (L+1, N, d)
             ys = _stack_tokens(cap.y, mask)  # (L, N, d)
             cap.clear()  # free the batch's activations before the statistics allocate
-            stats.add_batch(xs, ys, settings, positions=positions, token_ids=token_ids)
+            stats.add_batch(xs, ys, settings, positions=positions, token_ids=token_ids, last_token=last_token)
             del xs, ys
             yield CalibrationEvent(
                 batch_index=stats.batches,

@@ -5,6 +5,8 @@
 * :func:`blocks_figure` — entropy increase and cosine importance per block, side by side, with
   ticked and protected blocks coloured;
 * :func:`rank_figure` — entropy rank against cosine rank per block: where the criteria disagree;
+* :func:`tradeoff_figure` — held-out perplexity against expected speed-up (or parameters removed) for
+  every criterion at every count, from one sweep;
 * :func:`write_figures` — PNG (kaleido) and one self-contained HTML file.
 
 Titles carry the calibration progress ("3/8 batches") so a viewer sees which state is drawn.
@@ -13,7 +15,7 @@ Titles carry the calibration progress ("3/8 batches") so a viewer sees which sta
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -172,6 +174,45 @@ def rank_figure(scores: Scores, kind: str = "attn", estimator: str | None = None
     fig.update_yaxes(title_text="rank by cosine importance", range=[0, n + 1])
     fig.update_layout(title=f"Where the criteria disagree — {kind_label(kind, attributive=True)} blocks", height=420,
                       template="plotly_white", margin={"l": 60, "r": 20, "t": 60, "b": 50})
+    return fig
+
+
+CRITERION_COLORS = ("#2ca02c", "#d62728", "#9467bd", "#8c564b", "#1f77b4", "#ff7f0e", "#17becf", "#7f7f7f")
+
+
+def tradeoff_figure(rows: Sequence[Mapping], *, x: str = "expected_speedup", dense_perplexity: float | None = None,
+                    highlight: tuple[str, int] | None = None) -> go.Figure:
+    """Held-out perplexity against what a plan saves, one line per criterion, one point per count.
+
+    ``rows``: mappings with ``criterion``, ``count``, ``pruned_perplexity`` and the ``x`` value
+    (``expected_speedup`` or ``params_removed_share``), e.g. sweep rows joined with plan summaries.
+    Each point's ``customdata`` is (criterion, count), so a click picks that plan. Perplexity is on a
+    log axis: broken plans sit orders of magnitude above usable ones."""
+    x_title = {"expected_speedup": "expected speed-up (FLOPs, x)",
+               "params_removed_share": "share of parameters removed"}.get(x, x)
+    fig = go.Figure()
+    names = list(dict.fromkeys(r["criterion"] for r in rows))
+    for i, name in enumerate(names):
+        pts = sorted((r for r in rows if r["criterion"] == name), key=lambda r: r["count"])
+        fig.add_trace(go.Scatter(
+            x=[r[x] for r in pts], y=[r["pruned_perplexity"] for r in pts], mode="lines+markers", name=name,
+            line={"color": CRITERION_COLORS[i % len(CRITERION_COLORS)]},
+            customdata=[[name, r["count"]] for r in pts],
+            hovertemplate="%{customdata[0]}, %{customdata[1]} blocks<br>perplexity %{y:.4g}<br>"
+                          + x_title + " %{x:.3g}<extra></extra>"))
+    if dense_perplexity is not None:
+        fig.add_hline(y=dense_perplexity, line={"dash": "dot", "color": "#555"},
+                      annotation_text=f"dense {dense_perplexity:.3g}", annotation_position="bottom right")
+    if highlight is not None:
+        chosen = [r for r in rows if (r["criterion"], r["count"]) == tuple(highlight)]
+        if chosen:
+            fig.add_trace(go.Scatter(x=[chosen[0][x]], y=[chosen[0]["pruned_perplexity"]], mode="markers",
+                                     name="picked", marker={"size": 16, "symbol": "circle-open", "color": "black",
+                                                            "line": {"width": 2}}, hoverinfo="skip"))
+    fig.update_layout(template="plotly_white", height=420, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+                      title="Held-out perplexity against savings: lower right is better",
+                      xaxis_title=x_title, yaxis_title="held-out perplexity (log)", yaxis_type="log",
+                      legend={"orientation": "h", "y": -0.2})
     return fig
 
 

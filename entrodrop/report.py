@@ -82,7 +82,7 @@ def scores_csv(scores: Scores) -> str:
 
 def criterion_ranks(scores: Scores, kind: str, estimator: str) -> dict[str, dict[int, int]]:
     """{criterion: {layer: rank}}; rank 1 is the first block that criterion would drop (no protection)."""
-    return {criterion: block_ranks(scores, criterion, kind, estimator=estimator) for criterion in ranked_criteria()}
+    return {criterion: block_ranks(scores, criterion, kind, estimator=estimator) for criterion in ranked_criteria(kind)}
 
 
 def block_table(
@@ -254,7 +254,7 @@ def criteria_disagreement(scores: Scores, kind: str, count: int, estimator: str)
     """What entrodrop, cosine and angular would each drop at ``count`` blocks (default protections)."""
     chosen: dict[str, list[int] | None] = {}
     errors: dict[str, str] = {}
-    ranked = ranked_criteria()
+    ranked = ranked_criteria(kind)
     for criterion in ranked:
         try:
             plan = select_blocks(scores, criterion, kind, count=count, estimator=estimator)

@@ -4,7 +4,8 @@ JSON names (stable; other tools read them): ``model``, ``num_layers``, ``entropy
 {estimator: L+1 floats, H(X_0..X_L)}, ``mid_entropy`` {estimator: L floats, H(Y_0..Y_{L-1})},
 ``stage_boundary`` {estimator: int}, ``blocks`` (list of {``layer``, ``kind``,
 ``delta_entropy`` {estimator: float}, ``cosine_importance``, ``angular_distance``}),
-``angular_matrix`` (L+1 x L+1), ``calibration`` {``data``, ``samples``, ``seq_len``, ``seed``,
+``angular_matrix`` (L+1 x L+1, mean over all tokens), ``angular_matrix_last`` (L+1 x L+1, the last
+token of each window only, as Gromov et al. measure it; empty in files written before it existed), ``calibration`` {``data``, ``samples``, ``seq_len``, ``seed``,
 ``tokens``, ``massive_ratio``, ...}, ``batches_done``, ``batches_total``, ``complete``.
 
 ``entropy_curve``, ``mid_entropy`` and every ``delta_entropy`` use all tokens, as the released
@@ -187,6 +188,7 @@ class Scores:
     entropy_curve_sinkfree: dict[str, list[float]] = field(default_factory=dict)
     mid_entropy_sinkfree: dict[str, list[float]] = field(default_factory=dict)
     massive_tokens: dict = field(default_factory=dict)
+    angular_matrix_last: list[list[float]] = field(default_factory=list)  # last token of each window only
     format_version: int = SCORES_FORMAT_VERSION
 
     def sinkfree_curve(self, estimator: str) -> list[float]:
@@ -254,6 +256,10 @@ class Scores:
             raise ValueError(f"Field 'complete' of the scores file must be true or false, got {complete!r}.")
         sinkfree = _curves(data.get("entropy_curve_sinkfree", {}), "entropy_curve_sinkfree", L + 1)
         mid_sinkfree = _curves(data.get("mid_entropy_sinkfree", {}), "mid_entropy_sinkfree", L)
+        angular_last = data.get("angular_matrix_last", [])
+        if not isinstance(angular_last, list) or not all(
+                isinstance(row, list) and all(_is_number(x) for x in row) for row in angular_last):
+            raise ValueError("Field 'angular_matrix_last' of the scores file must be a list of lists of numbers.")
         massive = data.get("massive_tokens", {})
         if not isinstance(massive, dict):
             raise ValueError(f"Field 'massive_tokens' of the scores file must be an object, got {massive!r:.80}.")
@@ -277,6 +283,7 @@ class Scores:
             entropy_curve_sinkfree=sinkfree,
             mid_entropy_sinkfree=mid_sinkfree,
             massive_tokens=massive,
+            angular_matrix_last=angular_last,
         )
 
     def save(self, path: str | Path) -> None:

@@ -1,18 +1,21 @@
 """Ranking policies that turn calibration scores into a validated :class:`DropPlan`.
 
 * ``entrodrop`` — smallest entropy increase (``delta_entropy[estimator]``) among eligible
-  blocks. Protection ``stage`` (default): blocks in the detected compression stage
-  (layers < stage boundary) and the last layer are never dropped, the paper's two-stage rule;
-  ``released``: layers 0, 1 and L-1 are protected, exactly as the authors' released code.
+  blocks, as the authors' released scorer runs it by default: KNN entropy, protection ``released``
+  (layers 0, 1 and L-1 never dropped). Protection ``stage`` is the paper's two-stage rule: blocks in
+  the compression stage (layers < stage boundary, the end of the initial decline of the sink-free
+  curve) and the last layer are never dropped.
 * ``cosine`` — LLM-Drop / ShortGPT block influence: smallest ``1 - cos(in, out)``.
-* ``angular`` — Gromov et al.: for whole layers, the contiguous span of ``count`` layers whose
-  input and output residual streams are closest in angle; for sub-blocks, the blocks with the
-  smallest mean angular distance between their input and output.
+* ``angular`` — for whole layers, Gromov et al.: the contiguous span of ``count`` layers whose input
+  and output residual streams are closest in angle (all tokens); ``angular-last`` is the same on each
+  window's last token, as published. For sub-blocks, ``angular`` is ours: the blocks with the smallest
+  mean arccos(cos(in, out)) / pi, a cousin of cosine importance.
 * ``manual`` — the layers the caller lists.
 
 Ties break by layer index (lower first). Baselines run unprotected by default (as published),
 except that nothing may drop every block. What each criterion is, how it ranks and its default
-protection live in :mod:`entrodrop.criteria`.
+protection live in :mod:`entrodrop.criteria`; the criteria that measure the model (``recommended``,
+``ablation``) in :mod:`entrodrop.search`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .arch import BLOCK_KINDS
-from .criteria import REGISTRY, check_estimator, get_criterion, ranked_criteria, score_criteria
+from .criteria import (
+    REGISTRY,
+    criterion_estimator,
+    get_criterion,
+    last_token_matrix,
+    ranked_criteria,
+    resolve_estimator,
+    score_criteria,
+)
 from .plan import DroppedBlock, DropPlan
 from .scores import Scores
 
@@ -63,24 +74,29 @@ def resolve_count(num_layers: int, count: int | None, fraction: float | None) ->
     return count
 
 
-def rank_blocks(scores: Scores, criterion: str, kind: str, *, estimator: str = "bucket") -> list[tuple[int, float]]:
-    """All blocks of ``kind`` as (layer, score), best candidates to drop first."""
-    ranking = get_criterion(criterion).rank
-    if ranking is None:
+def rank_blocks(scores: Scores, criterion: str, kind: str, *, estimator: str | None = None) -> list[tuple[int, float]]:
+    """All blocks of ``kind`` as (layer, score), best candidates to drop first.
+
+    ``estimator`` (entropy criteria): the criterion's default when calibrated, else the first calibrated."""
+    chosen_by = get_criterion(criterion)
+    if chosen_by.rank is None:
         raise ValueError(f"Criterion {criterion!r} has no ranking; choose from {', '.join(ranked_criteria())}.")
-    return sorted(ranking(scores, kind, estimator), key=lambda lv: (lv[1], lv[0]))
+    chosen_by.check_kind(kind)
+    estimator = criterion_estimator(criterion, scores, estimator)
+    return sorted(chosen_by.rank(scores, kind, estimator), key=lambda lv: (lv[1], lv[0]))
 
 
-def block_ranks(scores: Scores, criterion: str, kind: str, *, estimator: str = "bucket") -> dict[int, int]:
+def block_ranks(scores: Scores, criterion: str, kind: str, *, estimator: str | None = None) -> dict[int, int]:
     """Rank of every block of ``kind`` under ``criterion``: layer -> 1 (dropped first) .. L."""
     return {layer: rank for rank, (layer, _) in enumerate(rank_blocks(scores, criterion, kind, estimator=estimator), 1)}
 
 
-def _angular_span(scores: Scores, count: int, eligible: set[int]) -> tuple[int, float]:
-    """Start layer of the contiguous span of ``count`` eligible layers with the smallest distance."""
-    matrix = scores.angular_matrix
+def _angular_span(matrix: list[list[float]], count: int, eligible: set[int]) -> tuple[int, float]:
+    """Start layer of the contiguous span of ``count`` eligible layers whose input X_start and output
+    X_start+count are closest in angle (Gromov et al.); ``matrix`` is (L+1) x (L+1)."""
+    num_layers = len(matrix) - 1
     best: tuple[float, int] | None = None
-    for start in range(scores.num_layers - count + 1):
+    for start in range(num_layers - count + 1):
         if all(layer in eligible for layer in range(start, start + count)):
             dist = matrix[start][start + count]
             if best is None or (dist, start) < best:
@@ -97,18 +113,25 @@ def select_blocks(
     *,
     count: int | None = None,
     fraction: float | None = None,
-    estimator: str = "bucket",
+    estimator: str | None = None,
     protect: str | None = None,
     stage_boundary: int | None = None,
     layers: Iterable[int] | None = None,
 ) -> DropPlan:
-    """Choose blocks of ``kind`` to drop with ``criterion``; returns a validated plan with reasons."""
+    """Choose blocks of ``kind`` to drop with ``criterion`` from the scores alone; a validated plan with reasons.
+
+    ``estimator`` (entropy criteria): the criterion's default when calibrated (knn for entrodrop), else
+    the first calibrated. Criteria that run the model (``recommended``, ``ablation``) are chosen by
+    :func:`entrodrop.search.iter_select`."""
     if criterion not in score_criteria():
         raise ValueError(f"Unknown criterion {criterion!r} for selection from scores; choose from "
                          f"{', '.join(score_criteria())} (criteria that run the model are in entrodrop.verify).")
     chosen_by = get_criterion(criterion)
     if kind not in BLOCK_KINDS:
         raise ValueError(f"Unknown block kind {kind!r}; choose from {', '.join(BLOCK_KINDS)}.")
+    chosen_by.check_kind(kind)
+    estimator = criterion_estimator(criterion, scores, estimator) if chosen_by.uses_estimator else (
+        estimator or resolve_estimator(scores))
     L = scores.num_layers
     meta = {"kind": kind, "estimator": estimator}
     if chosen_by.rank is None:  # a hand-made list
@@ -116,8 +139,6 @@ def select_blocks(
         blocks = [DroppedBlock(layer, kind, "chosen by hand") for layer in chosen]
         return DropPlan(num_layers=L, blocks=blocks, criterion=criterion, meta=meta)
 
-    if chosen_by.uses_estimator:
-        check_estimator(scores, estimator)  # before counting, so the message names the real problem
     n = resolve_count(L, count, fraction)
     protect = protect or chosen_by.default_protection
     protected = protected_layers(scores, protect, estimator=estimator, stage_boundary=stage_boundary)
@@ -133,9 +154,10 @@ def select_blocks(
     if n == 0:
         return DropPlan(num_layers=L, blocks=[], criterion=criterion, meta=meta)
 
-    if criterion == "angular" and kind == "layer":
-        start, dist = _angular_span(scores, n, eligible)
-        reason = f"angular: span {start}..{start + n - 1}, distance(X_{start}, X_{start + n}) = {dist:.4f}"
+    if criterion in ("angular", "angular-last") and kind == "layer":  # Gromov et al.: a contiguous span
+        matrix = last_token_matrix(scores) if criterion == "angular-last" else scores.angular_matrix
+        start, dist = _angular_span(matrix, n, eligible)
+        reason = f"{criterion}: span {start}..{start + n - 1}, distance(X_{start}, X_{start + n}) = {dist:.4f}"
         blocks = [DroppedBlock(layer, kind, reason) for layer in range(start, start + n)]
         return DropPlan(num_layers=L, blocks=blocks, criterion=criterion, meta=meta)
 

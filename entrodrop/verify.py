@@ -1,11 +1,10 @@
-"""Selection checked against the model itself, and sweeps over criteria and drop counts.
+"""Sweeps: every criterion at every drop count, from one calibration.
 
-* ``loss`` (loss-verified) criterion: take the best ``2K`` entropy candidates, then greedily add the
-  candidate whose removal (really skipped, through a preview) gives the lowest loss on the windows
-  given, until ``K`` blocks are chosen. It costs about ``2K x K`` forward passes over those windows.
-  Pick with windows other than the ones you evaluate on (the sweep uses calibration windows).
-* :func:`iter_sweep`: perplexity, KL(dense || pruned) and top-1 agreement for every criterion at
-  every count, from ONE calibration and one pass over the held-out windows per batch.
+:func:`iter_sweep` builds the plan of every (criterion, count) — criteria that measure the model
+(``recommended``, ``ablation``, see :mod:`entrodrop.search`) pick on calibration windows and share one
+single-block ablation — then reports perplexity, KL(dense || pruned) and top-1 agreement of every plan
+in one pass over the held-out windows per batch. A :class:`Variant` pins a criterion's estimator and
+protection, so one sweep can compare, say, entrodrop with KNN and with bucket entropy.
 """
 
 from __future__ import annotations
@@ -17,83 +16,34 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .criteria import get_criterion, model_criteria, ranked_criteria
-from .evaluate import iter_compare_many, mean_loss
-from .plan import DroppedBlock, DropPlan
+from .costs import BlockCosts, summarize_plan
+from .criteria import get_criterion, ranked_criteria
+from .evaluate import iter_compare_many
+from .plan import DropPlan
 from .progress import ProgressEvent, run_to_end
 from .scores import Scores
-from .select import select_blocks
+from .search import MEASURE_WINDOWS, eligible_layers, iter_ablation, iter_select
 
 logger = logging.getLogger(__name__)
 
-LOSS = get_criterion("loss")
-# wiring: front ends still import this (cli_prune.py); read criteria.get_criterion(name).needs_model instead
-LOSS_CRITERION = LOSS.name
+@dataclass(frozen=True)
+class Variant:
+    """One criterion with its estimator and protection pinned, shown in sweep rows as ``label``."""
+
+    criterion: str
+    estimator: str | None = None
+    protect: str | None = None
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.criterion
 
 
-def _entropy_candidates(scores: Scores, kind: str, wanted: int, estimator: str, protect: str | None) -> DropPlan:
-    """The ``wanted`` best entropy candidates, or as many as the protection leaves eligible."""
-    last_error: ValueError | None = None
-    for n in range(wanted, 0, -1):
-        try:
-            return select_blocks(scores, "entrodrop", kind, count=n, estimator=estimator, protect=protect)
-        except ValueError as exc:  # too many for the eligible layers: try fewer
-            last_error = exc
-    raise ValueError(f"No {kind} block is eligible for the loss-verified criterion: {last_error}")
-
-
-def iter_select_loss_verified(
-    model: nn.Module,
-    scores: Scores,
-    windows: torch.Tensor,
-    *,
-    kind: str = "attn",
-    count: int = 4,
-    estimator: str = "bucket",
-    candidate_factor: int = 2,
-    protect: str | None = None,
-    batch_size: int = 1,
-) -> Iterator[ProgressEvent]:
-    """Greedy loss-verified selection; events count loss evaluations, the last one's ``partial`` is
-    the :class:`DropPlan` (criterion ``"loss"``, the losses in ``meta``)."""
-    if count < 0:
-        raise ValueError(f"count must be 0 or more, got {count}.")
-    if count == 0:
-        yield ProgressEvent("select", 0, 0, DropPlan(scores.num_layers, [], criterion=LOSS.name,
-                                                 meta={"kind": kind, "count": 0}))
-        return
-    candidates = _entropy_candidates(scores, kind, candidate_factor * count, estimator, protect)
-    pool = [b.layer for b in candidates.blocks]
-    if len(pool) < count:
-        raise ValueError(f"Only {len(pool)} {kind} blocks are eligible; cannot choose {count}. Drop fewer.")
-    total = sum(len(pool) - step for step in range(count))
-    done = 0
-    chosen: list[DroppedBlock] = []
-    steps: list[dict] = []
-    base_loss = mean_loss(model, windows, batch_size=batch_size)
-    for step in range(count):
-        trial_losses: dict[int, float] = {}
-        for layer in pool:
-            trial = DropPlan(scores.num_layers, [*chosen, DroppedBlock(layer, kind)])
-            trial_losses[layer] = mean_loss(model, windows, trial, batch_size=batch_size)
-            done += 1
-            yield ProgressEvent("select", done, total, None)
-        best = min(pool, key=lambda layer: (trial_losses[layer], layer))
-        pool.remove(best)
-        chosen.append(DroppedBlock(best, kind, f"loss-verified: step {step + 1}, loss {trial_losses[best]:.4f} "
-                                               f"(dense {base_loss:.4f}) among {len(trial_losses)} candidates"))
-        steps.append({"chosen": best, "losses": {str(k): v for k, v in trial_losses.items()}})
-        logger.info("loss-verified step %d: %s %d -> loss %.4f", step + 1, kind, best, trial_losses[best])
-    plan = DropPlan(scores.num_layers, chosen, criterion=LOSS.name, meta={
-        "kind": kind, "count": count, "estimator": estimator, "dense_loss": base_loss,
-        "candidates": [b.layer for b in candidates.blocks], "steps": steps, "windows": int(windows.shape[0]),
-    })
-    yield ProgressEvent("select", total, total, plan)
-
-
-def select_loss_verified(model: nn.Module, scores: Scores, windows: torch.Tensor, **kwargs) -> DropPlan:
-    """Run :func:`iter_select_loss_verified` to its end and return the plan."""
-    return run_to_end(iter_select_loss_verified(model, scores, windows, **kwargs))
+def _as_variant(entry: str | Variant) -> Variant:
+    variant = entry if isinstance(entry, Variant) else Variant(entry)
+    get_criterion(variant.criterion)  # an unknown name fails before anything is measured
+    return variant
 
 
 @dataclass
@@ -112,36 +62,69 @@ class SweepRow:
         return asdict(self)
 
 
+def check_sweep(scores: Scores, criteria: Sequence[str | Variant], kind: str, counts: Sequence[int], *,
+                estimator: str | None = None, protect: str | None = None) -> list[Variant]:
+    """The sweep's criteria as variants, or a ValueError naming the first thing it could not answer: an
+    unknown criterion, a count out of range, or a count a criterion's protection cannot reach."""
+    variants = [_as_variant(c) for c in criteria]
+    if not variants:
+        raise ValueError("Name at least one criterion to sweep.")
+    if len({v.name for v in variants}) != len(variants):
+        raise ValueError("Each criterion may appear once in a sweep; give variants distinct labels.")
+    bad = [n for n in counts if not isinstance(n, int) or not 0 <= n < scores.num_layers]
+    if bad:
+        raise ValueError(f"Counts must be whole numbers from 0 to {scores.num_layers - 1}; got {bad}.")
+    for v in variants:  # reachability, so a long sweep never ends in a silently missing row
+        record = get_criterion(v.criterion)
+        record.check_kind(kind)
+        if record.rank is None and not record.needs_model:
+            raise ValueError(f"The {v.criterion} criterion cannot be swept: it has no ranking of its own.")
+        rule = v.protect or protect or record.default_protection
+        eligible = eligible_layers(scores, rule, v.estimator or estimator)
+        if max(counts, default=0) > len(eligible):
+            raise ValueError(f"{v.name} at count {max(counts)}: cannot drop {max(counts)} {kind} blocks, only "
+                             f"{len(eligible)} of {scores.num_layers} are eligible under protection '{rule}'. "
+                             "Sweep smaller counts or relax the protection.")
+    return variants
+
+
 def sweep_plans(
     model: nn.Module,
     scores: Scores,
-    criteria: Sequence[str],
+    criteria: Sequence[str | Variant],
     kind: str,
     counts: Sequence[int],
     *,
-    estimator: str = "bucket",
+    estimator: str | None = None,
     protect: str | None = None,
     selection_windows: torch.Tensor | None = None,
+    num_windows: int = MEASURE_WINDOWS,
     batch_size: int = 1,
 ) -> Iterator[ProgressEvent]:
-    """Build the plan of every (criterion, count); ``partial`` of the last event is ``{(criterion,
-    count): DropPlan}``. Counts a criterion cannot reach (protection) are skipped with a log line."""
+    """Build the plan of every (criterion, count); ``partial`` of the last event is ``{(name, count):
+    DropPlan}``. Criteria that measure the model pick on ``selection_windows`` (calibration windows)
+    and share one single-block ablation. Unknown criteria and counts a criterion cannot reach raise a
+    ValueError before anything is measured."""
+    variants = check_sweep(scores, criteria, kind, counts, estimator=estimator, protect=protect)
+    measured = any(get_criterion(v.criterion).needs_model for v in variants) and any(counts)
+    if measured and selection_windows is None:
+        raise ValueError("Criteria that measure the model need selection_windows (calibration windows).")
+    ablation = None
+    if measured:  # one single-block ablation serves every measured criterion and count
+        for event in iter_ablation(model, scores.num_layers, selection_windows[:num_windows], kind=kind,
+                                   batch_size=batch_size):
+            ablation = event.partial if event.partial is not None else ablation
+            yield ProgressEvent(event.stage, event.done, event.total, None)
     plans: dict[tuple[str, int], DropPlan] = {}
-    jobs = [(c, n) for c in criteria for n in counts]
-    for i, (criterion, n) in enumerate(jobs):
+    jobs = [(v, n) for v in variants for n in counts]
+    for i, (v, n) in enumerate(jobs):
         if n == 0:
-            plans[(criterion, n)] = DropPlan(scores.num_layers, [], criterion=criterion)
-        elif criterion in model_criteria():  # the loss-verified search, the one criterion that runs the model
-            if selection_windows is None:
-                raise ValueError("The loss criterion needs selection_windows (calibration windows) to pick with.")
-            plans[(criterion, n)] = select_loss_verified(model, scores, selection_windows, kind=kind, count=n,
-                                                         estimator=estimator, protect=protect, batch_size=batch_size)
+            plans[(v.name, n)] = DropPlan(scores.num_layers, [], criterion=v.criterion)
         else:
-            try:
-                plans[(criterion, n)] = select_blocks(scores, criterion, kind, count=n, estimator=estimator,
-                                                      protect=protect)
-            except ValueError as exc:
-                logger.warning("Skipping %s at count %d: %s", criterion, n, exc)
+            plans[(v.name, n)] = run_to_end(iter_select(
+                model, scores, selection_windows, criterion=v.criterion, kind=kind, count=n,
+                estimator=v.estimator or estimator, protect=v.protect or protect, ablation=ablation,
+                num_windows=num_windows, batch_size=batch_size))
         yield ProgressEvent("select", i + 1, len(jobs), dict(plans) if i + 1 == len(jobs) else None)
 
 
@@ -150,21 +133,22 @@ def iter_sweep(
     scores: Scores,
     windows: torch.Tensor,
     *,
-    criteria: Sequence[str] | None = None,
+    criteria: Sequence[str | Variant] | None = None,
     kind: str = "attn",
     counts: Sequence[int] = (0, 2, 4, 6, 8),
-    estimator: str = "bucket",
+    estimator: str | None = None,
     protect: str | None = None,
     selection_windows: torch.Tensor | None = None,
+    num_windows: int = MEASURE_WINDOWS,
     batch_size: int = 1,
 ) -> Iterator[ProgressEvent]:
     """Select (stage ``select``) then compare every plan on ``windows`` in one pass (stage ``sweep``);
     the last event's ``partial`` is the list of :class:`SweepRow` (criterion order, then count).
-    ``criteria`` defaults to every criterion that ranks from the scores."""
+    ``criteria`` (names or :class:`Variant`) defaults to every criterion that ranks from the scores."""
     criteria = ranked_criteria() if criteria is None else criteria
     plans: dict[tuple[str, int], DropPlan] = {}
     for event in sweep_plans(model, scores, criteria, kind, counts, estimator=estimator, protect=protect,
-                             selection_windows=selection_windows, batch_size=batch_size):
+                             selection_windows=selection_windows, num_windows=num_windows, batch_size=batch_size):
         if event.partial is not None:
             plans = event.partial
         yield event
@@ -181,9 +165,9 @@ def iter_sweep(
         reports = event.partial
         yield ProgressEvent("sweep", event.done, event.total, None)
     rows = []
-    for (criterion, n), plan in plans.items():
+    for (name, n), plan in plans.items():
         r = reports[unique[tuple(sorted(plan.keys()))]]
-        rows.append(SweepRow(criterion=criterion, count=n, plan=plan.to_dict(), dense_perplexity=r.dense_perplexity,
+        rows.append(SweepRow(criterion=name, count=n, plan=plan.to_dict(), dense_perplexity=r.dense_perplexity,
                              pruned_perplexity=r.pruned_perplexity, kl_mean=r.kl_mean,
                              top1_agreement=r.top1_agreement, pruned_params=r.pruned_params,
                              dense_params=r.dense_params))
@@ -195,12 +179,24 @@ def sweep(model: nn.Module, scores: Scores, windows: torch.Tensor, **kwargs) -> 
     return run_to_end(iter_sweep(model, scores, windows, **kwargs))
 
 
+def tradeoff_points(rows: Sequence[SweepRow], costs: BlockCosts) -> list[dict]:
+    """Every sweep row with what its plan saves: ``expected_speedup`` (FLOPs-bound, at the costs'
+    sequence length) and ``params_removed_share``, for :func:`entrodrop.plots.tradeoff_figure`."""
+    points = []
+    for r in rows:
+        summary = summarize_plan(DropPlan.from_dict(r.plan), costs)
+        points.append({**r.to_dict(), "expected_speedup": summary.ideal_speedup,
+                       "params_removed_share": summary.params_share})
+    return points
+
+
 def format_sweep_table(rows: Sequence[SweepRow]) -> str:
     """Plain-text table: one line per (criterion, count)."""
-    head = f"{'criterion':<10} {'count':>5} {'ppl dense':>10} {'ppl pruned':>11} {'KL':>9} {'top-1':>7}  blocks"
+    width = max([9, *(len(r.criterion) for r in rows)])
+    head = f"{'criterion':<{width}} {'count':>5} {'ppl dense':>10} {'ppl pruned':>11} {'KL':>9} {'top-1':>7}  blocks"
     lines = [head, "-" * len(head)]
     for r in rows:
         blocks = ",".join(f"{b['kind']}:{b['layer']}" for b in r.plan["blocks"]) or "-"
-        lines.append(f"{r.criterion:<10} {r.count:>5} {r.dense_perplexity:>10.3f} {r.pruned_perplexity:>11.3f} "
+        lines.append(f"{r.criterion:<{width}} {r.count:>5} {r.dense_perplexity:>10.3f} {r.pruned_perplexity:>11.3f} "
                      f"{r.kl_mean:>9.4f} {r.top1_agreement:>7.3f}  {blocks}")
     return "\n".join(lines)

@@ -299,3 +299,21 @@ def test_iter_calibration_takes_settings_only():
         next(iter_calibration(model, random_windows(2, 40), estimators=("bucket",)))
     with pytest.raises(TypeError, match="EstimatorSettings"):
         next(iter_calibration(model, random_windows(2, 40), settings=("bucket",)))
+
+
+def test_last_token_angular_matrix_reads_only_the_last_real_token_of_each_window():
+    model = tiny_model("llama")
+    windows = random_windows(2, 30)
+    padded = torch.cat([windows, torch.zeros(2, 6, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(2, 30), torch.zeros(2, 6)], dim=1)
+    scores = run_calibration(model, padded, settings=EstimatorSettings(estimators=("bucket",)), attention_mask=mask,
+                             batch_size=2)
+    with torch.no_grad(), capture_residuals(model) as cap:
+        model(windows)
+    L = len(cap.x) - 1
+    last = [x[:, -1] for x in cap.x]  # X_l of each window's last token, (B, d)
+    for i, j in ((0, L), (1, 3), (2, L - 1)):
+        cos = torch.nn.functional.cosine_similarity(last[i], last[j], dim=-1).clamp(-1, 1).double()
+        expected = float((torch.arccos(cos) / math.pi).mean())
+        assert scores.angular_matrix_last[i][j] == pytest.approx(expected, abs=1e-5)
+    assert scores.angular_matrix_last != scores.angular_matrix  # all tokens differ from the last one alone

@@ -119,7 +119,10 @@ def test_sweep_refuses_unknown_criteria_and_unreachable_counts(tiny_dir, tmp_pat
     assert "bogus" in line
     line = one_error_line(capsys, main(["sweep", tiny_dir, "--scores", scores, "--criteria", "cosine",
                                         "--counts", "0,9"]), 2)
-    assert "cosine at count 9" in line and "Cannot drop 9" in line
+    assert "Counts must be whole numbers from 0 to 3" in line and "[9]" in line
+    line = one_error_line(capsys, main(["sweep", tiny_dir, "--scores", scores, "--criteria", "entrodrop",
+                                        "--counts", "0,3"]), 2)
+    assert "entrodrop at count 3" in line and "only 1 of 4 are eligible" in line
     line = one_error_line(capsys, main(["sweep", tiny_dir, "--scores", scores, "--counts", "1,x"]), 2)
     assert "--counts" in line
 

@@ -21,7 +21,7 @@ from entrodrop.plan import DropPlan
 from entrodrop.progress import ProgressEvent
 from entrodrop.prune import count_parameters, prune_model
 from entrodrop.scores import BlockScore, Scores
-from entrodrop.verify import format_sweep_table, select_loss_verified, sweep
+from entrodrop.verify import Variant, format_sweep_table, sweep
 
 
 @pytest.fixture(scope="module")
@@ -137,24 +137,12 @@ def fake_scores(num_layers: int, kind: str = "attn") -> Scores:
                   calibration={"data": "fake"}, complete=True)
 
 
-def test_loss_verified_selection_picks_the_least_harmful_candidate(model, windows):
-    scores = fake_scores(LAYERS)
-    plan = select_loss_verified(model, scores, windows, kind="attn", count=1, protect="none")
-    candidates = plan.meta["candidates"]
-    assert len(candidates) == 2  # the best 2K entropy candidates: the two highest layers
-    assert sorted(candidates) == [LAYERS - 2, LAYERS - 1]
-    losses = {layer: mean_loss(model, windows, DropPlan.parse(f"attn:{layer}", LAYERS)) for layer in candidates}
-    assert plan.layers_of("attn") == [min(losses, key=losses.get)]
-    assert plan.criterion == "loss" and "loss-verified" in plan.blocks[0].reason
-    two = select_loss_verified(model, scores, windows, kind="attn", count=2, protect="none")
-    assert len(two) == 2 and set(two.layers_of("attn")) <= set(two.meta["candidates"])
-
-
 def test_sweep_rows_cover_every_criterion_and_count(model, windows):
     scores = fake_scores(LAYERS)
-    rows = sweep(model, scores, windows, criteria=("entrodrop", "cosine", "loss"), kind="attn", counts=(0, 1, 2),
-                 protect="none", selection_windows=windows[:2])
-    assert [(r.criterion, r.count) for r in rows] == [(c, n) for c in ("entrodrop", "cosine", "loss") for n in (0, 1, 2)]
+    rows = sweep(model, scores, windows, criteria=("entrodrop", "cosine", "recommended"), kind="attn",
+                 counts=(0, 1, 2), protect="none", selection_windows=windows[:2])
+    assert [(r.criterion, r.count) for r in rows] == [
+        (c, n) for c in ("entrodrop", "cosine", "recommended") for n in (0, 1, 2)]
     for r in rows:
         assert len(r.plan["blocks"]) == r.count
         if r.count == 0:
@@ -165,6 +153,26 @@ def test_sweep_rows_cover_every_criterion_and_count(model, windows):
     by = {(r.criterion, r.count): r for r in rows}
     assert by[("entrodrop", 1)].plan["blocks"] != by[("cosine", 1)].plan["blocks"]
     assert "criterion" in format_sweep_table(rows)
+    # the measured criterion picks what its own search picks on the same windows
+    from entrodrop.progress import run_to_end
+    from entrodrop.search import iter_select
+    alone = run_to_end(iter_select(model, scores, windows[:2], kind="attn", count=2, protect="none"))
+    assert by[("recommended", 2)].plan["blocks"] == alone.to_dict()["blocks"]
+
+
+def test_sweep_refuses_what_it_cannot_answer_before_measuring(model, windows):
+    scores = fake_scores(LAYERS)
+    with pytest.raises(ValueError, match="Unknown criterion 'bogus'"):
+        sweep(model, scores, windows, criteria=("cosine", "bogus"), counts=(0, 1))
+    with pytest.raises(ValueError, match="only 1 are eligible"):
+        sweep(model, scores, windows, criteria=("entrodrop",), counts=(0, 2), protect="released")
+    with pytest.raises(ValueError, match="Counts must be whole numbers"):
+        sweep(model, scores, windows, criteria=("cosine",), counts=(0, LAYERS))
+    with pytest.raises(ValueError, match="selection_windows"):
+        sweep(model, scores, windows, criteria=("ablation",), counts=(1,))
+    rows = sweep(model, scores, windows, criteria=(Variant("entrodrop", protect="none", label="ed-none"), "cosine"),
+                 counts=(1,))
+    assert [r.criterion for r in rows] == ["ed-none", "cosine"]
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +200,11 @@ def test_cli_eval_and_sweep(cli_setup):
     assert {"quality", "speed", "generations", "plan"} <= set(data)
     assert data["quality"]["num_windows"] == 2 and data["quality"]["pruned_params"] < data["quality"]["dense_params"]
     out = root / "sweep.json"
-    assert main(["sweep", *common, "--criteria", "entrodrop,cosine,loss", "--counts", "0,1", "--kind", "mlp",
+    assert main(["sweep", *common, "--criteria", "entrodrop,cosine,recommended", "--counts", "0,1", "--kind", "mlp",
                  "--protect", "none", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [(r["criterion"], r["count"]) for r in data["rows"]] == [
-        ("entrodrop", 0), ("entrodrop", 1), ("cosine", 0), ("cosine", 1), ("loss", 0), ("loss", 1)]
+        ("entrodrop", 0), ("entrodrop", 1), ("cosine", 0), ("cosine", 1), ("recommended", 0), ("recommended", 1)]
     # no plan: calibrate, then select with entrodrop
     assert main(["eval", *common, "--count", "1", "--kind", "attn", "--protect", "none", "--no-speed",
                  "--max-new-tokens", "0"]) == 0

@@ -85,3 +85,26 @@ def test_write_figures_html_always_png_with_chromium(tmp_path):
 
 def test_empty_figure_shows_its_message():
     assert plots.empty_figure("hello").layout.annotations[0].text == "hello"
+
+
+def test_tradeoff_figure_has_one_line_per_criterion_and_clickable_points():
+    from entrodrop.costs import measure_block_costs
+    from entrodrop.plots import tradeoff_figure
+    from entrodrop.verify import SweepRow, tradeoff_points
+
+    L = 4
+
+    def row(criterion, count, ppl):
+        blocks = [{"layer": i, "kind": "attn", "reason": ""} for i in range(count)]
+        return SweepRow(criterion, count, {"num_layers": L, "blocks": blocks, "criterion": criterion, "meta": {}},
+                        10.0, ppl, 0.1, 0.9, 100 - count, 100)
+    rows = [row("cosine", 0, 10.0), row("cosine", 2, 12.0), row("recommended", 0, 10.0), row("recommended", 2, 11.0)]
+    points = tradeoff_points(rows, measure_block_costs(tiny_model("llama"), seq_len=16))
+    assert points[0]["expected_speedup"] == pytest.approx(1.0) and points[1]["expected_speedup"] > 1.0
+    assert points[1]["params_removed_share"] > 0
+    fig = tradeoff_figure(points, dense_perplexity=10.0, highlight=("recommended", 2))
+    lines = [t for t in fig.data if t.name in ("cosine", "recommended")]
+    assert [t.name for t in lines] == ["cosine", "recommended"]
+    assert [list(c) for c in lines[1].customdata] == [["recommended", 0], ["recommended", 2]]
+    assert fig.data[-1].name == "picked" and fig.data[-1].y[0] == 11.0
+    assert fig.layout.yaxis.type == "log"

@@ -31,10 +31,11 @@ def hand_scores(complete: bool = True) -> Scores:
         blocks.append(BlockScore(i, "mlp", {"bucket": CURVE[i + 1] - MID[i]}, 0.1 * (i + 1), 0.05 * (i + 1)))
         blocks.append(BlockScore(i, "layer", {"bucket": CURVE[i + 1] - CURVE[i]}, 0.2 + 0.01 * i, 0.1 + 0.01 * i))
     matrix = [[abs(i - j) * 0.1 for j in range(L + 1)] for i in range(L + 1)]
+    last = [[abs(i - j) * (0.05 + 0.01 * ((i + j) % 3)) for j in range(L + 1)] for i in range(L + 1)]
     return Scores(model="toy", num_layers=L, estimators=["bucket"], entropy_curve={"bucket": CURVE},
                   mid_entropy={"bucket": MID}, stage_boundary={"bucket": detect_stage_boundary(CURVE)}, blocks=blocks,
                   angular_matrix=matrix, calibration={"tokens": 512, "bins": 20}, batches_done=2 if not complete else 4,
-                  batches_total=4, complete=complete)
+                  batches_total=4, complete=complete, angular_matrix_last=last)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_block_table_ranks_match_the_selection_module():
 # -- plans from ticks and their summaries ------------------------------------------------------------
 def test_plan_from_ticks_keeps_reasons_and_marks_edits():
     scores = hand_scores()
-    auto = select_blocks(scores, "entrodrop", "attn", count=2)
+    auto = select_blocks(scores, "entrodrop", "attn", count=2, protect="stage")
     same = report.plan_from_ticks(scores, "attn", {b.layer for b in auto.blocks}, auto)
     assert same.criterion == "entrodrop" and [b.reason for b in same.blocks] == [b.reason for b in auto.blocks]
     edited = report.plan_from_ticks(scores, "attn", {auto.blocks[0].layer, 2}, auto)
@@ -134,8 +135,8 @@ def test_criteria_disagreement_matches_each_selection():
 
 
 def test_disagreement_reports_a_criterion_that_cannot_choose():
-    d = report.criteria_disagreement(hand_scores(), "attn", 6, "bucket")  # stage protection leaves 4 eligible
-    assert d.chosen["entrodrop"] is None and "only 4 of 8 are eligible" in d.errors["entrodrop"]
+    d = report.criteria_disagreement(hand_scores(), "attn", 6, "bucket")  # released protection leaves 5 eligible
+    assert d.chosen["entrodrop"] is None and "only 5 of 8 are eligible" in d.errors["entrodrop"]
     assert d.chosen["cosine"] is not None and "cannot choose" in d.markdown()
     assert "above 0" in report.criteria_disagreement(hand_scores(), "attn", 0, "bucket").markdown()
 
@@ -143,13 +144,15 @@ def test_disagreement_reports_a_criterion_that_cannot_choose():
 # -- explainer -----------------------------------------------------------------------------------
 def test_explainer_uses_the_measured_numbers():
     scores = hand_scores()
-    text = report.explain_scores(scores, "attn", "bucket", count=2)
+    text = report.explain_scores(scores, "attn", "bucket", count=2, protect="stage")
     assert "layers 0–2" in text and "X_3" in text and "6.0 at X_3" in text and "11.0 at X_8" in text
     dh = sorted(range(L), key=lambda i: (MID[i] - CURVE[i], i))
     assert f"layers {dh[0]} ({MID[dh[0]] - CURVE[dh[0]]:+.3g})" in text
     assert "layers 6 (0.02)" in text  # lowest cosine importance first
     assert "*lower* the entropy" in text  # several attention blocks reduce entropy here
     assert "the 2 with the" in text and "among the other 4" in text
+    released = report.explain_scores(scores, "attn", "bucket", count=2)  # the default protection
+    assert "as in the authors' released code" in released and "among the other 5" in released
     partial = report.explain_scores(hand_scores(complete=False), "attn", "bucket")
     assert "after 2 of 4 batches" in partial
 
@@ -158,7 +161,7 @@ def test_explainer_without_compression_stage_and_before_calibration():
     rising = hand_scores()
     rising.entropy_curve = {"bucket": [float(i) for i in range(L + 1)]}
     rising.stage_boundary = {"bucket": 0}
-    text = report.explain_scores(rising, "layer", "bucket")
+    text = report.explain_scores(rising, "layer", "bucket", protect="stage")
     assert "no compression stage was detected" in text
     assert "only the last layer" in text
     assert "start a calibration" in report.explain_scores(None)

@@ -38,7 +38,7 @@ def test_stage_boundary_is_found_and_robust_to_one_noisy_layer():
 
 
 def test_entrodrop_protects_the_compression_stage_and_the_last_layer():
-    plan = select_blocks(make_scores(), "entrodrop", "attn", count=2)
+    plan = select_blocks(make_scores(), "entrodrop", "attn", count=2, protect="stage")
     assert plan.layers_of("attn") == [4, 5]  # 7 (last) and 0, 1, 2 (compression) are protected
     assert plan.meta["stage_boundary"] == 3
     assert all("delta_entropy[bucket]" in b.reason for b in plan.blocks)
@@ -49,11 +49,12 @@ def test_released_protection_matches_the_authors_code():
     assert sorted(protected_layers(scores, "released")) == [0, 1, L - 1]
     plan = select_blocks(scores, "entrodrop", "attn", count=2, protect="released")
     assert plan.layers_of("attn") == [2, 5]
+    assert select_blocks(scores, "entrodrop", "attn", count=2).to_dict() == plan.to_dict()  # the default
 
 
 def test_stage_boundary_override_and_ties_break_by_layer():
     scores = make_scores()
-    plan = select_blocks(scores, "entrodrop", "attn", count=1, stage_boundary=6)
+    plan = select_blocks(scores, "entrodrop", "attn", count=1, protect="stage", stage_boundary=6)
     assert plan.layers_of("attn") == [6]
     for b in scores.blocks_of("attn"):
         b.delta_entropy["bucket"] = 1.0
@@ -81,7 +82,9 @@ def test_count_from_fraction_and_zero_count():
 def test_selection_errors_say_what_to_do():
     scores = make_scores()
     with pytest.raises(ValueError, match="only 4 of 8 are eligible"):
-        select_blocks(scores, "entrodrop", "attn", count=5)
+        select_blocks(scores, "entrodrop", "attn", count=5, protect="stage")
+    with pytest.raises(ValueError, match="only 5 of 8 are eligible"):
+        select_blocks(scores, "entrodrop", "attn", count=6)  # released: 0, 1 and 7
     with pytest.raises(ValueError, match="Unknown criterion"):
         select_blocks(scores, "random", "attn", count=1)
     with pytest.raises(ValueError, match="exactly one of count"):

@@ -9,10 +9,11 @@ import logging
 import sys
 from pathlib import Path
 
+from ..arch import BLOCK_KINDS
 from ..calibrate import EstimatorSettings, iter_calibration
 from ..estimators import ENTROPY_ESTIMATORS
 from ..scores import Scores
-from ..select import CRITERIA, PROTECTIONS
+from ..select import PROTECTIONS
 
 logger = logging.getLogger("entrodrop")
 
@@ -47,20 +48,29 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="leave the first N tokens of every window out of the statistics (attention sink); default 0")
 
 
-def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = False,
-                       extra_criteria: tuple[str, ...] = ()) -> None:
-    """Criterion, granularity, how many blocks, estimator and protection."""
-    help_text = "how blocks are ranked (default entrodrop)"
-    if "loss" in extra_criteria:
-        help_text += "; loss re-scores the best entrodrop candidates by the held-out loss of skipping them"
-    p.add_argument("--criterion", default="entrodrop", choices=(*CRITERIA, *extra_criteria), help=help_text)
-    p.add_argument("--kind", default="attn", choices=("attn", "mlp", "layer"), help="granularity (default attn)")
+def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = False, measured: bool = False) -> None:
+    """Criterion, granularity, how many blocks, estimator and protection.
+
+    ``measured``: the command has the model at hand, so criteria that measure it are offered and
+    ``recommended`` is the default; otherwise (``select`` reads a scores file only) entrodrop is."""
+    from ..criteria import DEFAULT_CRITERION, model_criteria, score_criteria
+
+    choices = (*model_criteria(), *score_criteria()) if measured else score_criteria()
+    default = DEFAULT_CRITERION if measured else "entrodrop"
+    help_text = f"how blocks are chosen (default {default})"
+    if measured:
+        help_text += ("; recommended and ablation are ours and measure the loss on calibration windows; "
+                      "entrodrop is the paper's as released (knn, layers 0, 1, L-1 protected)")
+    p.add_argument("--criterion", default=default, choices=choices, help=help_text)
+    p.add_argument("--kind", default="attn", choices=BLOCK_KINDS, help="granularity (default attn)")
     group = p.add_mutually_exclusive_group(required=count_required)
     group.add_argument("--count", type=int, default=None, help="number of blocks to drop")
     group.add_argument("--fraction", type=float, default=None, help="share of the L blocks of that kind to drop")
-    p.add_argument("--estimator", default="bucket", help="entropy estimator that ranks blocks (default bucket)")
+    p.add_argument("--estimator", default=None,
+                   help="entropy estimator that ranks blocks (default: the criterion's own, knn for entrodrop)")
     p.add_argument("--protect", default=None, choices=PROTECTIONS,
-                   help="stage: compression stage + last layer (entrodrop default); released: layers 0,1,L-1; none")
+                   help="released: layers 0,1,L-1 (entrodrop default); stage: compression stage + last layer; "
+                        "none (default of every other criterion)")
     p.add_argument("--stage-boundary", type=int, default=None, help="override the detected stage boundary")
 
 

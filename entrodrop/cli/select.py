@@ -7,6 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..criteria import get_criterion
 from ..plan import DropPlan
 from ..scores import Scores
 from ..select import select_blocks
@@ -73,7 +74,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     """``--plan`` / ``--scores`` and the selection options, for commands that apply a plan."""
     p.add_argument("--plan", default=None, help="plan JSON (from `entrodrop select --out`) or blocks such as 'attn:3,attn:5'")
     p.add_argument("--scores", default=None, help="scores JSON from `entrodrop scan --json` (else calibrate first)")
-    add_selection_args(p, extra_criteria=("loss",))
+    add_selection_args(p, measured=True)
 
 
 def plan_from_args(args, loaded, *, required: bool):
@@ -98,15 +99,16 @@ def plan_from_args(args, loaded, *, required: bool):
         raise ValueError("To drop blocks by hand, give them with --plan, e.g. --plan attn:3,attn:7.")
     scores = Scores.load(args.scores) if args.scores else calibrate_from_args(args, loaded)
     check_scores_fit(scores, loaded)
-    if args.criterion == "loss":
-        from ..verify import iter_select_loss_verified
+    if get_criterion(args.criterion).needs_model:
+        from ..search import iter_select
 
         if args.count is None:
-            raise ValueError("The loss criterion needs --count.")
-        windows = windows_from_args(args, loaded)
-        event = progress(iter_select_loss_verified(
-            loaded.model, scores, windows, kind=args.kind, count=args.count, estimator=args.estimator,
-            protect=args.protect, batch_size=args.batch_size), "loss-verified selection", unit="eval")
+            raise ValueError(f"The {args.criterion} criterion needs --count.")
+        windows = windows_from_args(args, loaded)  # calibration windows: never the held-out part
+        event = progress(iter_select(
+            loaded.model, scores, windows, criterion=args.criterion, kind=args.kind, count=args.count,
+            estimator=args.estimator, protect=args.protect, batch_size=args.batch_size),
+            f"{args.criterion} selection", unit="eval")
         return event.partial, scores
     return select_checked(scores, args), scores
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..arch import BLOCK_KINDS
 from ..scores import Scores
-from ..select import CRITERIA, PROTECTIONS, select_blocks
+from ..select import PROTECTIONS
+from ..verify import check_sweep
 from .common import (
     add_data_args,
     add_model_args,
@@ -19,26 +21,21 @@ from .select import check_scores_fit
 
 def check_counts(scores: Scores, criteria: list[str], counts: list[int], args) -> None:
     """Every (criterion, count) must be reachable under its protection: an unreachable one is an error,
-    never a row silently left out."""
-    for criterion in criteria:
-        rule = "entrodrop" if criterion == "loss" else criterion  # loss refines entrodrop's candidates
-        for count in counts:
-            if count:
-                try:
-                    select_blocks(scores, rule, args.kind, count=count, estimator=args.estimator, protect=args.protect)
-                except ValueError as exc:
-                    raise ValueError(f"{criterion} at count {count}: {exc}") from exc
+    never a row silently left out (checked before the model loads when the scores are given)."""
+    check_sweep(scores, criteria, args.kind, counts, estimator=args.estimator, protect=args.protect)
 
 
 def cmd_sweep(args) -> int:
     """Print the sweep table; optionally write rows, data and calibration as JSON."""
-    from ..verify import LOSS_CRITERION, format_sweep_table, iter_sweep
+    from ..criteria import get_criterion
+    from ..verify import format_sweep_table, iter_sweep
 
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
-    known = (*(c for c in CRITERIA if c != "manual"), LOSS_CRITERION)
-    unknown = [c for c in criteria if c not in known]
-    if not criteria or unknown:
-        raise ValueError(f"--criteria takes names from {','.join(known)}; got {args.criteria!r}.")
+    for name in criteria:
+        get_criterion(name)  # an unknown name fails before the model loads
+    if not criteria:
+        raise ValueError(f"--criteria takes comma-separated criterion names; got {args.criteria!r}.")
+    measured = any(get_criterion(name).needs_model for name in criteria)
     try:
         counts = sorted({int(c) for c in args.counts.split(",") if c.strip()})
     except ValueError as exc:
@@ -53,7 +50,7 @@ def cmd_sweep(args) -> int:
         scores = calibrate_from_args(args, loaded)
         check_counts(scores, criteria, counts, args)
     check_scores_fit(scores, loaded)
-    selection_windows = windows_from_args(args, loaded) if LOSS_CRITERION in criteria else None
+    selection_windows = windows_from_args(args, loaded) if measured else None
     windows = heldout_windows(args, loaded)
     rows = progress(iter_sweep(loaded.model, scores, windows, criteria=criteria, kind=args.kind, counts=counts,
                                estimator=args.estimator, protect=args.protect,
@@ -74,11 +71,13 @@ def register(subparsers) -> None:
     add_model_args(sweep)
     add_data_args(sweep)
     sweep.add_argument("--scores", default=None, help="scores JSON from `entrodrop scan --json` (else calibrate)")
-    sweep.add_argument("--criteria", default="entrodrop,cosine,angular",
-                       help="comma-separated from entrodrop, cosine, angular, loss (default entrodrop,cosine,angular)")
-    sweep.add_argument("--kind", default="attn", choices=("attn", "mlp", "layer"), help="granularity (default attn)")
+    sweep.add_argument("--criteria", default="recommended,entrodrop,cosine,angular",
+                       help="comma-separated criteria (default recommended,entrodrop,cosine,angular; also "
+                            "ablation, angular-last)")
+    sweep.add_argument("--kind", default="attn", choices=BLOCK_KINDS, help="granularity (default attn)")
     sweep.add_argument("--counts", default="0,2,4,6,8", help="comma-separated drop counts (default 0,2,4,6,8)")
-    sweep.add_argument("--estimator", default="bucket", help="entropy estimator that ranks blocks (default bucket)")
+    sweep.add_argument("--estimator", default=None,
+                       help="entropy estimator that ranks blocks (default: each criterion's own, knn for entrodrop)")
     sweep.add_argument("--protect", default=None, choices=PROTECTIONS,
                        help="protection for every criterion (default: each criterion's own)")
     sweep.add_argument("--eval-samples", type=int, default=16, help="held-out windows per plan (default 16)")
