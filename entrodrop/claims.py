@@ -23,7 +23,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .scores import Scores, detect_stage_boundary
+from .compare import trend_curve
+from .scores import Scores
 
 HOLDS = "holds"
 DOES_NOT_HOLD = "does not hold"
@@ -251,14 +252,6 @@ def _not_measured(number: int, summary: str, missing: list[str], numbers: dict |
     return ClaimResult(number, CLAIM_TEXT[number], NOT_MEASURED, summary, numbers or {}, missing=missing)
 
 
-def _curve_for_trend(scores: Scores, estimator: str) -> tuple[list[float], str]:
-    """The sink-free curve when calibration recorded one, else the all-token curve (and which it is)."""
-    sinkfree = getattr(scores, "entropy_curve_sinkfree", None) or {}
-    if sinkfree.get(estimator):
-        return list(sinkfree[estimator]), "sink-free"
-    return list(scores.entropy_curve[estimator]), "all-token"
-
-
 def score_trend(scores: Scores | None, estimator: str = "bucket") -> ClaimResult:
     """Claim 1: where the initial decline ends (the stage boundary rule of :mod:`.scores`), and the
     share of later layer-to-layer steps that rise."""
@@ -266,11 +259,7 @@ def score_trend(scores: Scores | None, estimator: str = "bucket") -> ClaimResult
         return _not_measured(1, "No calibration yet.", ["scores"])
     if estimator not in scores.entropy_curve:
         return _not_measured(1, f"The calibration has no {estimator} curve.", ["estimators"])
-    curve, which = _curve_for_trend(scores, estimator)
-    # Calibration's boundary is the one owner of the rule (computed on the sink-free curve when it exists).
-    boundary = scores.stage_boundary.get(estimator)
-    if boundary is None or not 0 <= boundary < len(curve):
-        boundary = detect_stage_boundary(curve)
+    curve, which, boundary = trend_curve(scores, estimator)
     L = len(curve) - 1
     later = [curve[i + 1] - curve[i] for i in range(boundary, L)]
     rising = sum(d > 0 for d in later)
