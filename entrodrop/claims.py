@@ -268,9 +268,15 @@ def score_trend(scores: Scores | None, estimator: str = "bucket") -> ClaimResult
     numbers = {"estimator": estimator, "curve": which, "boundary": boundary, "num_layers": L,
                "start": curve[0], "minimum": curve[boundary], "end": curve[L],
                "rising_steps": rising, "later_steps": len(later), "rising_share": share}
-    caveat = ("" if which == "sink-free" else
-              " This is the all-token curve: these scores carry no sink-free curve, so massive-activation "
-              "tokens may shape it.")
+    excluded = (getattr(scores, "massive_tokens", None) or {}).get("excluded_tokens")
+    if which == "all-token":
+        caveat = (" This is the all-token curve: these scores carry no sink-free curve, so massive-activation "
+                  "tokens may shape it.")
+    elif excluded is not None:
+        numbers["excluded_tokens"] = excluded
+        caveat = f" {excluded} massive-activation token(s) were left out of this curve."
+    else:
+        caveat = ""
     if fell:
         text = (f"The {which} {estimator} curve falls from {curve[0]:.4g} at X_0 to {curve[boundary]:.4g} at "
                 f"X_{boundary}, where its initial decline ends, and ends at {curve[L]:.4g} at X_{L}.")

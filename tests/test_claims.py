@@ -85,9 +85,11 @@ def test_trend_does_not_hold_when_few_later_layers_rise():
 
 def test_trend_prefers_the_sink_free_curve():
     collapse = [10.0, 11.0, 12.0, 13.0, 3.0, 5.0, 6.0, 7.0, 8.0]  # a sink collapse mid-network
-    result = score_trend(make_scores({"bucket": collapse}, sinkfree={"bucket": FALL_THEN_RISE}))
+    scores = make_scores({"bucket": collapse}, sinkfree={"bucket": FALL_THEN_RISE})
+    scores.massive_tokens = {"excluded_tokens": 16}
+    result = score_trend(scores)
     assert result.numbers["curve"] == "sink-free" and result.numbers["boundary"] == 2
-    assert result.verdict == HOLDS and "sink-free" in result.summary
+    assert result.verdict == HOLDS and "16 massive-activation token(s) were left out" in result.summary
 
 
 def test_trend_not_measured_without_scores_or_estimator():

@@ -4,8 +4,9 @@ import pytest
 from test_claims import FALL_THEN_RISE, make_scores
 from tiny_models import random_windows, tiny_model
 
-from entrodrop.calibrate import run_calibration
+from entrodrop.calibrate import EstimatorSettings, run_calibration
 from entrodrop.compare import ALL_TOKENS, SINKFREE, compare_curves, compare_figure, trend_curve
+from entrodrop.scores import detect_stage_boundary
 
 
 def with_d(scores, d, **calibration):
@@ -64,15 +65,15 @@ def test_sink_free_curve_is_preferred_and_labelled():
     curve, kind, boundary = trend_curve(scores, "bucket")
     assert (curve, kind, boundary) == (FALL_THEN_RISE, SINKFREE, 2)
     curve, kind, boundary = trend_curve(scores, "bucket", ALL_TOKENS)
-    assert (kind, boundary) == (ALL_TOKENS, 4)  # the all-token curve gets its own boundary
+    assert (kind, boundary) == (ALL_TOKENS, detect_stage_boundary(collapse))  # its own boundary, same rule
     with pytest.raises(ValueError, match="no sink-free"):
         trend_curve(make_scores({"bucket": collapse}), "bucket", SINKFREE)
 
 
 def test_real_calibrations_of_two_tiny_families_compare():
     """Calibration records d, so two architectures of different width need no extra argument."""
-    llama = run_calibration(tiny_model("llama"), random_windows(2, 48), estimators=("bucket",))
-    qwen = run_calibration(tiny_model("qwen2"), random_windows(2, 48), estimators=("bucket",))
+    llama = run_calibration(tiny_model("llama"), random_windows(2, 48), settings=EstimatorSettings(estimators=("bucket",)))
+    qwen = run_calibration(tiny_model("qwen2"), random_windows(2, 48), settings=EstimatorSettings(estimators=("bucket",)))
     llama.calibration["data"], qwen.calibration["data"] = "random", "random"
     series = compare_curves({"llama": llama, "qwen2": qwen})
     for s, scores in zip(series, (llama, qwen), strict=True):

@@ -67,7 +67,7 @@ def test_real_gemma_loads_and_calibrates():
     """About 50-80 s to de-quantise on a CPU; one 2 x 64-token calibration through the gemma3 adapter."""
     import torch
 
-    from entrodrop.calibrate import run_calibration
+    from entrodrop.calibrate import EstimatorSettings, run_calibration
     from entrodrop.data import load_corpus, make_windows
 
     loaded = load_model(GEMMA)
@@ -76,7 +76,8 @@ def test_real_gemma_loads_and_calibrates():
     assert set(loaded.model.config.layer_types) == {"sliding_attention", "full_attention"}
     windows = make_windows(loaded.tokenizer, load_corpus("gsm8k"), num_samples=2, seq_len=64, seed=0)
     with torch.no_grad():
-        scores = run_calibration(loaded.model, windows, estimators=("bucket", "knn"), spec=loaded.arch)
+        scores = run_calibration(loaded.model, windows, settings=EstimatorSettings(estimators=("bucket", "knn")),
+                                 spec=loaded.arch)
     assert scores.num_layers == 18 and len(scores.blocks) == 3 * 18
     for est in ("bucket", "knn"):
         assert len(scores.entropy_curve[est]) == 19
