@@ -27,8 +27,6 @@ from .select import select_blocks
 logger = logging.getLogger(__name__)
 
 LOSS = get_criterion("loss")
-# wiring: front ends still import this (cli_prune.py); read criteria.get_criterion(name).needs_model instead
-LOSS_CRITERION = LOSS.name
 
 
 def _entropy_candidates(scores: Scores, kind: str, wanted: int, estimator: str, protect: str | None) -> DropPlan:

@@ -8,6 +8,7 @@ import torch
 from test_prune import sharp_model
 from tiny_models import LAYERS, VOCAB
 
+from entrodrop.costs import count_parameters
 from entrodrop.evaluate import (
     compare,
     encode_prompt,
@@ -19,7 +20,7 @@ from entrodrop.evaluate import (
 )
 from entrodrop.plan import DropPlan
 from entrodrop.progress import ProgressEvent
-from entrodrop.prune import count_parameters, prune_model
+from entrodrop.prune import prune_model
 from entrodrop.scores import BlockScore, Scores
 from entrodrop.verify import format_sweep_table, select_loss_verified, sweep
 

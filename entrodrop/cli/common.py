@@ -9,10 +9,12 @@ import logging
 import sys
 from pathlib import Path
 
-from ..calibrate import EstimatorSettings, iter_calibration
+from ..arch import BLOCK_KINDS
+from ..calibrate import EstimatorSettings
+from ..criteria import model_criteria, score_criteria
 from ..estimators import ENTROPY_ESTIMATORS
 from ..scores import Scores
-from ..select import CRITERIA, PROTECTIONS
+from ..select import PROTECTIONS
 
 logger = logging.getLogger("entrodrop")
 
@@ -48,13 +50,15 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = False,
-                       extra_criteria: tuple[str, ...] = ()) -> None:
-    """Criterion, granularity, how many blocks, estimator and protection."""
+                       model_criteria_too: bool = False) -> None:
+    """Criterion, granularity, how many blocks, estimator and protection; ``model_criteria_too`` adds
+    the criteria that run the model (``loss``) for commands that have it loaded."""
     help_text = "how blocks are ranked (default entrodrop)"
-    if "loss" in extra_criteria:
+    if model_criteria_too and "loss" in model_criteria():
         help_text += "; loss re-scores the best entrodrop candidates by the held-out loss of skipping them"
-    p.add_argument("--criterion", default="entrodrop", choices=(*CRITERIA, *extra_criteria), help=help_text)
-    p.add_argument("--kind", default="attn", choices=("attn", "mlp", "layer"), help="granularity (default attn)")
+    choices = (*score_criteria(), *(model_criteria() if model_criteria_too else ()))
+    p.add_argument("--criterion", default="entrodrop", choices=choices, help=help_text)
+    add_kind_arg(p)
     group = p.add_mutually_exclusive_group(required=count_required)
     group.add_argument("--count", type=int, default=None, help="number of blocks to drop")
     group.add_argument("--fraction", type=float, default=None, help="share of the L blocks of that kind to drop")
@@ -62,6 +66,11 @@ def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = Fal
     p.add_argument("--protect", default=None, choices=PROTECTIONS,
                    help="stage: compression stage + last layer (entrodrop default); released: layers 0,1,L-1; none")
     p.add_argument("--stage-boundary", type=int, default=None, help="override the detected stage boundary")
+
+
+def add_kind_arg(p: argparse.ArgumentParser) -> None:
+    """``--kind``: which blocks (attention, MLP or whole layers)."""
+    p.add_argument("--kind", default="attn", choices=BLOCK_KINDS, help="granularity (default attn)")
 
 
 # -- model, text, calibration -----------------------------------------------------------------
@@ -78,62 +87,74 @@ def load_from_args(args):
 
 def windows_from_args(args, tokenizer, part: str = "calibration"):
     """Token windows (``part`` calibration or heldout) of the text the data options name."""
-    from ..data import load_corpus, make_windows
-
-    corpus = load_corpus(args.data, column=args.column)
-    return make_windows(tokenizer, corpus, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, part=part)
+    return load_windows_from_args(args, tokenizer, part=part)[0]
 
 
 def heldout_windows(args, tokenizer):
     """``--eval-samples`` windows from the held-out part of the same text."""
-    eval_args = argparse.Namespace(**{**vars(args), "samples": args.eval_samples})
-    return windows_from_args(eval_args, tokenizer, part="heldout")
+    return load_windows_from_args(args, tokenizer, num_samples=args.eval_samples, part="heldout")[0]
+
+
+def load_windows_from_args(args, tokenizer, *, num_samples: int | None = None, part: str = "calibration"):
+    """(windows, description) as :func:`entrodrop.checks.load_windows` gives them, from the data options."""
+    from ..checks import load_windows
+
+    return load_windows(tokenizer, data_from_args(args), num_samples=args.samples if num_samples is None else num_samples,
+                        seq_len=args.seq_len, seed=args.seed, part=part)
+
+
+def data_from_args(args) -> dict:
+    """The ``load_corpus`` keyword arguments the data options name."""
+    return {"source": args.data, "column": args.column}
 
 
 def calibrate_from_args(args, loaded) -> Scores:
     """Calibrate with a progress bar; Ctrl-C between batches keeps the partial scores."""
-    from tqdm.auto import tqdm
+    from ..workflow import start_calibration
 
-    windows = windows_from_args(args, loaded.tokenizer)
     settings = EstimatorSettings(
         estimators=tuple(e.strip() for e in args.estimators.split(",") if e.strip()), bins=args.bins, k=args.knn_k
     )
-    calibration = {"data": args.data, "seed": args.seed}
-    events = iter_calibration(
-        loaded.model, windows, settings=settings, batch_size=args.batch_size,
-        model_name=loaded.name, calibration=calibration, spec=loaded.arch, skip_first=args.skip_first,
-    )
-    last = None
-    with tqdm(total=(len(windows) + args.batch_size - 1) // args.batch_size, unit="batch", desc="calibrating",
-              file=sys.stderr) as bar:
-        try:
-            for last in events:
-                bar.update(1)
-                bar.set_postfix(tokens=last.tokens_seen)
-        except KeyboardInterrupt:
-            events.close()
-            logger.warning("Interrupted: keeping the statistics of %d batch(es).", last.batch_index if last else 0)
+    run = start_calibration(loaded, data_from_args(args), samples=args.samples, seq_len=args.seq_len,
+                            seed=args.seed, settings=settings, batch_size=args.batch_size,
+                            skip_first=args.skip_first, calibration={"data": args.data})
+    last = progress_bar(run.events, "calibrating", keep_partial=True,
+                        postfix=lambda event: {"tokens": event.tokens_seen})
     if last is None:
         raise ValueError("Calibration stopped before the first batch finished; nothing to report.")
+    if not last.finished:
+        logger.warning("Interrupted: keeping the statistics of %d batch(es).", last.done)
     return last.scores
 
 
 # -- output -----------------------------------------------------------------------------------
-def progress(events, desc: str, unit: str = "batch"):
-    """Drive an event generator with a tqdm bar (restarted at each new stage); returns the last event."""
+def progress_bar(events, desc: str, *, keep_partial: bool = False, postfix=None):
+    """Drive a generator of :class:`~entrodrop.progress.ProgressEvent` with a tqdm bar (restarted at
+    each new stage) and return the last event (None when there was none).
+
+    Ctrl-C closes the generator (its hooks and previews are undone); with ``keep_partial`` the work
+    done so far is kept and returned, otherwise the interrupt goes on. ``postfix(event)`` gives extra
+    numbers to show beside the bar."""
     from tqdm.auto import tqdm
 
     last = None
     stage = None
-    with tqdm(desc=desc, unit=unit, file=sys.stderr) as bar:
-        for last in events:
-            if last.stage != stage:
-                stage = last.stage
-                bar.reset(total=last.total)
-                bar.set_description(f"{desc} ({stage})" if stage not in desc else desc)
-            bar.total = last.total
-            bar.n = last.done
-            bar.refresh()
+    with tqdm(desc=desc, file=sys.stderr) as bar:
+        try:
+            for last in events:
+                if last.stage != stage:
+                    stage = last.stage
+                    bar.reset(total=last.total)
+                    bar.set_description(f"{desc} ({stage})" if stage not in desc else desc)
+                bar.total = last.total
+                bar.n = last.done
+                if postfix is not None:
+                    bar.set_postfix(postfix(last), refresh=False)
+                bar.refresh()
+        except KeyboardInterrupt:
+            events.close()
+            if not keep_partial:
+                raise
     return last
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..criteria import get_criterion
 from ..plan import DropPlan
 from ..scores import Scores
 from ..select import select_blocks
-from .common import add_selection_args, calibrate_from_args, progress, windows_from_args
+from .common import add_selection_args, calibrate_from_args, progress_bar, windows_from_args
 
 
 def format_plan(plan) -> str:
@@ -41,7 +42,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     """``--plan`` / ``--scores`` and the selection options, for commands that apply a plan."""
     p.add_argument("--plan", default=None, help="plan JSON (from `entrodrop select --out`) or blocks such as 'attn:3,attn:5'")
     p.add_argument("--scores", default=None, help="scores JSON from `entrodrop scan --json` (else calibrate first)")
-    add_selection_args(p, extra_criteria=("loss",))
+    add_selection_args(p, model_criteria_too=True)
 
 
 def plan_from_args(args, loaded, *, required: bool):
@@ -61,15 +62,15 @@ def plan_from_args(args, loaded, *, required: bool):
     scores = Scores.load(args.scores) if args.scores else calibrate_from_args(args, loaded)
     if scores.num_layers != L:
         raise ValueError(f"The scores are for a model with {scores.num_layers} layers; this one has {L}.")
-    if args.criterion == "loss":
+    if get_criterion(args.criterion).needs_model:
         from ..verify import iter_select_loss_verified
 
         if args.count is None:
-            raise ValueError("The loss criterion needs --count.")
+            raise ValueError(f"The {args.criterion} criterion needs --count.")
         windows = windows_from_args(args, loaded.tokenizer)
-        event = progress(iter_select_loss_verified(
+        event = progress_bar(iter_select_loss_verified(
             loaded.model, scores, windows, kind=args.kind, count=args.count, estimator=args.estimator,
-            protect=args.protect, batch_size=args.batch_size), "loss-verified selection", unit="eval")
+            protect=args.protect, batch_size=args.batch_size), "loss-verified selection")
         return event.partial, scores
     plan = select_blocks(scores, args.criterion, args.kind, count=args.count, fraction=args.fraction,
                          estimator=args.estimator, protect=args.protect, stage_boundary=args.stage_boundary)

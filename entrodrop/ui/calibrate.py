@@ -8,9 +8,13 @@ import time
 import gradio as gr
 
 from .. import plots, report
-from ..calibrate import EstimatorSettings, iter_calibration
-from ..data import BUNDLED_DATASETS, load_corpus, make_windows
+from ..arch import BLOCK_KINDS, kind_label
+from ..calibrate import EstimatorSettings
+from ..criteria import resolve_estimator
+from ..data import BUNDLED_DATASETS
 from ..estimators import ENTROPY_ESTIMATORS
+from ..workflow import start_calibration
+from .sources import data_source_args
 from .state import MODEL_GROUP, Session, error, loaded_model, user_errors
 
 
@@ -73,7 +77,7 @@ def create_ui() -> CalibrateTab:
         with gr.Column(scale=3):
             tab.entropy_plot = gr.Plot(plots.empty_figure(), label="Entropy per layer", elem_id="entropy-plot")
             with gr.Row():
-                tab.view_kind = gr.Radio([("attention", "attn"), ("MLP", "mlp"), ("whole layer", "layer")],
+                tab.view_kind = gr.Radio([(kind_label(k), k) for k in BLOCK_KINDS],
                                          value="attn", label="Blocks", elem_id="view-kind")
                 tab.view_est = gr.Dropdown(["bucket", "knn"], value="bucket", label="Estimator for ΔH",
                                            elem_id="view-estimator")
@@ -98,7 +102,7 @@ class CalibrateHandlers:
 
     def _curves(self, session: Session, view_kind: str, view_est: str | None) -> dict:
         scores = session.scores
-        est = view_est if view_est in scores.estimators else scores.estimators[0]
+        est = resolve_estimator(scores, view_est)
         same_kind = view_kind == session.kind
         return {
             self.tab.entropy_plot: plots.entropy_figure(scores),
@@ -114,39 +118,38 @@ class CalibrateHandlers:
                   bins, knn_k, seed, view_kind, view_est):
         """Stream calibration: new curves after every batch; Stop keeps what was measured."""
         session.stop_requested = False
-        data = report.data_source_args(source, upload=upload, hub_name=hub_name, column=column, text=text)
+        data = data_source_args(source, upload=upload, hub_name=hub_name, column=column, text=text)
         if not estimators:
             raise error("Tick at least one entropy estimator (bucket, knn or renyi).")
         settings = EstimatorSettings(estimators=tuple(estimators), bins=int(bins or 20), k=int(knn_k or 25))
         seq_len, samples = int(seq_len), int(samples)
         yield {self.tab.calib_status: "▶ Reading the calibration text…"}
         loaded = loaded_model(session)
-        corpus = load_corpus(**data)
-        windows = make_windows(loaded.tokenizer, corpus, num_samples=samples, seq_len=seq_len, seed=int(seed or 0))
         # per-block costs are read from the model here, where no preview can be active (model group)
-        costs = report.measure_block_costs(loaded.model, seq_len)
-        events = iter_calibration(loaded.model, windows, settings=settings, batch_size=1, model_name=loaded.name,
-                                  calibration={"data": corpus.name, "seed": int(seed or 0)}, spec=loaded.arch)
+        run = start_calibration(loaded, data, samples=samples, seq_len=seq_len, seed=int(seed or 0),
+                                settings=settings, costs=True)
+        events, costs = run.events, run.costs
         session.view_kind = view_kind
-        session.view_est = view_est if view_est in settings.estimators else settings.estimators[0]
-        yield {self.tab.calib_status: f"▶ Calibrating on {len(windows)} windows of {seq_len} tokens from {corpus.name}…",
+        session.view_est = resolve_estimator(settings.estimators, view_est)
+        yield {self.tab.calib_status: f"▶ Calibrating on {len(run.windows)} windows of {seq_len} tokens from "
+                                      f"{run.data_name}…",
                self.tab.view_est: gr.update(choices=list(settings.estimators), value=session.view_est),
                self.check.check_seq: gr.update(value=seq_len)}
         started = time.monotonic()
         stopped = False
         try:
             for event in events:
-                if event.batch_index == 1:  # the settings worked: the previous results give way
+                if event.done == 1:  # the settings worked: the previous results give way
                     session.reset_results()
                     session.data, session.costs = data, costs
                     session.estimator = settings.estimators[0]
                 session.scores = event.scores
-                status = (f"▶ Batch {event.batch_index}/{event.num_batches} · {event.tokens_seen:,} tokens · "
+                status = (f"▶ Batch {event.done}/{event.total} · {event.tokens_seen:,} tokens · "
                           f"{time.monotonic() - started:.1f} s")
                 # the view radio may change while this runs: draw what the session shows now
                 yield {self.tab.calib_status: status, **self._curves(session, session.view_kind, session.view_est)}
                 if session.stop_requested:
-                    stopped = not event.done
+                    stopped = not event.finished
                     break
         finally:
             events.close()  # removes the hooks even if the client went away mid-run
