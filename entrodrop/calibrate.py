@@ -27,6 +27,7 @@ from torch import nn
 
 from .arch import BLOCK_KINDS, ArchSpec, get_arch, get_layers
 from .capture import capture_residuals
+from .devices import input_device
 from .estimators import (
     ENTROPY_ESTIMATORS,
     MASSIVE_RATIO,
@@ -39,7 +40,6 @@ from .estimators import (
     token_cosine,
     unit_tokens,
 )
-from .loading import input_device
 from .progress import ProgressEvent, run_to_end
 from .scores import BlockScore, Scores, detect_stage_boundary
 

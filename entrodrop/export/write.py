@@ -105,7 +105,7 @@ def _write_export(model, tokenizer, plan: DropPlan, spec, tmp: Path, target: Pat
     pruned.eval()
     gguf = source.is_gguf(pruned)
     if gguf or getattr(pruned, "hf_quantizer", None) is not None:
-        from ..loading import strip_gguf_quantization
+        from ..gguf import strip_gguf_quantization
 
         strip_gguf_quantization(pruned)
     subblocks = bool(getattr(pruned.config, DROPPED_KEY, None))

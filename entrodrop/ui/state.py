@@ -1,7 +1,7 @@
 """What the app's steps share: the process-wide model cache and launch preload, the per-session
 :class:`Session`, and how library errors reach the user.
 
-Sharing: the loaded models live in one process-wide :class:`~entrodrop.loading.ModelCache`
+Sharing: the loaded models live in one process-wide :class:`~entrodrop.cache.ModelCache`
 (bounded by count and memory); everything a user chooses or computes lives in a per-session
 :class:`Session` held by ``gr.State``. Events that run a model (calibrate, check, generate,
 export) share the concurrency group :data:`MODEL_GROUP` with a limit of one: calibration hooks and
@@ -26,10 +26,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..cache import ModelCache
 from ..checks import ChecksResult
 from ..costs import BlockCosts
 from ..criteria import get_criterion, resolve_estimator
-from ..loading import DEFAULT_MODEL, ModelCache, model_facts
+from ..loading import DEFAULT_MODEL, model_facts
 from ..plan import DropPlan
 from ..scores import Scores
 from ..select import plan_from_ticks, protected_layers
