@@ -5,6 +5,7 @@ The library never imports gradio. Main entry points:
 * :func:`entrodrop.loading.load_model` — bundled alias, local folder, .gguf file or hub id;
 * :func:`entrodrop.data.load_corpus` / :func:`entrodrop.data.make_windows` — calibration text;
 * :func:`entrodrop.calibrate.iter_calibration` — streaming per-block statistics;
+* :func:`entrodrop.workflow.start_calibration` — the calibrate step both front ends run (text to events);
 * :func:`entrodrop.select.select_blocks` — entrodrop / cosine / angular / manual drop plans;
 * :mod:`entrodrop.prune`, :mod:`entrodrop.evaluate`, :mod:`entrodrop.export` — apply, check, save;
 * :mod:`entrodrop.criteria`, :mod:`entrodrop.costs`, :mod:`entrodrop.progress`, :mod:`entrodrop.checks` —

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import ArchSpec, get_arch, get_layers
+from .arch import BLOCK_KINDS, ArchSpec, get_arch, get_layers
 from .capture import capture_residuals
+from .devices import input_device
 from .estimators import (
     ENTROPY_ESTIMATORS,
     MASSIVE_RATIO,
@@ -39,7 +40,6 @@ from .estimators import (
     token_cosine,
     unit_tokens,
 )
-from .loading import input_device
 from .progress import ProgressEvent, run_to_end
 from .scores import BlockScore, Scores, detect_stage_boundary
 
@@ -81,37 +81,14 @@ class CalibrationEvent(ProgressEvent):
 
     tokens_seen: int = 0
 
-    def __init__(self, batch_index: int, num_batches: int, tokens_seen: int, scores: Scores):
-        super().__init__("calibrate", batch_index, num_batches, scores)
+    def __init__(self, done: int, total: int, tokens_seen: int, scores: Scores):
+        super().__init__("calibrate", done, total, scores)
         self.tokens_seen = tokens_seen
 
     @property
     def scores(self) -> Scores:
         """The running means so far (the event's ``partial``)."""
         return self.partial
-
-    @property
-    def num_batches(self) -> int:
-        return self.total
-
-    # wiring: front ends still read event.done as "the last batch is done" (ui.py's Stop) and
-    # event.batch_index as the count (ui.py, cli.py). Once they read event.finished and event.done,
-    # delete this property pair: done is then the batch count, as in every ProgressEvent.
-    @property
-    def done(self) -> bool:  # type: ignore[override]
-        return self.batch_index >= self.total
-
-    @done.setter
-    def done(self, value: int) -> None:
-        self.batch_index = value
-
-    @property
-    def fraction(self) -> float:
-        return self.batch_index / self.total if self.total else 1.0
-
-    @property
-    def finished(self) -> bool:
-        return self.batch_index >= self.total
 
 
 def stream_names(num_layers: int) -> list[str]:
@@ -249,8 +226,8 @@ class RunningStats:
         self.h_y = {e: torch.zeros(L, dtype=torch.float64) for e in self.estimators}
         self.h_x_sinkfree = {e: torch.zeros(L + 1, dtype=torch.float64) for e in self.estimators}
         self.h_y_sinkfree = {e: torch.zeros(L, dtype=torch.float64) for e in self.estimators}
-        self.cos = {k: torch.zeros(L, dtype=torch.float64) for k in ("attn", "mlp", "layer")}
-        self.ang = {k: torch.zeros(L, dtype=torch.float64) for k in ("attn", "mlp", "layer")}
+        self.cos = {k: torch.zeros(L, dtype=torch.float64) for k in BLOCK_KINDS}
+        self.ang = {k: torch.zeros(L, dtype=torch.float64) for k in BLOCK_KINDS}
         self.ang_matrix = torch.zeros(L + 1, L + 1, dtype=torch.float64)
         self.ang_matrix_last = torch.zeros(L + 1, L + 1, dtype=torch.float64)
         self.massive = MassiveTokenTracker(L, self.massive_ratio)
@@ -327,7 +304,7 @@ class RunningStats:
         mid_free = {e: (self.h_y_sinkfree[e] / n).tolist() for e in self.estimators}
         blocks = []
         for layer in range(L):
-            for kind in ("attn", "mlp", "layer"):
+            for kind in BLOCK_KINDS:
                 delta = {}
                 for e in self.estimators:
                     hx, hy = curve[e], mid[e]
@@ -474,8 +451,8 @@ def iter_calibration(
             stats.add_batch(xs, ys, settings, positions=positions, token_ids=token_ids, last_token=last_token)
             del xs, ys
             yield CalibrationEvent(
-                batch_index=stats.batches,
-                num_batches=batches_total,
+                done=stats.batches,
+                total=batches_total,
                 tokens_seen=stats.tokens,
                 scores=stats.to_scores(name, calib, batches_total),
             )

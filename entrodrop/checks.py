@@ -187,13 +187,15 @@ def checks_markdown(result: ChecksResult) -> str:
 
 # -- running them ----------------------------------------------------------------------------------
 def load_windows(tokenizer, data: Mapping, *, num_samples: int, seq_len: int, seed: int = 0,
-                 part: str = "heldout") -> tuple[torch.Tensor, dict]:
+                 part: str = "heldout", config=None) -> tuple[torch.Tensor, dict]:
     """(windows, description) of ``part`` of the text ``data`` names (``load_corpus`` keyword arguments:
-    ``source``, and ``column`` / ``text`` where they apply). The description is what reports quote."""
+    ``source``, and ``column`` / ``text`` where they apply). The description is what reports quote.
+    ``config`` (the model's) refuses windows longer than the model's positions before any tokenising."""
     if "source" not in data:
         raise ValueError("data needs a 'source' (a bundled set, a file, a hub set or 'text'), as for load_corpus.")
     corpus = load_corpus(**data)
-    windows = make_windows(tokenizer, corpus, num_samples=num_samples, seq_len=seq_len, seed=seed, part=part)
+    windows = make_windows(tokenizer, corpus, num_samples=num_samples, seq_len=seq_len, seed=seed, part=part,
+                           config=config)
     return windows, {"data": data["source"], "part": part, "samples": int(windows.shape[0]),
                      "seq_len": int(windows.shape[1]), "seed": seed}
 
@@ -228,7 +230,7 @@ def iter_checks(
     if windows is None and data is not None and eval_samples > 0:
         yield ProgressEvent("read", 0, 1, dataclasses.replace(result))
         windows, result.eval_data = load_windows(tokenizer, data, num_samples=eval_samples, seq_len=seq_len,
-                                                 seed=seed)
+                                                 seed=seed, config=getattr(model, "config", None))
         yield ProgressEvent("read", 1, 1, dataclasses.replace(result))
     ran = False
     if windows is not None:

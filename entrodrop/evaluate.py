@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .costs import count_parameters, flops_share_removed, plan_parameter_counts, speedup_from_share
-from .loading import input_device
+from .devices import input_device
 from .plan import DropPlan
 from .progress import ProgressEvent, run_to_end
 from .prune import preview_plan

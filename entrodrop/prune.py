@@ -312,11 +312,3 @@ def prune_model(model: nn.Module, plan: DropPlan, inplace: bool = False) -> nn.M
         setattr(model.config, DROPPED_KEY, entries)
         setattr(model.config, LAYERS_PATH_KEY, spec.layers)
     return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(parameters, bytes) of ``model``; see :func:`entrodrop.costs.count_parameters`."""
-    # wiring: front ends still import this (export.py); costs imports prune, hence the late import
-    from .costs import count_parameters as _count_parameters
-
-    return _count_parameters(model)

@@ -8,10 +8,8 @@ what it shows is unit-tested here.
 * :func:`block_table` — the blocks of one kind with their scores, ranks per criterion, protection
   and whether they are ticked;
 * :func:`plan_summary_markdown` — what a plan removes (from :mod:`entrodrop.costs`), in words;
-* :func:`check_table` — dense vs pruned measurements side by side (rows from :mod:`entrodrop.checks`);
 * :func:`criteria_disagreement` — which blocks entropy, cosine and angular would drop, and where they differ;
 * :func:`explain_scores` — the teaching text beside the curves, with this model's numbers;
-* :func:`data_source_args` — what the UI's data-source widgets mean for :func:`~entrodrop.data.load_corpus`;
 """
 
 from __future__ import annotations
@@ -27,9 +25,8 @@ import pandas as pd
 
 from . import costs
 from .arch import BLOCK_KINDS, kind_label
-from .checks import ChecksResult, checks_frame
 from .criteria import get_criterion, ranked_criteria, resolve_estimator
-from .plan import DroppedBlock, DropPlan
+from .plan import DropPlan
 from .scores import Scores
 from .select import block_ranks, protected_layers, rank_blocks, select_blocks
 
@@ -111,31 +108,7 @@ def block_table(
     return pd.DataFrame(rows)
 
 
-# -- plans from ticks ----------------------------------------------------------------------------
-def plan_from_ticks(scores: Scores, kind: str, ticked: Iterable[int], auto_plan: DropPlan | None = None) -> DropPlan:
-    """A plan dropping the ticked blocks of ``kind``; reasons come from ``auto_plan`` where it chose
-    the same block, otherwise "ticked by hand". Raises ValueError for a plan that drops everything."""
-    ticked = sorted(set(int(t) for t in ticked))
-    auto = {b.layer: b.reason for b in (auto_plan.blocks if auto_plan else []) if b.kind == kind}
-    blocks = [DroppedBlock(layer, kind, auto.get(layer, "ticked by hand")) for layer in ticked]
-    same = auto_plan is not None and set(ticked) == set(auto)
-    criterion = auto_plan.criterion if same else "manual"
-    meta = dict(auto_plan.meta) if auto_plan is not None else {"kind": kind}
-    meta["kind"] = kind
-    if not same:
-        meta["edited_from"] = auto_plan.criterion if auto_plan is not None else None
-    return DropPlan(num_layers=scores.num_layers, blocks=blocks, criterion=criterion, meta=meta)
-
-
 # -- costs and plan summaries --------------------------------------------------------------------
-# wiring: front ends still import these from report (ui.py: report.BlockCosts, report.measure_block_costs,
-# report.summarize_plan); their owner is entrodrop.costs
-BlockCosts = costs.BlockCosts
-PlanSummary = costs.PlanSummary
-measure_block_costs = costs.measure_block_costs
-summarize_plan = costs.summarize_plan
-
-
 def describe_protection(protected: Mapping[int, str]) -> str:
     """``{0: r, 1: r, 2: r, 9: q}`` -> ``"layers 0–2: r; layer 9: q"`` (runs of one reason grouped)."""
     parts: list[str] = []
@@ -177,13 +150,6 @@ def plan_summary_markdown(plan: DropPlan, summary: costs.PlanSummary, protected:
         reasons = "; ".join(f"layer {i}: {protected[i]}" for i in risky)
         lines.append(f"- ⚠ Ticked although protected — {reasons}.")
     return "\n".join(lines)
-
-
-# -- checks ------------------------------------------------------------------------------------
-def check_table(quality: Mapping | None, speed: Mapping | None = None) -> pd.DataFrame:
-    """Dense vs pruned, one row per measure, from ``QualityReport.to_dict()`` / ``SpeedReport.to_dict()``."""
-    # wiring: front ends still call this (ui.py); the rows are checks.check_rows, the table checks.checks_frame
-    return checks_frame(ChecksResult.from_dict({"quality": quality, "speed": speed}))
 
 
 # -- where the criteria disagree ---------------------------------------------------------------
@@ -380,30 +346,3 @@ def explain_scores(
                  "(for whole layers: the most similar contiguous span), unprotected as published. "
                  "You can untick or tick any block by hand.")
     return "\n".join(lines)
-
-
-# -- data sources ------------------------------------------------------------------------------
-DATA_SOURCES = ("gsm8k", "gpqa", "file", "hub", "text")
-
-
-def data_source_args(choice: str, *, upload: str | None = None, hub_name: str | None = None,
-                     column: str | None = None, text: str | None = None) -> dict:
-    """``load_corpus`` keyword arguments (``source``, ``column``, ``text``) for the UI's data choice."""
-    column = (column or "").strip() or None
-    if choice in ("gsm8k", "gpqa"):
-        return {"source": choice, "column": column, "text": None}
-    if choice == "file":
-        if not upload:
-            raise ValueError("No file uploaded. Upload a .txt, .jsonl, .csv or .parquet file, or pick a bundled set.")
-        return {"source": str(upload), "column": column, "text": None}
-    if choice == "hub":
-        name = (hub_name or "").strip()
-        if not name:
-            raise ValueError("No data set name given. Type a Hugging Face data set such as "
-                             "wikitext:wikitext-2-raw-v1, or pick a bundled set.")
-        return {"source": name, "column": column, "text": None}
-    if choice == "text":
-        if not (text or "").strip():
-            raise ValueError("The pasted text is empty. Paste some text (a few paragraphs), or pick a bundled set.")
-        return {"source": "text", "column": None, "text": text}
-    raise ValueError(f"Unknown data source {choice!r}; choose one of {', '.join(DATA_SOURCES)}.")

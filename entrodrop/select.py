@@ -12,7 +12,8 @@
   mean arccos(cos(in, out)) / pi, a cousin of cosine importance.
 * ``manual`` — the layers the caller lists.
 
-Ties break by layer index (lower first). Baselines run unprotected by default (as published),
+:func:`plan_from_ticks` turns the blocks a person ticked into a plan (``manual`` unless they match an
+automatic choice). Ties break by layer index (lower first). Baselines run unprotected by default (as published),
 except that nothing may drop every block. What each criterion is, how it ranks and its default
 protection live in :mod:`entrodrop.criteria`; the criteria that measure the model (``recommended``,
 ``ablation``) in :mod:`entrodrop.search`.
@@ -24,7 +25,6 @@ from collections.abc import Iterable
 
 from .arch import BLOCK_KINDS
 from .criteria import (
-    REGISTRY,
     criterion_estimator,
     get_criterion,
     last_token_matrix,
@@ -36,10 +36,6 @@ from .plan import DroppedBlock, DropPlan
 from .scores import Scores
 
 PROTECTIONS = ("stage", "released", "none")
-# wiring: front ends still import these (cli.py: CRITERIA; ui.py: DEFAULT_PROTECTION); both are
-# read from the criterion registry (criteria.score_criteria(), criteria.get_criterion(name).default_protection)
-CRITERIA = score_criteria()
-DEFAULT_PROTECTION = {name: c.default_protection for name, c in REGISTRY.items()}
 
 
 def protected_layers(scores: Scores, protect: str, *, estimator: str = "bucket", stage_boundary: int | None = None) -> dict[int, str]:
@@ -168,3 +164,18 @@ def select_blocks(
         for rank, (layer, value) in enumerate(ranked[:n])
     ]
     return DropPlan(num_layers=L, blocks=blocks, criterion=criterion, meta=meta)
+
+
+def plan_from_ticks(scores: Scores, kind: str, ticked: Iterable[int], auto_plan: DropPlan | None = None) -> DropPlan:
+    """A plan dropping the ticked blocks of ``kind``; reasons come from ``auto_plan`` where it chose
+    the same block, otherwise "ticked by hand". Raises ValueError for a plan that drops everything."""
+    ticked = sorted(set(int(t) for t in ticked))
+    auto = {b.layer: b.reason for b in (auto_plan.blocks if auto_plan else []) if b.kind == kind}
+    blocks = [DroppedBlock(layer, kind, auto.get(layer, "ticked by hand")) for layer in ticked]
+    same = auto_plan is not None and set(ticked) == set(auto)
+    criterion = auto_plan.criterion if same else "manual"
+    meta = dict(auto_plan.meta) if auto_plan is not None else {"kind": kind}
+    meta["kind"] = kind
+    if not same:
+        meta["edited_from"] = auto_plan.criterion if auto_plan is not None else None
+    return DropPlan(num_layers=scores.num_layers, blocks=blocks, criterion=criterion, meta=meta)

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from entrodrop import loading
-from entrodrop.loading import InsufficientMemoryError, ModelCache
+from entrodrop.cache import ModelCache
+from entrodrop.loading import InsufficientMemoryError
 
 MODEL_BYTES = 100
 

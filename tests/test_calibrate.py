@@ -97,8 +97,8 @@ def test_streaming_yields_one_event_per_batch_consistent_with_the_final_scores()
     model = tiny_model("llama")
     windows = random_windows(5, 40)
     events = list(iter_calibration(model, windows, batch_size=2))
-    assert [e.batch_index for e in events] == [1, 2, 3]
-    assert events[-1].done and events[-1].scores.complete
+    assert [e.done for e in events] == [1, 2, 3] and {e.total for e in events} == {3}
+    assert events[-1].finished and not events[-2].finished and events[-1].scores.complete
     assert [e.tokens_seen for e in events] == [80, 160, 200]
     # the running mean after batch 1 equals a calibration on batch 1 alone
     alone = run_calibration(model, windows[:2], batch_size=2)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import LAYERS, VOCAB, tiny_model
+from tiny_models import LAYERS, VOCAB, random_windows, tiny_model
 
 from entrodrop.checks import (
     ChecksResult,
@@ -14,7 +14,7 @@ from entrodrop.checks import (
     iter_checks,
 )
 from entrodrop.evaluate import compare, measure_speed
-from entrodrop.plan import DropPlan
+from entrodrop.plan import DroppedBlock, DropPlan
 from entrodrop.progress import run_to_end
 
 
@@ -90,3 +90,17 @@ def test_iter_checks_streams_every_stage_and_ends_with_the_result(model, plan, t
     assert events[2].partial.speed is None  # each event carries the result so far, not a later one
     nothing = run_to_end(iter_checks(model, plan, tiny_tokenizer))
     assert isinstance(nothing, ChecksResult) and not nothing
+
+
+def test_the_app_table_from_real_report_dicts(model):
+    plan = DropPlan(4, [DroppedBlock(1, "attn")])
+    quality = compare(model, plan, random_windows(2, 24)).to_dict()
+    speed = measure_speed(model, plan, prefill_tokens=16, decode_tokens=2, repeats=1, warmup=0).to_dict()
+    table = checks_frame(ChecksResult.from_dict({"quality": quality, "speed": speed}))
+    rows = dict(zip(table.measure, table.pruned, strict=True))
+    assert rows["perplexity (held-out)"] == f"{quality['pruned_perplexity']:.4g}"
+    assert rows["top-1 agreement with dense"] == f"{100 * quality['top1_agreement']:.1f}%"
+    assert rows["parameters"] == f"{quality['pruned_params']:,}"
+    assert any(m.startswith("prefill latency, 16 tokens") for m in table.measure)
+    assert list(checks_frame(ChecksResult.from_dict({"quality": quality})).measure)[-1] == "held-out text"
+    assert checks_frame(ChecksResult.from_dict(None)).empty

@@ -8,6 +8,7 @@ import torch
 from test_prune import sharp_model
 from tiny_models import LAYERS, VOCAB
 
+from entrodrop.costs import count_parameters
 from entrodrop.evaluate import (
     compare,
     encode_prompt,
@@ -19,7 +20,7 @@ from entrodrop.evaluate import (
 )
 from entrodrop.plan import DropPlan
 from entrodrop.progress import ProgressEvent
-from entrodrop.prune import count_parameters, prune_model
+from entrodrop.prune import prune_model
 from entrodrop.scores import BlockScore, Scores
 from entrodrop.verify import Variant, format_sweep_table, sweep
 
@@ -164,7 +165,7 @@ def test_sweep_refuses_what_it_cannot_answer_before_measuring(model, windows):
     scores = fake_scores(LAYERS)
     with pytest.raises(ValueError, match="Unknown criterion 'bogus'"):
         sweep(model, scores, windows, criteria=("cosine", "bogus"), counts=(0, 1))
-    with pytest.raises(ValueError, match="only 1 are eligible"):
+    with pytest.raises(ValueError, match="only 1 of 4 are eligible"):
         sweep(model, scores, windows, criteria=("entrodrop",), counts=(0, 2), protect="released")
     with pytest.raises(ValueError, match="Counts must be whole numbers"):
         sweep(model, scores, windows, criteria=("cosine",), counts=(0, LAYERS))

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from test_cli_errors import scores_dict
 
 from entrodrop.cli import main
+from entrodrop.criteria import score_criteria
 from entrodrop.data import load_corpus, make_windows
 from entrodrop.plan import DropPlan
 from entrodrop.scores import Scores
-from entrodrop.select import CRITERIA, PROTECTIONS, protected_layers, select_blocks
+from entrodrop.select import PROTECTIONS, protected_layers, select_blocks
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -105,7 +106,7 @@ def test_plan_parse(text, num_layers):
 
 
 @FAST
-@given(criterion=st.sampled_from([*CRITERIA, "bogus"]), kind=st.sampled_from(["attn", "mlp", "layer", "x"]),
+@given(criterion=st.sampled_from([*score_criteria(), "bogus"]), kind=st.sampled_from(["attn", "mlp", "layer", "x"]),
        count=st.one_of(st.none(), st.integers(-2, 8)), fraction=st.one_of(st.none(), st.floats(-0.5, 1.5)),
        protect=st.sampled_from([*PROTECTIONS, None, "bogus"]), layers=st.lists(st.integers(-1, 5), max_size=5),
        num_layers=st.integers(1, 6))

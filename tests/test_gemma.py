@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from entrodrop import loading
+from entrodrop import bundled
 from entrodrop.loading import BUNDLED_MODELS, bundled_model_path, load_model, resolve_model_spec
 
 GEMMA = "gemma3-270m"
@@ -30,7 +30,7 @@ def _hide_package(monkeypatch):
 
     monkeypatch.delitem(sys.modules, _PACKAGE, raising=False)
     monkeypatch.setattr(importlib, "import_module", fake_import_module)
-    monkeypatch.setattr(loading, "_ASSEMBLED", {})  # forget a path an earlier test assembled
+    monkeypatch.setattr(bundled, "_ASSEMBLED", {})  # forget a path an earlier test assembled
 
 
 def test_missing_gemma_package_says_how_to_install(monkeypatch):
@@ -44,7 +44,7 @@ def test_missing_gemma_package_says_how_to_install(monkeypatch):
 
 def test_failed_assembly_is_a_value_error(monkeypatch):
     """A chunk file gone missing (FileNotFoundError from assemble) reads as a reinstall hint."""
-    monkeypatch.setattr(loading, "_ASSEMBLED", {})
+    monkeypatch.setattr(bundled, "_ASSEMBLED", {})
     broken = types.SimpleNamespace(assemble=lambda: (_ for _ in ()).throw(FileNotFoundError("Missing chunk files: x")))
     monkeypatch.setattr(importlib, "import_module", lambda name, *a, **k: broken)
     with pytest.raises(ValueError, match="--force-reinstall"):
@@ -53,7 +53,7 @@ def test_failed_assembly_is_a_value_error(monkeypatch):
 
 def test_assembled_path_is_remembered_while_the_file_exists(monkeypatch, tmp_path):
     """The model cache resolves specs on every lookup; assemble() re-hashes 250 MB each time."""
-    monkeypatch.setattr(loading, "_ASSEMBLED", {})
+    monkeypatch.setattr(bundled, "_ASSEMBLED", {})
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     calls = []

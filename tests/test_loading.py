@@ -8,14 +8,14 @@ from conftest import save_tiny_model
 from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config, T5Config, ViTConfig
 
 from entrodrop import loading
+from entrodrop.cache import ModelCache
+from entrodrop.gguf import strip_gguf_quantization
 from entrodrop.loading import (
     InsufficientMemoryError,
-    ModelCache,
     load_config,
     load_model,
     model_facts,
     resolve_model_spec,
-    strip_gguf_quantization,
 )
 
 

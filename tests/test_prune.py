@@ -6,9 +6,9 @@ from tiny_models import FAMILIES, LAYERS, VOCAB, tiny_model
 
 import entrodrop.prune as prune
 from entrodrop.arch import get_arch, get_layers
-from entrodrop.costs import block_parameter_count
+from entrodrop.costs import block_parameter_count, count_parameters
 from entrodrop.plan import DropPlan
-from entrodrop.prune import SkippedAttention, ZeroBlock, count_parameters, preview_plan, prune_model
+from entrodrop.prune import SkippedAttention, ZeroBlock, preview_plan, prune_model
 
 # plans over the tiny models' 4 layers: attention of layer 0 (the cache slot that sets positions),
 # MLPs, whole layers, and mixes of the three

@@ -11,7 +11,6 @@ from tiny_models import random_windows, tiny_model
 from entrodrop import report
 from entrodrop.calibrate import EstimatorSettings, run_calibration
 from entrodrop.costs import measure_block_costs, summarize_plan
-from entrodrop.evaluate import compare, measure_speed
 from entrodrop.export import push_folder_to_hub
 from entrodrop.plan import DroppedBlock, DropPlan
 from entrodrop.scores import BlockScore, Scores, detect_stage_boundary
@@ -82,21 +81,7 @@ def test_block_table_ranks_match_the_selection_module():
     assert table["cosine importance"][6] == pytest.approx(0.02)
 
 
-# -- plans from ticks and their summaries ------------------------------------------------------------
-def test_plan_from_ticks_keeps_reasons_and_marks_edits():
-    scores = hand_scores()
-    auto = select_blocks(scores, "entrodrop", "attn", count=2, protect="stage")
-    same = report.plan_from_ticks(scores, "attn", {b.layer for b in auto.blocks}, auto)
-    assert same.criterion == "entrodrop" and [b.reason for b in same.blocks] == [b.reason for b in auto.blocks]
-    edited = report.plan_from_ticks(scores, "attn", {auto.blocks[0].layer, 2}, auto)
-    assert edited.criterion == "manual" and edited.meta["edited_from"] == "entrodrop"
-    reasons = {b.layer: b.reason for b in edited.blocks}
-    assert reasons[2] == "ticked by hand" and reasons[auto.blocks[0].layer].startswith("entrodrop:")
-    assert report.plan_from_ticks(scores, "attn", [], auto).blocks == []
-    with pytest.raises(ValueError, match="drops every block"):
-        report.plan_from_ticks(scores, "layer", range(L))
-
-
+# -- plan summaries ------------------------------------------------------------
 def test_plan_summary_words_numbers_and_protection_warning(tiny):
     costs = measure_block_costs(tiny, seq_len=16)
     plan = DropPlan(costs.num_layers, [DroppedBlock(0, "attn", "x"), DroppedBlock(2, "attn", "y")], criterion="manual")
@@ -166,38 +151,6 @@ def test_explainer_without_compression_stage_and_before_calibration():
     assert "only the last layer" in text
     assert "start a calibration" in report.explain_scores(None)
     assert "set by hand" in report.explain_scores(hand_scores(), "attn", "bucket", stage_boundary=4)
-
-
-# -- data sources -------------------------------------------------------------------------------
-def test_data_source_args_and_their_errors(tmp_path):
-    assert report.data_source_args("gsm8k") == {"source": "gsm8k", "column": None, "text": None}
-    f = tmp_path / "t.csv"
-    assert report.data_source_args("file", upload=str(f), column=" body ")["column"] == "body"
-    assert report.data_source_args("hub", hub_name=" wikitext:wikitext-2-raw-v1 ")["source"] == "wikitext:wikitext-2-raw-v1"
-    assert report.data_source_args("text", text="some words")["text"] == "some words"
-    with pytest.raises(ValueError, match="pasted text is empty"):
-        report.data_source_args("text", text="  \n ")
-    with pytest.raises(ValueError, match="No file uploaded"):
-        report.data_source_args("file")
-    with pytest.raises(ValueError, match="No data set name"):
-        report.data_source_args("hub", hub_name="")
-    with pytest.raises(ValueError, match="Unknown data source"):
-        report.data_source_args("ftp")
-
-
-# -- checks ---------------------------------------------------------------------------------------
-def test_check_table_from_real_reports(tiny):
-    plan = DropPlan(4, [DroppedBlock(1, "attn")])
-    quality = compare(tiny, plan, random_windows(2, 24)).to_dict()
-    speed = measure_speed(tiny, plan, prefill_tokens=16, decode_tokens=2, repeats=1, warmup=0).to_dict()
-    table = report.check_table(quality, speed)
-    rows = dict(zip(table.measure, table.pruned, strict=True))
-    assert rows["perplexity (held-out)"] == f"{quality['pruned_perplexity']:.4g}"
-    assert rows["top-1 agreement with dense"] == f"{100 * quality['top1_agreement']:.1f}%"
-    assert rows["parameters"] == f"{quality['pruned_params']:,}"
-    assert any(m.startswith("prefill latency, 16 tokens") for m in table.measure)
-    assert list(report.check_table(quality).measure)[-1] == "held-out text"
-    assert report.check_table(None).empty
 
 
 # -- hub push -------------------------------------------------------------------------------------

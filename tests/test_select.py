@@ -4,7 +4,7 @@ import pytest
 
 from entrodrop.plan import DroppedBlock, DropPlan
 from entrodrop.scores import BlockScore, Scores, detect_stage_boundary
-from entrodrop.select import protected_layers, rank_blocks, select_blocks
+from entrodrop.select import plan_from_ticks, protected_layers, rank_blocks, select_blocks
 
 L = 8
 # Entropy falls until X_3, then rises: layers 0..2 compress, 3..7 expand.
@@ -121,3 +121,17 @@ def test_scores_and_plans_round_trip_through_json(tmp_path):
     assert DropPlan.load(tmp_path / "p.json").keys() == plan.keys()
     with pytest.raises(ValueError, match="entrodrop scan"):
         Scores.from_dict({"model": "x"})
+
+
+def test_plan_from_ticks_keeps_reasons_and_marks_edits():
+    scores = make_scores()
+    auto = select_blocks(scores, "entrodrop", "attn", count=2, protect="stage")
+    same = plan_from_ticks(scores, "attn", {b.layer for b in auto.blocks}, auto)
+    assert same.criterion == "entrodrop" and [b.reason for b in same.blocks] == [b.reason for b in auto.blocks]
+    edited = plan_from_ticks(scores, "attn", {auto.blocks[0].layer, 2}, auto)
+    assert edited.criterion == "manual" and edited.meta["edited_from"] == "entrodrop"
+    reasons = {b.layer: b.reason for b in edited.blocks}
+    assert reasons[2] == "ticked by hand" and reasons[auto.blocks[0].layer].startswith("entrodrop:")
+    assert plan_from_ticks(scores, "attn", [], auto).blocks == []
+    with pytest.raises(ValueError, match="drops every block"):
+        plan_from_ticks(scores, "layer", range(L))

@@ -212,7 +212,7 @@ def test_selection_ticks_tables_and_disagreement(ready):
     assert [r["layer"] for r in rows if r["drop"] == "✓"] == sorted(ticked)
     assert "**Plan: drop 2 blocks** (2 attention) — the automatic choice." in summary
     assert "ideal speed-up of ×" in summary
-    assert "entropy increase (EntroDrop):" in disagree_md and "Spearman" in disagree_md
+    assert "entropy increase (EntroDrop, as in the released code):" in disagree_md and "Spearman" in disagree_md
     assert "Where the criteria disagree" in plot_title(rank_plot) and "2 ticked to drop" in plot_title(choose_plot)
     assert out[-2] == "attn" and out[-1]["value"] == "bucket"  # step 2's view follows the choice
     # protection: stage protects the last layer, which is marked in the choices

@@ -1,10 +1,11 @@
-"""The checks ``prune`` and ``eval`` run on a plan (held-out quality, speed, generations) and their text."""
+"""The checks ``prune`` and ``eval`` run on a plan (held-out quality, speed, generations); the text is
+:func:`entrodrop.checks.checks_text`."""
 
 from __future__ import annotations
 
 import argparse
 
-from .common import heldout_windows, progress
+from .common import data_from_args, progress_bar
 
 DEFAULT_PROMPTS = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -27,50 +28,14 @@ def add_check_args(p: argparse.ArgumentParser, *, speed_default: bool) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timing rounds (median reported)")
 
 
-def run_checks(args, loaded, plan) -> dict:
-    """Quality on held-out windows, optional speed, greedy generations; what the card shows."""
-    from ..evaluate import iter_compare, iter_measure_speed, iter_side_by_side
+def run_checks(args, loaded, plan):
+    """Quality on held-out windows, optional speed, greedy generations: the
+    :class:`~entrodrop.checks.ChecksResult` the table and the card show."""
+    from ..checks import iter_checks
 
-    checks: dict = {}
-    if args.eval_samples > 0:
-        windows = heldout_windows(args, loaded)
-        checks["quality"] = progress(iter_compare(loaded.model, plan, windows, batch_size=args.batch_size),
-                                     "checking quality").partial
-        checks["eval_data"] = {"data": args.data, "part": "heldout", "samples": int(windows.shape[0]),
-                               "seq_len": int(windows.shape[1]), "seed": args.seed}
-    if args.speed:
-        checks["speed"] = progress(iter_measure_speed(
-            loaded.model, plan, loaded.tokenizer, prefill_tokens=args.prefill_tokens,
-            decode_tokens=args.decode_tokens, repeats=args.repeats), "timing", unit="round").partial
-    prompts = args.prompt if args.prompt else list(DEFAULT_PROMPTS)
-    if args.max_new_tokens > 0 and prompts:
-        checks["generations"] = progress(iter_side_by_side(
-            loaded.model, plan, loaded.tokenizer, prompts, max_new_tokens=args.max_new_tokens),
-            "generating", unit="prompt").partial
-    return checks
-
-
-def format_checks(checks: dict) -> str:
-    """The checks as printed: perplexity, KL, top-1, parameters, timings, generations."""
-    lines = []
-    q = checks.get("quality")
-    if q is not None:
-        lines += [
-            f"perplexity   dense {q.dense_perplexity:.3f}   pruned {q.pruned_perplexity:.3f}   "
-            f"(x{q.perplexity_ratio:.3f})",
-            f"KL(dense||pruned) {q.kl_mean:.4f} nats/token   top-1 agreement {q.top1_agreement:.3f}   "
-            f"({q.num_windows} windows, {q.num_tokens} tokens)",
-            f"parameters   dense {q.dense_params:,}   pruned {q.pruned_params:,}   "
-            f"({q.dense_bytes / 2**20:.1f} -> {q.pruned_bytes / 2**20:.1f} MiB)",
-        ]
-    s = checks.get("speed")
-    if s is not None:
-        lines += [
-            f"prefill {s.prefill_tokens} tokens   dense {s.dense_prefill_s * 1e3:.1f} ms   pruned "
-            f"{s.pruned_prefill_s * 1e3:.1f} ms   (x{s.prefill_speedup:.2f}; ideal x{s.ideal_speedup:.2f})",
-            f"decode       dense {s.dense_decode_tps:.1f} tok/s   pruned {s.pruned_decode_tps:.1f} tok/s   "
-            f"(x{s.decode_speedup:.2f})",
-        ]
-    for row in checks.get("generations") or []:
-        lines += [f"prompt: {row['prompt']}", f"  dense : {row['dense']!r}", f"  pruned: {row['pruned']!r}"]
-    return "\n".join(lines)
+    events = iter_checks(
+        loaded.model, plan, loaded.tokenizer, data=data_from_args(args), eval_samples=args.eval_samples,
+        seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, speed=args.speed,
+        prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
+        prompts=args.prompt or DEFAULT_PROMPTS, max_new_tokens=args.max_new_tokens)
+    return progress_bar(events, "checks").partial

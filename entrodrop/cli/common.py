@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from ..arch import BLOCK_KINDS
-from ..calibrate import EstimatorSettings, iter_calibration
+from ..calibrate import EstimatorSettings
+from ..criteria import DEFAULT_CRITERION, model_criteria, score_criteria
 from ..estimators import ENTROPY_ESTIMATORS
 from ..scores import Scores
 from ..select import PROTECTIONS
@@ -53,8 +54,6 @@ def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = Fal
 
     ``measured``: the command has the model at hand, so criteria that measure it are offered and
     ``recommended`` is the default; otherwise (``select`` reads a scores file only) entrodrop is."""
-    from ..criteria import DEFAULT_CRITERION, model_criteria, score_criteria
-
     choices = (*model_criteria(), *score_criteria()) if measured else score_criteria()
     default = DEFAULT_CRITERION if measured else "entrodrop"
     help_text = f"how blocks are chosen (default {default})"
@@ -62,7 +61,7 @@ def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = Fal
         help_text += ("; recommended and ablation are ours and measure the loss on calibration windows; "
                       "entrodrop is the paper's as released (knn, layers 0, 1, L-1 protected)")
     p.add_argument("--criterion", default=default, choices=choices, help=help_text)
-    p.add_argument("--kind", default="attn", choices=BLOCK_KINDS, help="granularity (default attn)")
+    add_kind_arg(p)
     group = p.add_mutually_exclusive_group(required=count_required)
     group.add_argument("--count", type=int, default=None, help="number of blocks to drop")
     group.add_argument("--fraction", type=float, default=None, help="share of the L blocks of that kind to drop")
@@ -98,6 +97,11 @@ def check_args(args) -> None:
             raise ValueError(f"--estimators takes names from {','.join(ENTROPY_ESTIMATORS)}, got {estimators!r}.")
 
 
+def add_kind_arg(p: argparse.ArgumentParser) -> None:
+    """``--kind``: which blocks (attention, MLP or whole layers)."""
+    p.add_argument("--kind", default="attn", choices=BLOCK_KINDS, help="granularity (default attn)")
+
+
 # -- model, text, calibration -----------------------------------------------------------------
 def load_from_args(args):
     """The :class:`~entrodrop.loading.LoadedModel` the model options name; loader messages go to the log.
@@ -122,63 +126,75 @@ def load_from_args(args):
 def windows_from_args(args, loaded, part: str = "calibration"):
     """Token windows (``part`` calibration or heldout) of the text the data options name, for ``loaded``
     (a :class:`~entrodrop.loading.LoadedModel`: its config bounds the window length)."""
-    from ..data import load_corpus, make_windows
-
-    corpus = load_corpus(args.data, column=args.column)
-    return make_windows(loaded.tokenizer, corpus, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-                        part=part, config=loaded.model.config)
+    return load_windows_from_args(args, loaded, part=part)[0]
 
 
 def heldout_windows(args, loaded):
     """``--eval-samples`` windows from the held-out part of the same text."""
-    eval_args = argparse.Namespace(**{**vars(args), "samples": args.eval_samples})
-    return windows_from_args(eval_args, loaded, part="heldout")
+    return load_windows_from_args(args, loaded, num_samples=args.eval_samples, part="heldout")[0]
+
+
+def load_windows_from_args(args, loaded, *, num_samples: int | None = None, part: str = "calibration"):
+    """(windows, description) as :func:`entrodrop.checks.load_windows` gives them, from the data options."""
+    from ..checks import load_windows
+
+    return load_windows(loaded.tokenizer, data_from_args(args),
+                        num_samples=args.samples if num_samples is None else num_samples,
+                        seq_len=args.seq_len, seed=args.seed, part=part, config=loaded.model.config)
+
+
+def data_from_args(args) -> dict:
+    """The ``load_corpus`` keyword arguments the data options name."""
+    return {"source": args.data, "column": args.column}
 
 
 def calibrate_from_args(args, loaded) -> Scores:
     """Calibrate with a progress bar; Ctrl-C between batches keeps the partial scores."""
-    from tqdm.auto import tqdm
+    from ..workflow import start_calibration
 
-    windows = windows_from_args(args, loaded)
     settings = EstimatorSettings(
         estimators=tuple(e.strip() for e in args.estimators.split(",") if e.strip()), bins=args.bins, k=args.knn_k
     )
-    calibration = {"data": args.data, "seed": args.seed}
-    events = iter_calibration(
-        loaded.model, windows, settings=settings, batch_size=args.batch_size,
-        model_name=loaded.name, calibration=calibration, spec=loaded.arch, skip_first=args.skip_first,
-    )
-    last = None
-    with tqdm(total=(len(windows) + args.batch_size - 1) // args.batch_size, unit="batch", desc="calibrating",
-              file=sys.stderr) as bar:
-        try:
-            for last in events:
-                bar.update(1)
-                bar.set_postfix(tokens=last.tokens_seen)
-        except KeyboardInterrupt:
-            events.close()
-            logger.warning("Interrupted: keeping the statistics of %d batch(es).", last.batch_index if last else 0)
+    run = start_calibration(loaded, data_from_args(args), samples=args.samples, seq_len=args.seq_len,
+                            seed=args.seed, settings=settings, batch_size=args.batch_size,
+                            skip_first=args.skip_first, calibration={"data": args.data})
+    last = progress_bar(run.events, "calibrating", keep_partial=True,
+                        postfix=lambda event: {"tokens": event.tokens_seen})
     if last is None:
         raise ValueError("Calibration stopped before the first batch finished; nothing to report.")
+    if not last.finished:
+        logger.warning("Interrupted: keeping the statistics of %d batch(es).", last.done)
     return last.scores
 
 
 # -- output -----------------------------------------------------------------------------------
-def progress(events, desc: str, unit: str = "batch"):
-    """Drive an event generator with a tqdm bar (restarted at each new stage); returns the last event."""
+def progress_bar(events, desc: str, *, keep_partial: bool = False, postfix=None):
+    """Drive a generator of :class:`~entrodrop.progress.ProgressEvent` with a tqdm bar (restarted at
+    each new stage) and return the last event (None when there was none).
+
+    Ctrl-C closes the generator (its hooks and previews are undone); with ``keep_partial`` the work
+    done so far is kept and returned, otherwise the interrupt goes on. ``postfix(event)`` gives extra
+    numbers to show beside the bar."""
     from tqdm.auto import tqdm
 
     last = None
     stage = None
-    with tqdm(desc=desc, unit=unit, file=sys.stderr) as bar:
-        for last in events:
-            if last.stage != stage:
-                stage = last.stage
-                bar.reset(total=last.total)
-                bar.set_description(f"{desc} ({stage})" if stage not in desc else desc)
-            bar.total = last.total
-            bar.n = last.done
-            bar.refresh()
+    with tqdm(desc=desc, file=sys.stderr) as bar:
+        try:
+            for last in events:
+                if last.stage != stage:
+                    stage = last.stage
+                    bar.reset(total=last.total)
+                    bar.set_description(f"{desc} ({stage})" if stage not in desc else desc)
+                bar.total = last.total
+                bar.n = last.done
+                if postfix is not None:
+                    bar.set_postfix(postfix(last), refresh=False)
+                bar.refresh()
+        except KeyboardInterrupt:
+            events.close()
+            if not keep_partial:
+                raise
     return last
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .checks import add_check_args, format_checks, run_checks
+from ..checks import checks_text
+from .checks import add_check_args, run_checks
 from .common import add_data_args, add_model_args, load_from_args, write_json
 from .select import add_plan_args, format_plan, plan_from_args
 
@@ -13,9 +14,9 @@ def cmd_eval(args) -> int:
     plan, _ = plan_from_args(args, loaded, required=False)
     print(format_plan(plan))
     checks = run_checks(args, loaded, plan)
-    print(format_checks(checks))
+    print(checks_text(checks))
     if args.json:
-        write_json(args.json, {"model": loaded.name, "plan": plan, **checks})
+        write_json(args.json, {"model": loaded.name, "plan": plan, **checks.to_dict()})
     return 0
 
 

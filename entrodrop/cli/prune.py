@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .checks import add_check_args, format_checks, run_checks
+from ..checks import checks_text
+from .checks import add_check_args, run_checks
 from .common import add_data_args, add_model_args, load_from_args
 from .select import add_plan_args, format_plan, plan_from_args
 
@@ -24,7 +25,7 @@ def cmd_prune(args) -> int:
     print(format_plan(plan))
     checks = run_checks(args, loaded, plan)
     if checks:
-        print(format_checks(checks))
+        print(checks_text(checks))
     # export_pruned takes the criterion from the plan and the calibration settings from the scores;
     # an OSError (disk full, permission) reaches main(), which says it in one line with exit 1
     result = export_pruned(loaded.model, loaded.tokenizer, plan, args.out, scores=scores, checks=checks,

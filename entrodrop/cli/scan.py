@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from ..arch import BLOCK_KINDS
+from ..criteria import resolve_estimator
 from ..scores import Scores
 from .common import add_data_args, add_model_args, calibrate_from_args, load_from_args
 
 
 def format_scores_table(scores: Scores, estimator: str | None = None) -> str:
     """Readable per-layer table: entropy of X_l, then per sub-block entropy increase and cosine importance."""
-    est = estimator or scores.estimators[0]
+    est = resolve_estimator(scores, estimator)
     boundary = scores.stage_boundary.get(est)
     head = (f"{'layer':>5} {'H(X_l)':>10} | {'attn dH':>9} {'attn cos':>9} | {'mlp dH':>9} {'mlp cos':>9} | "
             f"{'layer dH':>9} {'layer cos':>9}  stage")
@@ -16,7 +18,7 @@ def format_scores_table(scores: Scores, estimator: str | None = None) -> str:
              f"{scores.calibration.get('tokens', '?')} tokens in {scores.batches_done} batch(es)",
              f"stage boundary at X_{boundary}: layers < {boundary} compress, the rest expand", head, "-" * len(head)]
     for layer in range(scores.num_layers):
-        a, m, w = (scores.block(layer, k) for k in ("attn", "mlp", "layer"))
+        a, m, w = (scores.block(layer, k) for k in BLOCK_KINDS)
         stage = "compress" if boundary is not None and layer < boundary else "expand"
         lines.append(
             f"{layer:>5} {scores.entropy_curve[est][layer]:>10.2f} | {a.delta_entropy[est]:>9.3f} {a.cosine_importance:>9.4f} | "

@@ -11,7 +11,7 @@ from ..criteria import get_criterion
 from ..plan import DropPlan
 from ..scores import Scores
 from ..select import select_blocks
-from .common import add_selection_args, calibrate_from_args, progress, windows_from_args
+from .common import add_selection_args, calibrate_from_args, progress_bar, windows_from_args
 
 logger = logging.getLogger("entrodrop")
 
@@ -105,10 +105,10 @@ def plan_from_args(args, loaded, *, required: bool):
         if args.count is None:
             raise ValueError(f"The {args.criterion} criterion needs --count.")
         windows = windows_from_args(args, loaded)  # calibration windows: never the held-out part
-        event = progress(iter_select(
+        event = progress_bar(iter_select(
             loaded.model, scores, windows, criterion=args.criterion, kind=args.kind, count=args.count,
             estimator=args.estimator, protect=args.protect, batch_size=args.batch_size),
-            f"{args.criterion} selection", unit="eval")
+            f"{args.criterion} selection")
         return event.partial, scores
     return select_checked(scores, args), scores
 

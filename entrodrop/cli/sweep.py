@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from ..arch import BLOCK_KINDS
+from ..criteria import get_criterion, model_criteria, ranked_criteria
 from ..scores import Scores
 from ..select import PROTECTIONS
 from ..verify import check_sweep
 from .common import (
     add_data_args,
+    add_kind_arg,
     add_model_args,
     calibrate_from_args,
-    heldout_windows,
     load_from_args,
-    progress,
+    load_windows_from_args,
+    progress_bar,
     windows_from_args,
     write_json,
 )
@@ -27,7 +28,6 @@ def check_counts(scores: Scores, criteria: list[str], counts: list[int], args) -
 
 def cmd_sweep(args) -> int:
     """Print the sweep table; optionally write rows, data and calibration as JSON."""
-    from ..criteria import get_criterion
     from ..verify import format_sweep_table, iter_sweep
 
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
@@ -51,16 +51,15 @@ def cmd_sweep(args) -> int:
         check_counts(scores, criteria, counts, args)
     check_scores_fit(scores, loaded)
     selection_windows = windows_from_args(args, loaded) if measured else None
-    windows = heldout_windows(args, loaded)
-    rows = progress(iter_sweep(loaded.model, scores, windows, criteria=criteria, kind=args.kind, counts=counts,
-                               estimator=args.estimator, protect=args.protect,
-                               selection_windows=selection_windows, batch_size=args.batch_size),
-                    "sweep", unit="step").partial
+    windows, eval_data = load_windows_from_args(args, loaded, num_samples=args.eval_samples, part="heldout")
+    rows = progress_bar(iter_sweep(loaded.model, scores, windows, criteria=criteria, kind=args.kind, counts=counts,
+                                   estimator=args.estimator, protect=args.protect,
+                                   selection_windows=selection_windows, batch_size=args.batch_size),
+                        "sweep").partial
     print(format_sweep_table(rows))
     if args.json:
         write_json(args.json, {"model": loaded.name, "kind": args.kind, "estimator": args.estimator,
-                               "eval_data": {"data": args.data, "part": "heldout", "samples": int(windows.shape[0]),
-                                             "seq_len": int(windows.shape[1])},
+                               "eval_data": eval_data,
                                "calibration": scores.calibration, "rows": rows})
     return 0
 
@@ -72,9 +71,9 @@ def register(subparsers) -> None:
     add_data_args(sweep)
     sweep.add_argument("--scores", default=None, help="scores JSON from `entrodrop scan --json` (else calibrate)")
     sweep.add_argument("--criteria", default="recommended,entrodrop,cosine,angular",
-                       help="comma-separated criteria (default recommended,entrodrop,cosine,angular; also "
-                            "ablation, angular-last)")
-    sweep.add_argument("--kind", default="attn", choices=BLOCK_KINDS, help="granularity (default attn)")
+                       help=f"comma-separated from {', '.join((*model_criteria(), *ranked_criteria()))} "
+                            "(default recommended,entrodrop,cosine,angular)")
+    add_kind_arg(sweep)
     sweep.add_argument("--counts", default="0,2,4,6,8", help="comma-separated drop counts (default 0,2,4,6,8)")
     sweep.add_argument("--estimator", default=None,
                        help="entropy estimator that ranks blocks (default: each criterion's own, knn for entrodrop)")

@@ -6,7 +6,7 @@ regenerated from an existing export.
 
 from __future__ import annotations
 
-import json
+from ..checks import ChecksResult, checks_markdown
 
 
 def verdict_line(verification: dict) -> str:
@@ -88,7 +88,7 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
     checks = meta.get("checks") or {}
     if checks:
         lines += ["", "## Measured checks", ""]
-        lines += checks_markdown(checks)
+        lines.append(checks_markdown(ChecksResult.from_dict(checks)))
     lines += ["", "## Verification", "", verdict, "",
               "The folder was reloaded from disk after writing; its logits on a fixed input were compared with "
               "the in-memory pruned model and a few tokens were generated greedily.", "",
@@ -96,35 +96,3 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
               "Written by EntroDrop Studio (entropy-based block pruning; Yang et al., arXiv 2504.03794). "
               "Full plan, scores and settings: `entrodrop.json`.", ""]
     return "\n".join(lines)
-
-
-def checks_markdown(checks: dict) -> list[str]:
-    """The measured checks (quality, speed, generations, anything else) as Markdown lines."""
-    lines: list[str] = []
-    quality = checks.get("quality")
-    if isinstance(quality, dict):
-        lines += ["| check | dense | pruned |", "|---|---:|---:|",
-                  f"| perplexity | {_fmt(quality.get('dense_perplexity'))} | {_fmt(quality.get('pruned_perplexity'))} |",
-                  f"| parameters | {quality.get('dense_params', 0):,} | {quality.get('pruned_params', 0):,} |",
-                  "",
-                  f"Mean KL(dense || pruned): {_fmt(quality.get('kl_mean'))} nats/token; top-1 agreement: "
-                  f"{_fmt(quality.get('top1_agreement'))}; {quality.get('num_windows')} held-out windows, "
-                  f"{quality.get('num_tokens')} predicted tokens.", ""]
-    speed = checks.get("speed")
-    if isinstance(speed, dict):
-        lines += [f"Speed on {speed.get('device')} ({speed.get('dtype')}), dense and pruned in the same run: prefill of "
-                  f"{speed.get('prefill_tokens')} tokens {_fmt(speed.get('dense_prefill_s'))} s -> "
-                  f"{_fmt(speed.get('pruned_prefill_s'))} s (x{_fmt(speed.get('prefill_speedup'))}); decode "
-                  f"{_fmt(speed.get('dense_decode_tps'))} -> {_fmt(speed.get('pruned_decode_tps'))} tokens/s "
-                  f"(x{_fmt(speed.get('decode_speedup'))}); ideal from FLOPs x{_fmt(speed.get('ideal_speedup'))}.", ""]
-    generations = checks.get("generations")
-    if isinstance(generations, list) and generations:
-        lines += ["| prompt | dense | pruned |", "|---|---|---|"]
-        for row in generations:
-            cells = [str(row.get(k, "")).replace("|", "\\|").replace("\n", " ") for k in ("prompt", "dense", "pruned")]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    for key, value in checks.items():
-        if key not in ("quality", "speed", "generations"):
-            lines.append(f"- {key}: {json.dumps(value) if isinstance(value, (dict, list)) else _fmt(value)}")
-    return lines

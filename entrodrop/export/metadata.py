@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loading import quant_method
+from ..gguf import quant_method
 
 EXPORT_FORMAT_VERSION = 1
 METADATA_FILE = "entrodrop.json"

@@ -17,8 +17,10 @@ from pathlib import Path
 from torch import nn
 
 from ..arch import get_arch
+from ..checks import ChecksResult
+from ..costs import count_parameters
 from ..plan import DropPlan
-from ..prune import DROPPED_KEY, check_plan, count_parameters, prune_model
+from ..prune import DROPPED_KEY, check_plan, prune_model
 from .card import model_card, reload_hint, verdict_line
 from .metadata import EXPORT_FORMAT_VERSION, METADATA_FILE, ModelSource, jsonable, package_versions
 from .reload import REMOTE_CODE_FILE, remote_code_base, remote_code_source
@@ -56,7 +58,7 @@ def export_pruned(
     out_dir: str | os.PathLike,
     *,
     scores=None,
-    checks: dict | None = None,
+    checks: ChecksResult | dict | None = None,
     source: ModelSource | None = None,
     overwrite: bool = False,
     write_remote_code: bool = True,
@@ -67,8 +69,8 @@ def export_pruned(
 
     ``model`` is a ``*ForCausalLM`` (not modified) and ``tokenizer`` is saved next to the weights.
     The criterion comes from ``plan``; the calibration settings from ``scores``
-    (:class:`~entrodrop.scores.Scores` or its dict). ``checks`` (e.g. ``{"quality": QualityReport,
-    "speed": SpeedReport, "generations": rows}``) go into ``entrodrop.json`` and the card; ``source``
+    (:class:`~entrodrop.scores.Scores` or its dict). ``checks`` (a :class:`~entrodrop.checks.ChecksResult`,
+    or its dict) go into ``entrodrop.json`` and the card; ``source``
     (``ModelSource.of(loaded)`` for a :class:`~entrodrop.loading.LoadedModel`) names the dense model.
     ``write_remote_code`` adds ``modeling_entrodrop.py`` for sub-block plans.
 
@@ -82,6 +84,8 @@ def export_pruned(
     if tokenizer is None:
         raise ValueError("An export needs the tokenizer next to the weights; pass tokenizer=.")
     source = source or ModelSource()
+    if checks is not None and not isinstance(checks, ChecksResult):
+        checks = ChecksResult.from_dict(checks)
     spec = get_arch(model)
     check_plan(model, plan, spec)
     dense_params, dense_bytes = count_parameters(model)
@@ -101,7 +105,7 @@ def _write_export(model, tokenizer, plan: DropPlan, spec, tmp: Path, target: Pat
     pruned.eval()
     gguf = source.is_gguf(pruned)
     if gguf or getattr(pruned, "hf_quantizer", None) is not None:
-        from ..loading import strip_gguf_quantization
+        from ..gguf import strip_gguf_quantization
 
         strip_gguf_quantization(pruned)
     subblocks = bool(getattr(pruned.config, DROPPED_KEY, None))
@@ -149,7 +153,7 @@ def _write_export(model, tokenizer, plan: DropPlan, spec, tmp: Path, target: Pat
         "parameters": {"dense": dense_params, "pruned": pruned_params, "removed": dense_params - pruned_params},
         "scores": scores,
         "calibration": scores.get("calibration") if scores else None,
-        "checks": jsonable(checks),
+        "checks": checks.to_dict() if checks else None,
         "verification": {**verification, "verdict": verdict},
         "reload": hint,
         "remote_code": remote_code,

@@ -8,10 +8,14 @@ import time
 import gradio as gr
 
 from .. import plots, report
-from ..calibrate import EstimatorSettings, iter_calibration
-from ..data import BUNDLED_DATASETS, load_corpus, make_windows
+from ..arch import BLOCK_KINDS, kind_label
+from ..calibrate import EstimatorSettings
+from ..criteria import resolve_estimator
+from ..data import BUNDLED_DATASETS
 from ..estimators import ENTROPY_ESTIMATORS
+from ..workflow import start_calibration
 from .limits import check_calibration, check_text, whole_number
+from .sources import data_source_args
 from .state import Session, error, model_events, model_job, sharing_note, user_errors
 from .storage import in_sessions_root
 
@@ -77,7 +81,7 @@ def create_ui() -> CalibrateTab:
         with gr.Column(scale=3):
             tab.entropy_plot = gr.Plot(plots.empty_figure(), label="Entropy per layer", elem_id="entropy-plot")
             with gr.Row():
-                tab.view_kind = gr.Radio([("attention", "attn"), ("MLP", "mlp"), ("whole layer", "layer")],
+                tab.view_kind = gr.Radio([(kind_label(k), k) for k in BLOCK_KINDS],
                                          value="attn", label="Blocks", elem_id="view-kind")
                 tab.view_est = gr.Dropdown(["bucket", "knn"], value="bucket", label="Estimator for ΔH",
                                            elem_id="view-estimator")
@@ -91,7 +95,7 @@ def create_ui() -> CalibrateTab:
 def calibration_data(source: str, *, upload=None, hub_name=None, column=None, text=None) -> dict:
     """``load_corpus`` arguments for the data a visitor chose, checked as untrusted: a hub name is only
     ever a hub name (``hub_only``), an upload only a file gradio received, pasted text bounded."""
-    data = report.data_source_args(source, upload=upload, hub_name=hub_name, column=column, text=text)
+    data = data_source_args(source, upload=upload, hub_name=hub_name, column=column, text=text)
     if source == "hub":
         data["hub_only"] = True
     elif source == "file" and in_sessions_root(data["source"]):  # gradio checked it is an upload, not this
@@ -115,7 +119,7 @@ class CalibrateHandlers:
 
     def _curves(self, session: Session, view_kind: str, view_est: str | None) -> dict:
         scores = session.scores
-        est = view_est if view_est in scores.estimators else scores.estimators[0]
+        est = resolve_estimator(scores, view_est)
         same_kind = view_kind == session.kind
         return {
             self.tab.entropy_plot: plots.entropy_figure(scores),
@@ -148,35 +152,32 @@ class CalibrateHandlers:
         settings = EstimatorSettings(estimators=tuple(estimators), bins=bins, k=knn_k)
         yield {self.tab.calib_status: "▶ Reading the calibration text…"}
         with model_job(session) as (loaded, job):
-            corpus = load_corpus(**data)
-            windows = make_windows(loaded.tokenizer, corpus, num_samples=samples, seq_len=seq_len, seed=seed,
-                                   config=loaded.model.config)
-            # per-block costs are read from the model in a turn of its own, where no preview can be active
-            costs = job.call(report.measure_block_costs, loaded.model, seq_len)
-            events = job.steps(iter_calibration(loaded.model, windows, settings=settings, batch_size=1,
-                                                model_name=loaded.name, spec=loaded.arch,
-                                                calibration={"data": corpus.name, "seed": seed}))
+            # the text is read and the per-block costs measured in a turn of the model's own, where no
+            # preview can be active
+            run = job.call(start_calibration, loaded, data, samples=samples, seq_len=seq_len, seed=seed,
+                           settings=settings, costs=True)
+            events, costs = job.steps(run.events), run.costs
             session.view_kind = view_kind
-            session.view_est = view_est if view_est in settings.estimators else settings.estimators[0]
-            yield {self.tab.calib_status: f"▶ Calibrating on {len(windows)} windows of {seq_len} tokens from "
-                                          f"{corpus.name}{sharing_note(job)}…",
+            session.view_est = resolve_estimator(settings.estimators, view_est)
+            yield {self.tab.calib_status: f"▶ Calibrating on {len(run.windows)} windows of {seq_len} tokens from "
+                                          f"{run.data_name}{sharing_note(job)}…",
                    self.tab.view_est: gr.update(choices=list(settings.estimators), value=session.view_est),
                    self.check.check_seq: gr.update(value=seq_len)}
             started = time.monotonic()
             stopped = False
             try:
                 for event in events:
-                    if event.batch_index == 1:  # the settings worked: the previous results give way
+                    if event.done == 1:  # the settings worked: the previous results give way
                         session.reset_results()
                         session.data, session.costs = data, costs
                         session.estimator = settings.estimators[0]
                     session.scores = event.scores
-                    status = (f"▶ Batch {event.batch_index}/{event.num_batches} · {event.tokens_seen:,} tokens · "
+                    status = (f"▶ Batch {event.done}/{event.total} · {event.tokens_seen:,} tokens · "
                               f"{time.monotonic() - started:.1f} s{sharing_note(job)}")
                     # the view radio may change while this runs: draw what the session shows now
                     yield {self.tab.calib_status: status, **self._curves(session, session.view_kind, session.view_est)}
                     if session.stop_requested:
-                        stopped = not event.done
+                        stopped = not event.finished
                         break
             finally:
                 events.close()  # removes the hooks even if the client went away mid-run

@@ -3,14 +3,17 @@ generations. The pruned model is a reversible preview of the shared model, never
 
 from __future__ import annotations
 
+import dataclasses
+
 import gradio as gr
 import pandas as pd
 
-from .. import report
-from ..data import load_corpus, make_windows
-from ..evaluate import iter_compare, iter_measure_speed, iter_side_by_side
+from ..checks import checks_frame, iter_checks
+from ..progress import run_to_end
 from .limits import check_check, check_generation, check_text, whole_number
 from .state import Session, error, model_events, model_job, plan_to_run, sharing_note, user_errors
+
+_STAGE_WORDS = {"compare": "Quality: window", "speed": "Timing: round"}  # status line per stage of iter_checks
 
 
 class CheckTab:
@@ -82,31 +85,21 @@ class CheckHandlers:
             raise error("No calibration text known: run a calibration in step 2 first.")
         yield {self.tab.check_status: "▶ Reading the held-out text…", self.tab.check_table: pd.DataFrame()}
         with model_job(session) as (loaded, job):
-            corpus = load_corpus(**session.data)
-            windows = make_windows(loaded.tokenizer, corpus, num_samples=n_windows, seq_len=seq_len,
-                                   part="heldout", config=loaded.model.config)
-            quality = None
-            for event in job.steps(iter_compare(loaded.model, plan, windows)):
-                quality = event.partial.to_dict()
-                yield {self.tab.check_status: f"▶ Quality: window {event.done}/{event.total}{sharing_note(job)}",
-                       self.tab.check_table: report.check_table(quality)}
-            speed = None
-            if measure_speed:
-                for event in job.steps(iter_measure_speed(loaded.model, plan, loaded.tokenizer, prefill_tokens=prefill,
-                                                          decode_tokens=decode, repeats=2, warmup=1)):
-                    if event.partial is not None:
-                        speed = event.partial.to_dict()
-                    else:
-                        yield {self.tab.check_status: f"▶ Timing: round {event.done}/{event.total}{sharing_note(job)}"}
-        checks = {"quality": quality}
-        if speed:
-            checks["speed"] = speed
-        if "generations" in session.checks:
-            checks["generations"] = session.checks["generations"]
-        session.checks = checks
-        yield {self.tab.check_status: f"✓ Checked {plan.describe()} on {quality['num_windows']} held-out windows"
-                                  f"{' and timed it' if speed else ''}. The dense model is unchanged.",
-               self.tab.check_table: report.check_table(quality, speed)}
+            result = None
+            for event in job.steps(iter_checks(loaded.model, plan, loaded.tokenizer, data=session.data,
+                                               eval_samples=n_windows, seq_len=seq_len, speed=bool(measure_speed),
+                                               prefill_tokens=prefill, decode_tokens=decode, repeats=2, warmup=1)):
+                result = event.partial
+                if event.stage in _STAGE_WORDS:
+                    yield {self.tab.check_status: f"▶ {_STAGE_WORDS[event.stage]} {event.done}/{event.total}"
+                                                  f"{sharing_note(job)}",
+                           self.tab.check_table: checks_frame(result)}
+        # the generations of the generate button are kept with the new measurements
+        session.checks = dataclasses.replace(result, generations=session.checks.generations)
+        timed = result.speed is not None
+        yield {self.tab.check_status: f"✓ Checked {plan.describe()} on {result.quality.num_windows} held-out windows"
+                                  f"{' and timed it' if timed else ''}. The dense model is unchanged.",
+               self.tab.check_table: checks_frame(result)}
 
     @user_errors
     def generate(self, session: Session, prompt: str, max_new: int):
@@ -118,14 +111,12 @@ class CheckHandlers:
             raise error("The prompt is empty: type a prompt.")
         check_text(prompt)
         with model_job(session) as (loaded, job):
-            rows = []
-            for event in job.steps(iter_side_by_side(loaded.model, plan, loaded.tokenizer, [prompt],
-                                                     max_new_tokens=max_new)):
-                rows = event.partial
-        session.checks["generations"] = rows
-        row = rows[0]
-        pruned = row["pruned"] + ("\n\n(identical to the dense model)" if row["same"] else "")
-        return row["dense"], pruned
+            generations = run_to_end(job.steps(iter_checks(loaded.model, plan, loaded.tokenizer, prompts=[prompt],
+                                                           max_new_tokens=max_new))).generations
+        session.checks.generations = generations
+        row = generations[0]
+        pruned = row.pruned + ("\n\n(identical to the dense model)" if row.same else "")
+        return row.dense, pruned
 
 
 def create_event_handlers(session: gr.State, check_tab: CheckTab) -> None:

@@ -8,7 +8,10 @@ import gradio as gr
 import pandas as pd
 
 from .. import plots, report
-from ..select import select_blocks
+from ..arch import BLOCK_KINDS, kind_label
+from ..costs import summarize_plan
+from ..criteria import get_criterion, ranked_criteria, resolve_estimator
+from ..select import plan_from_ticks, select_blocks
 from .state import Session, error, need_scores, user_errors
 
 
@@ -37,9 +40,9 @@ def create_ui() -> ChooseTab:
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             tab.criterion = gr.Radio(
-               [("entrodrop (entropy increase)", "entrodrop"), ("cosine importance", "cosine"),
-                ("angular distance", "angular")], value="entrodrop", label="Criterion", elem_id="criterion")
-            tab.kind = gr.Radio([("attention", "attn"), ("MLP", "mlp"), ("whole layer", "layer")], value="attn",
+               [(get_criterion(name).label, name) for name in ranked_criteria()], value="entrodrop",
+               label="Criterion", elem_id="criterion")
+            tab.kind = gr.Radio([(kind_label(k), k) for k in BLOCK_KINDS], value="attn",
                                 label="Granularity", elem_id="granularity")
             tab.count = gr.Slider(0, 64, value=8, step=1, label="Blocks to drop", elem_id="drop-count")
             tab.sel_est = gr.Dropdown(["bucket", "knn"], value="bucket", label="Estimator (entrodrop)",
@@ -108,8 +111,8 @@ class ChooseHandlers:
         L = scores.num_layers
         choices = [(f"{i} (protected)" if i in protected else str(i), i) for i in range(L)]
         try:
-            plan = report.plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)
-            summary = report.plan_summary_markdown(plan, report.summarize_plan(plan, session.costs), protected)
+            plan = plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)
+            summary = report.plan_summary_markdown(plan, summarize_plan(plan, session.costs), protected)
         except ValueError as exc:
             summary = f"⚠ {exc}"
         if protected:
@@ -141,7 +144,7 @@ class ChooseHandlers:
     def _auto_select(self, session: Session, criterion, kind, count, estimator, protect, boundary) -> dict:
         scores = need_scores(session)
         session.criterion, session.kind, session.protect = criterion, kind, protect
-        session.estimator = estimator if estimator in scores.estimators else scores.estimators[0]
+        session.estimator = resolve_estimator(scores, estimator)
         session.stage_boundary = parse_boundary(boundary, scores.num_layers)
         session.count = int(count or 0)
         plan = select_blocks(scores, criterion, kind, count=session.count, estimator=session.estimator,
@@ -163,7 +166,7 @@ class ChooseHandlers:
         scores = session.scores
         if scores is None:
             return {}
-        estimator = estimator if estimator in scores.estimators else scores.estimators[0]
+        estimator = resolve_estimator(scores, estimator)
         session.protect, session.criterion, session.estimator = protect, criterion, estimator
         try:
             session.stage_boundary = parse_boundary(boundary, scores.num_layers)
@@ -181,7 +184,7 @@ class ChooseHandlers:
         """The user ticked or unticked blocks: update the plan summary, table and plots."""
         scores = need_scores(session)
         session.ticked = {int(t) for t in (ticks or [])}
-        report.plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)  # drops everything -> error
+        plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)  # drops everything -> error
         view = self._choose_view(session, with_ticks=False)
         return view[self.tab.table], view[self.tab.summary], view[self.tab.choose_plot], view[self.tab.rank_plot], view[self.calibrate.blocks_plot]
 

@@ -14,6 +14,7 @@ import time
 import gradio as gr
 
 from .. import plots, report
+from ..criteria import resolve_estimator
 from ..export import (
     ModelSource,
     TargetNotEmptyError,
@@ -22,6 +23,7 @@ from ..export import (
     push_folder_to_hub,
     zip_export,
 )
+from ..select import plan_from_ticks
 from . import storage
 from .state import (
     Session,
@@ -161,12 +163,12 @@ class ExportHandlers:
         files = [folder / "scores.csv", folder / "scores.json"]
         if session.auto_plan is not None or session.ticked:
             try:
-                plan = report.plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)
+                plan = plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)
                 plan.save(folder / "plan.json")
                 files.append(folder / "plan.json")
             except ValueError:
                 pass
-        est = session.estimator or scores.estimators[0]
+        est = resolve_estimator(scores, session.estimator)
         figures = {
             "entropy": plots.entropy_figure(scores),
             "blocks": plots.blocks_figure(scores, session.kind, est, ticked=session.ticked, protected=session.protected()),

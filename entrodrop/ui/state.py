@@ -1,7 +1,7 @@
 """What the app's steps share: the process-wide model cache and launch preload, the per-session
 :class:`Session`, and how library errors reach the user.
 
-Sharing: the loaded models live in one process-wide :class:`~entrodrop.loading.ModelCache`
+Sharing: the loaded models live in one process-wide :class:`~entrodrop.cache.ModelCache`
 (bounded by count and memory); everything a user chooses or computes lives in a per-session
 :class:`Session` held by ``gr.State``, its files in a private folder (:mod:`.storage`).
 
@@ -31,11 +31,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import report
-from ..loading import DEFAULT_MODEL, ModelCache, model_facts
+from ..cache import ModelCache
+from ..checks import ChecksResult
+from ..costs import BlockCosts
+from ..criteria import get_criterion, resolve_estimator
+from ..loading import DEFAULT_MODEL, model_facts
 from ..plan import DropPlan
 from ..scores import Scores
-from ..select import DEFAULT_PROTECTION, protected_layers
+from ..select import plan_from_ticks, protected_layers
 from . import storage
 from .limits import limit
 from .turns import MODEL_TURNS, ModelJob
@@ -74,7 +77,7 @@ class Session:
     num_layers: int = 0
     data: dict | None = None  # load_corpus kwargs of the last calibration (the check reads its held-out part)
     scores: Scores | None = None
-    costs: report.BlockCosts | None = None
+    costs: BlockCosts | None = None
     kind: str = "attn"
     criterion: str = "entrodrop"
     estimator: str | None = None
@@ -83,7 +86,7 @@ class Session:
     count: int = 0
     auto_plan: DropPlan | None = None
     ticked: set[int] = field(default_factory=set)
-    checks: dict = field(default_factory=dict)
+    checks: ChecksResult = field(default_factory=ChecksResult)
     export_dir: Path | None = None
     workdir: Path | None = None
     view_kind: str = "attn"  # what step 2's per-block plot shows
@@ -95,7 +98,7 @@ class Session:
         """Forget everything computed for the previous model or calibration."""
         self.scores = self.costs = self.auto_plan = None
         self.ticked = set()
-        self.checks = {}
+        self.checks = ChecksResult()
         self.export_dir = None
 
     def work_path(self) -> Path:
@@ -112,17 +115,17 @@ class Session:
 
     def protection(self) -> str:
         """The protection in force: the criterion's own when the user left it at "default"."""
-        return DEFAULT_PROTECTION[self.criterion] if self.protect == "default" else self.protect
+        return get_criterion(self.criterion).default_protection if self.protect == "default" else self.protect
 
     def entrodrop_protection(self) -> str:
         """The protection the explainer describes for EntroDrop's own rule."""
-        return DEFAULT_PROTECTION["entrodrop"] if self.protect == "default" else self.protect
+        return get_criterion("entrodrop").default_protection if self.protect == "default" else self.protect
 
     def protected(self) -> dict[int, str]:
         """Protected layer -> why, under the current choice ({} before calibration or on a bad boundary)."""
         if self.scores is None:
             return {}
-        est = self.estimator or self.scores.estimators[0]
+        est = resolve_estimator(self.scores, self.estimator)
         try:
             return protected_layers(self.scores, self.protection(), estimator=est, stage_boundary=self.stage_boundary)
         except ValueError:
@@ -219,7 +222,7 @@ def plan_to_run(session: Session) -> DropPlan:
     if not session.ticked:
         raise error("Nothing is ticked: tick at least one block to drop in step 3, or take the automatic selection.")
     try:
-        return report.plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)
+        return plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)
     except ValueError as exc:
         raise error(f"{exc} Untick some blocks in step 3.") from exc
 
