@@ -42,7 +42,7 @@ from .select import protected_layers, rank_blocks, select_blocks
 logger = logging.getLogger(__name__)
 
 SEARCHES = ("lazy", "greedy")
-MEASURE_WINDOWS = 2  # calibration windows the loss is measured on (bench_recommend.py places it)
+MEASURE_WINDOWS = 1  # calibration windows the loss is measured on (placed by benchmarks/bench_recommend.py)
 POOL_EXTRA = 4  # each criterion puts its best count + POOL_EXTRA candidates into the pool (bench_recommend.py)
 POOL_CRITERIA = ("entrodrop", "cosine", "angular")  # score-based criteria whose best candidates join the pool
 MIN_WINDOWS = 1
