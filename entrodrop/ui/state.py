@@ -34,7 +34,7 @@ import gradio as gr
 from ..cache import ModelCache
 from ..checks import ChecksResult
 from ..costs import BlockCosts
-from ..criteria import get_criterion, resolve_estimator
+from ..criteria import DEFAULT_CRITERION, get_criterion, resolve_estimator
 from ..loading import DEFAULT_MODEL, model_facts
 from ..plan import DropPlan
 from ..scores import Scores
@@ -79,7 +79,7 @@ class Session:
     scores: Scores | None = None
     costs: BlockCosts | None = None
     kind: str = "attn"
-    criterion: str = "entrodrop"
+    criterion: str = DEFAULT_CRITERION
     estimator: str | None = None
     protect: str = "default"
     stage_boundary: int | None = None
