@@ -228,6 +228,24 @@ def test_stop_search_is_answered_at_once(ready):
     assert "Stopping" in ready.predict(api_name="/stop_search")
 
 
+def test_tradeoff_sweep_draws_every_criterion_and_a_picked_point_ticks_its_plan(ready, monkeypatch):
+    status, plot, point = ready.predict(criteria=["recommended", "cosine"], counts="0,1,2", windows=2,
+                                        x_axis="expected speed-up", api_name="/tradeoff")
+    assert "6 plans scored" in status and "held-out windows" in status
+    names = [t.get("name") for t in json.loads(plot["plot"])["data"]]
+    assert "recommended" in names and "cosine" in names
+    labels = {value: label for label, value in point["choices"]}
+    assert set(labels) == {f"{c}|{n}" for c in ("recommended", "cosine") for n in (0, 1, 2)}
+    out = ready.predict(picked="cosine|2", api_name="/use_tradeoff_point")
+    assert len(out[2]["value"]) == 2 and "automatic choice of **cosine**" in out[4]
+    with pytest.raises(AppError, match="whole numbers from 0 to 3"):
+        ready.predict(criteria=["cosine"], counts="0,9", windows=1, x_axis="expected speed-up", api_name="/tradeoff")
+    # the operator's limit is read per request (the app runs in this process)
+    monkeypatch.setenv("ENTRODROP_MAX_SWEEP_TOKENS", "10")
+    with pytest.raises(AppError, match="ENTRODROP_MAX_SWEEP_TOKENS"):
+        ready.predict(criteria=["cosine"], counts="0,1", windows=1, x_axis="expected speed-up", api_name="/tradeoff")
+
+
 def test_selection_ticks_tables_and_disagreement(ready):
     out = select(ready, criterion="entrodrop", kind="attn", count=2, estimator="bucket", protect="none")
     count, estimator, ticks, table, summary, choose_plot, disagree_md, disagree_table, rank_plot, *_ = out

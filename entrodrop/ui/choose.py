@@ -20,6 +20,7 @@ from ..costs import summarize_plan
 from ..criteria import DEFAULT_CRITERION, criterion_estimator, get_criterion, model_criteria, ranked_criteria
 from ..search import MEASURE_WINDOWS, iter_select
 from ..select import plan_from_ticks, select_blocks
+from . import tradeoff
 from .state import Session, error, model_events, model_job, need_scores, sharing_note, user_errors
 
 DEFAULT_ESTIMATOR = "default"  # the estimator dropdown's "the criterion's own" (knn for entrodrop)
@@ -44,6 +45,7 @@ class ChooseTab:
     disagree_md: gr.Markdown
     disagree_table: gr.Dataframe
     rank_plot: gr.Plot
+    tradeoff: tradeoff.TradeoffTab
 
 
 def create_ui() -> ChooseTab:
@@ -85,6 +87,7 @@ def create_ui() -> ChooseTab:
                 tab.disagree_table = gr.Dataframe(pd.DataFrame(), interactive=False, elem_id="disagree-table")
             tab.rank_plot = gr.Plot(plots.empty_figure("Calibrate first (step 2)."), label="Rank against rank",
                                     elem_id="rank-plot")
+    tab.tradeoff = tradeoff.create_ui()
 
     return tab
 
@@ -305,3 +308,4 @@ def create_event_handlers(session: gr.State, choose_tab: ChooseTab, calibrate_ta
     tab.ticks.input(handlers.set_ticks, [session, tab.ticks],
                     [tab.table, tab.summary, tab.choose_plot, tab.rank_plot, calibrate_tab.blocks_plot],
                     api_name="set_ticks", show_progress_on=[tab.summary], **light)
+    tradeoff.create_event_handlers(session, tab.tradeoff, handlers)

@@ -91,7 +91,8 @@ class Session:
     workdir: Path | None = None
     view_kind: str = "attn"  # what step 2's per-block plot shows
     view_est: str | None = None
-    stop_requested: bool = False  # set by Stop, read by the running calibration between batches
+    stop_requested: bool = False  # set by Stop, read by the running calibration or search between steps
+    tradeoff: list[dict] = field(default_factory=list)  # step 3's sweep: one point per (criterion, count)
     # gr.State deep-copies the default Session for every new session, so nothing here may hold a lock
 
     def reset_results(self) -> None:
@@ -99,6 +100,7 @@ class Session:
         self.scores = self.costs = self.auto_plan = None
         self.ticked = set()
         self.checks = ChecksResult()
+        self.tradeoff = []
         self.export_dir = None
 
     def work_path(self) -> Path:
