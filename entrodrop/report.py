@@ -134,7 +134,8 @@ def plan_summary_markdown(plan: DropPlan, summary: costs.PlanSummary, protected:
     for b in plan.blocks:
         by_kind.setdefault(b.kind, []).append(b.layer)
     where = "; ".join(f"{kind_label(k, attributive=True)} blocks of layers {_layer_list(v)}" for k, v in by_kind.items())
-    origin = ("the automatic choice" if plan.criterion != "manual" else
+    origin = (f"the automatic choice of **{plan.criterion}**, {get_criterion(plan.criterion).label}"
+              if plan.criterion != "manual" else
               "a hand-edited choice" + (f" (started from {plan.meta['edited_from']})" if plan.meta.get("edited_from") else ""))
     lines = [
         f"**Plan: drop {_plural(summary.num_blocks, 'block')}** ({kinds}) — {origin}.",
@@ -216,9 +217,12 @@ class Disagreement:
         return "\n".join(lines)
 
 
-def criteria_disagreement(scores: Scores, kind: str, count: int, estimator: str) -> Disagreement:
-    """What entrodrop, cosine and angular would each drop at ``count`` blocks (default protections)."""
-    chosen: dict[str, list[int] | None] = {}
+def criteria_disagreement(scores: Scores, kind: str, count: int, estimator: str,
+                          measured: Mapping[str, list[int]] | None = None) -> Disagreement:
+    """What each criterion that ranks from the scores would drop at ``count`` blocks (default
+    protections), beside the plans of measured criteria given in ``measured`` (criterion -> layers,
+    e.g. the recommended plan the session found), which have no ranking of their own."""
+    chosen: dict[str, list[int] | None] = {name: sorted(layers) for name, layers in (measured or {}).items()}
     errors: dict[str, str] = {}
     ranked = ranked_criteria(kind)
     for criterion in ranked:
@@ -235,12 +239,12 @@ def criteria_disagreement(scores: Scores, kind: str, count: int, estimator: str)
     rows = []
     for layer in picked:
         row = {"layer": layer}
-        for criterion in ranked:
+        for criterion in chosen:
             row[criterion] = "✓" if layer in (chosen[criterion] or []) else ""
         for criterion in ranked:
             row[f"rank {criterion}"] = ranks[criterion][layer]
         rows.append(row)
-    columns = ["layer", *ranked, *(f"rank {c}" for c in ranked)]
+    columns = ["layer", *chosen, *(f"rank {c}" for c in ranked)]
     return Disagreement(kind=kind, count=count, chosen=chosen, errors=errors, spearman=spearman,
                         table=pd.DataFrame(rows, columns=columns))
 

@@ -202,6 +202,50 @@ def test_a_failed_calibration_keeps_the_previous_results(ready):
 
 
 # -- 3. choose -------------------------------------------------------------------------------------
+def test_recommended_is_the_default_and_measures_the_model(ready):
+    # the automatic choice that followed the calibration used the default criterion: recommended (ours)
+    out = select(ready, criterion="recommended", kind="attn", count=2, estimator="default", protect="default")
+    count, estimator, ticks, table, summary, choose_plot, disagree_md, *_ = out
+    assert len(ticks["value"]) == 2
+    assert "recommended" in summary and "Measuring" not in summary  # the final view, not a progress line
+    assert "recommended (ours" in disagree_md and "cosine importance" in disagree_md
+    # the measured plan's blocks are marked in the disagreement table beside the ranked criteria
+    rows = table_rows(out[7])
+    assert sorted(r["layer"] for r in rows if r["recommended"] == "✓") == sorted(ticks["value"])
+    # ablation (ours) is one click away and ticks the blocks whose single-block loss is smallest
+    out = select(ready, criterion="ablation", kind="mlp", count=1, estimator="default", protect="default")
+    assert len(out[2]["value"]) == 1 and "ablation" in out[4]
+    # a measured criterion refuses an impossible request with a message, and the model is untouched
+    with pytest.raises(AppError, match="eligible"):
+        select(ready, criterion="recommended", kind="attn", count=3, estimator="default", protect="released")
+    with pytest.raises(AppError, match="whole layers|layer blocks only"):
+        select(ready, criterion="angular-last", kind="attn", count=1, estimator="default", protect="default")
+    with pytest.raises(AppError, match="Unknown criterion|not in the list of choices"):
+        select(ready, criterion="bogus", kind="attn", count=1, estimator="default", protect="default")
+
+
+def test_stop_search_is_answered_at_once(ready):
+    assert "Stopping" in ready.predict(api_name="/stop_search")
+
+
+def test_tradeoff_sweep_draws_every_criterion_and_a_picked_point_ticks_its_plan(ready, monkeypatch):
+    status, plot, point = ready.predict(criteria=["recommended", "cosine"], counts="0,1,2", windows=2,
+                                        x_axis="expected speed-up", api_name="/tradeoff")
+    assert "6 plans scored" in status and "held-out windows" in status
+    names = [t.get("name") for t in json.loads(plot["plot"])["data"]]
+    assert "recommended" in names and "cosine" in names
+    labels = {value: label for label, value in point["choices"]}
+    assert set(labels) == {f"{c}|{n}" for c in ("recommended", "cosine") for n in (0, 1, 2)}
+    out = ready.predict(picked="cosine|2", api_name="/use_tradeoff_point")
+    assert len(out[2]["value"]) == 2 and "automatic choice of **cosine**" in out[4]
+    with pytest.raises(AppError, match="whole numbers from 0 to 3"):
+        ready.predict(criteria=["cosine"], counts="0,9", windows=1, x_axis="expected speed-up", api_name="/tradeoff")
+    # the operator's limit is read per request (the app runs in this process)
+    monkeypatch.setenv("ENTRODROP_MAX_SWEEP_TOKENS", "10")
+    with pytest.raises(AppError, match="ENTRODROP_MAX_SWEEP_TOKENS"):
+        ready.predict(criteria=["cosine"], counts="0,1", windows=1, x_axis="expected speed-up", api_name="/tradeoff")
+
+
 def test_selection_ticks_tables_and_disagreement(ready):
     out = select(ready, criterion="entrodrop", kind="attn", count=2, estimator="bucket", protect="none")
     count, estimator, ticks, table, summary, choose_plot, disagree_md, disagree_table, rank_plot, *_ = out
@@ -210,7 +254,7 @@ def test_selection_ticks_tables_and_disagreement(ready):
     by_rank = sorted(rows, key=lambda r: r["rank entrodrop"])
     assert sorted(ticked) == sorted(r["layer"] for r in by_rank[:2])  # no protection: the two smallest ΔH
     assert [r["layer"] for r in rows if r["drop"] == "✓"] == sorted(ticked)
-    assert "**Plan: drop 2 blocks** (2 attention) — the automatic choice." in summary
+    assert "**Plan: drop 2 blocks** (2 attention) — the automatic choice of **entrodrop**" in summary
     assert "ideal speed-up of ×" in summary
     assert "entropy increase (EntroDrop, as in the released code):" in disagree_md and "Spearman" in disagree_md
     assert "Where the criteria disagree" in plot_title(rank_plot) and "2 ticked to drop" in plot_title(choose_plot)

@@ -34,7 +34,7 @@ import gradio as gr
 from ..cache import ModelCache
 from ..checks import ChecksResult
 from ..costs import BlockCosts
-from ..criteria import get_criterion, resolve_estimator
+from ..criteria import DEFAULT_CRITERION, get_criterion, resolve_estimator
 from ..loading import DEFAULT_MODEL, model_facts
 from ..plan import DropPlan
 from ..scores import Scores
@@ -79,7 +79,7 @@ class Session:
     scores: Scores | None = None
     costs: BlockCosts | None = None
     kind: str = "attn"
-    criterion: str = "entrodrop"
+    criterion: str = DEFAULT_CRITERION
     estimator: str | None = None
     protect: str = "default"
     stage_boundary: int | None = None
@@ -91,7 +91,8 @@ class Session:
     workdir: Path | None = None
     view_kind: str = "attn"  # what step 2's per-block plot shows
     view_est: str | None = None
-    stop_requested: bool = False  # set by Stop, read by the running calibration between batches
+    stop_requested: bool = False  # set by Stop, read by the running calibration or search between steps
+    tradeoff: list[dict] = field(default_factory=list)  # step 3's sweep: one point per (criterion, count)
     # gr.State deep-copies the default Session for every new session, so nothing here may hold a lock
 
     def reset_results(self) -> None:
@@ -99,6 +100,7 @@ class Session:
         self.scores = self.costs = self.auto_plan = None
         self.ticked = set()
         self.checks = ChecksResult()
+        self.tradeoff = []
         self.export_dir = None
 
     def work_path(self) -> Path:
