@@ -25,6 +25,7 @@ import pandas as pd
 
 from . import costs
 from .arch import BLOCK_KINDS, kind_label
+from .claims import spearman
 from .criteria import get_criterion, ranked_criteria, resolve_estimator
 from .plan import DropPlan
 from .scores import Scores
@@ -155,30 +156,8 @@ def plan_summary_markdown(plan: DropPlan, summary: costs.PlanSummary, protected:
 
 # -- where the criteria disagree ---------------------------------------------------------------
 def _spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); nan when a side is constant."""
-
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2 + 1
-            i = j + 1
-        return out
-
-    ra, rb = ranks(a), ranks(b)
-    n = len(ra)
-    if n < 2:
-        return float("nan")
-    ma, mb = sum(ra) / n, sum(rb) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va = sum((x - ma) ** 2 for x in ra)
-    vb = sum((y - mb) ** 2 for y in rb)
-    return cov / math.sqrt(va * vb) if va and vb else float("nan")
+    """Spearman rank correlation (average ranks for ties); nan when a side is constant or too short."""
+    return spearman(a, b) if len(a) >= 2 else float("nan")
 
 
 @dataclass
