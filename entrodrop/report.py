@@ -372,7 +372,7 @@ def explain_scores(
                          "minimum that the next layers stay above (a later, deeper dip does not move it).")
 
     if (getattr(scores, "massive_tokens", None) or {}).get("first_stream") and 0 < boundary < L:
-        lines.append(f"- Stages are read on the curve **without massive-activation tokens** (below); the all-token "
+        lines.append("- Stages are read on the curve **without massive-activation tokens** (below); the all-token "
                      "curve can collapse where a sink appears, which is not the end of a stage.")
     blocks = scores.blocks_of(kind)
     n_show = min(3, len(blocks))

@@ -92,6 +92,10 @@ class Session:
     view_kind: str = "attn"  # what step 2's per-block plot shows
     view_est: str | None = None
     stop_requested: bool = False  # set by Stop, read by the running calibration between batches
+    # step 2's kept calibrations for the compare and claims panels: (number, label, Scores), newest last,
+    # bounded by ui.compare.KEEP_CALIBRATIONS; kept across model loads (comparing models is the point)
+    calibrations: list = field(default_factory=list)
+    curve: str = "sink-free"  # step 2's entropy chart: "sink-free" (teaching) or "all-token" (the method's)
     # gr.State deep-copies the default Session for every new session, so nothing here may hold a lock
 
     def reset_results(self) -> None:
