@@ -133,15 +133,15 @@ def entropy_figure(scores: Scores, estimators: Iterable[str] | None = None,
     fig.update_xaxes(title_text="layer index l (X_l enters layer l)", row=len(ests), col=1)
     fig.update_xaxes(nticks=12)  # thinned labels stay readable on a phone
     height = max(380, 260 * len(ests) + 120)
-    plot_height = height - 70 - 170  # minus the top and bottom margins
+    plot_height = height - 90 - 170  # minus the top and bottom margins
     which = CURVE_LABELS[SINKFREE] if drawn_kinds == {SINKFREE} else CURVE_LABELS[ALL_TOKENS]
     fig.update_layout(
-        title={"text": f"Entropy per layer — {scores.model}, {_progress(scores)}<br><sup>{which}; "
-                       f"{_running(scores)}</sup>"},
+        title={"text": f"Entropy per layer — {scores.model}, {_progress(scores)}<br><sup>{which};<br>"
+                       f"{_running(scores)}</sup>", "font": {"size": 14}},
         height=height, template="plotly_white", hovermode="closest",
         # below the x-axis title, whatever the number of panels
         legend={"orientation": "h", "yanchor": "top", "y": -70 / plot_height, "x": 0, "font": {"size": 11}},
-        margin={"l": 60, "r": 20, "t": 80, "b": 170},
+        margin={"l": 60, "r": 20, "t": 90, "b": 170},
     )
     return fig
 
@@ -187,7 +187,7 @@ def norms_figure(scores: Scores) -> go.Figure:
                            showarrow=False, xanchor="left", yanchor="top", font={"size": 11})
     fig.update_layout(
         title={"text": f"Token norms per layer — {scores.model}<br><sup>a massive-activation token (attention "
-                       "sink) sits far above the dashed threshold</sup>"},
+                       "sink)<br>sits far above the dashed threshold</sup>", "font": {"size": 14}},
         height=320, template="plotly_white", yaxis_type="log", yaxis_title="token norm (log)",
         xaxis_title="layer (X_l at l, Y_l at l + ½)", xaxis={"nticks": 12},
         legend={"orientation": "h", "yanchor": "top", "y": -0.3, "x": 0, "font": {"size": 11}},
@@ -221,7 +221,7 @@ def blocks_figure(scores: Scores, kind: str = "attn", estimator: str | None = No
     colors = [DROP_COLOR if i in ticked else PROTECTED_COLOR if i in protected else KEEP_COLOR for i in layers]
     status = [_status(i, ticked, protected) for i in layers]
     label = kind_label(kind, attributive=True)
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.2,
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.25,
                         subplot_titles=(f"Entropy increase ΔH ({est})", "Cosine importance 1 − cos(in, out)"))
     panels = (  # (row, values, ranks, trace name, hover text for the value, what rank 1 means)
         (1, [b.delta_entropy[est] for b in blocks], block_ranks(scores, "entrodrop", kind, estimator=est),
@@ -243,9 +243,9 @@ def blocks_figure(scores: Scores, kind: str = "attn", estimator: str | None = No
     fig.update_xaxes(title_text="layer", dtick=max(1, len(layers) // 12))
     fig.update_yaxes(title_text="nats", row=1, col=1)
     n_drop = len(ticked & set(layers))
-    suffix = f" — {n_drop} ticked to drop{by}" if n_drop else ""
+    suffix = f"<br><sup>{n_drop} ticked to drop{by}</sup>" if n_drop else ""
     fig.update_layout(
-        title=f"Per {label} block — {_progress(scores)}{suffix}",
+        title={"text": f"Per {label} block — {_progress(scores)}{suffix}", "font": {"size": 14}},
         height=520, template="plotly_white", showlegend=True, bargap=0.15,
         legend={"orientation": "h", "yanchor": "top", "y": -0.14, "x": 0, "font": {"size": 11}},
         margin={"l": 60, "r": 20, "t": 70, "b": 90},
