@@ -362,7 +362,7 @@ def explain_scores(
                      "no expansion stage was detected.")
     else:
         lines.append(
-            f"- **Compression stage**, layers 0–{boundary - 1}: entropy goes from {start:.1f} (X_0) to "
+            f"- **Compression stage**, {'layer 0' if boundary == 1 else f'layers 0–{boundary - 1}'}: entropy goes from {start:.1f} (X_0) to "
             f"{low:.1f} at X_{boundary}, the stage boundary. **Expansion stage**, layers {boundary}–{L - 1}: it rises "
             f"again to {end:.1f} at X_{L}.")
         if stage_boundary is not None:
