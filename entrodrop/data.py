@@ -433,3 +433,55 @@ def make_windows(
     chosen = torch.randperm(num_windows, generator=generator)[:num_samples]
     return windows[chosen]  # (N, T), a copy
 
+
+
+@dataclass(frozen=True)
+class WindowCapacity:
+    """How many disjoint windows of ``seq_len`` tokens each part of a corpus holds."""
+
+    seq_len: int
+    calibration_tokens: int
+    heldout_tokens: int
+
+    @property
+    def calibration_windows(self) -> int:
+        return self.calibration_tokens // self.seq_len
+
+    @property
+    def heldout_windows(self) -> int:
+        return self.heldout_tokens // self.seq_len
+
+    def fitting_seq_len(self, samples: int, *, step: int = 1, minimum: int = 2) -> int | None:
+        """The longest window (a multiple of ``step``, at least ``minimum``) at which the calibration part
+        holds ``samples`` windows and the held-out part at least one; None when none does."""
+        longest = min(self.calibration_tokens // max(samples, 1), self.heldout_tokens)
+        longest -= longest % max(step, 1)
+        return longest if longest >= minimum else None
+
+    def check(self, samples: int, *, step: int = 1, minimum: int = 2) -> None:
+        """ValueError unless the calibration part holds ``samples`` windows and the held-out part one (so
+        a check is never scored on calibration text); the message offers the window length that fits."""
+        problems = []
+        if self.calibration_windows < samples:
+            problems.append(f"its calibration part has {self.calibration_tokens:,} tokens: "
+                            f"{self.calibration_windows} window(s) of {self.seq_len}, not the {samples} asked for")
+        if self.heldout_windows < 1:
+            problems.append(f"its held-out part has {self.heldout_tokens:,} tokens, less than one window of "
+                            f"{self.seq_len}, so a check could not be scored on text the calibration never saw")
+        if not problems:
+            return
+        fit = self.fitting_seq_len(samples, step=step, minimum=minimum)
+        remedy = (f"Use {fit} tokens per window (fits {samples} calibration windows and a held-out one), ask for "
+                  f"{max(self.calibration_windows, 1)} sample(s), or give more text."
+                  if fit else "Give more text (a few paragraphs more), or pick a bundled set.")
+        raise ValueError(f"The text does not fit: {'; '.join(problems)}. {remedy}")
+
+
+def window_capacity(tokenizer, corpus: TextCorpus, seq_len: int) -> WindowCapacity:
+    """Tokens and disjoint ``seq_len`` windows in the calibration and held-out parts of ``corpus``
+    (the :func:`split_corpus` parts, tokenised as :func:`make_windows` does), so a front end can say
+    before calibrating what the text holds instead of using fewer windows than asked."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 tokens (got {seq_len}).")
+    return WindowCapacity(seq_len, _token_stream(tokenizer, corpus, "calibration").numel(),
+                          _token_stream(tokenizer, corpus, "heldout").numel())

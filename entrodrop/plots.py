@@ -2,8 +2,10 @@
 
 * :func:`entropy_figure` — entropy of X_0..X_L per estimator (one panel each, since their scales
   differ), the stage boundary marked and the compression / expansion stages shaded;
-* :func:`blocks_figure` — entropy increase and cosine importance per block, side by side, with
-  ticked and protected blocks coloured;
+* :func:`blocks_figure` — entropy increase and cosine importance per block, stacked, with
+  ticked and protected blocks coloured and named in the legend;
+* :func:`norms_figure` — median and largest token norm per stream with the massive-activation
+  threshold: where an attention sink appears;
 * :func:`rank_figure` — entropy rank against cosine rank per block: where the criteria disagree;
 * :func:`tradeoff_figure` — held-out perplexity against expected speed-up (or parameters removed) for
   every criterion at every count, from one sweep;
@@ -22,6 +24,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .arch import kind_label
+from .compare import ALL_TOKENS, SINKFREE, trend_curve
 from .criteria import resolve_estimator
 from .scores import Scores
 from .select import block_ranks
@@ -51,51 +54,144 @@ def empty_figure(message: str = "Start a calibration to draw the curves.") -> go
     return fig
 
 
-def entropy_figure(scores: Scores, estimators: Iterable[str] | None = None,
-                   stage_boundary: Mapping[str, int] | None = None) -> go.Figure:
-    """Entropy H(X_l), l = 0..L, one panel per estimator; H(Y_l) (after attention) at l + 0.5.
+CURVE_LABELS = {  # what each curve choice is called on the chart
+    "sink-free": "without massive-activation tokens",
+    "all-token": "all tokens (the method's scores)",
+}
+BOUNDARY_COLOR = "#555555"
+HISTORY_COLOR = "#9e9e9e"
 
-    The stage boundary (detected, or ``stage_boundary[estimator]``) is a dashed line; layers before
-    it (compression) and after it (expansion) are shaded."""
+
+def _legend_key(fig: go.Figure, name: str, *, color: str, symbol: str = "square", dash: str | None = None) -> None:
+    """A legend-only entry naming a colour, shading or line drawn as a shape (shapes have no legend)."""
+    if dash:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name, line={"color": color, "dash": dash},
+                                 hoverinfo="skip", legendgroup="key"))
+    else:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, hoverinfo="skip", legendgroup="key",
+                                 marker={"color": color, "symbol": symbol, "size": 12,
+                                         "line": {"width": 1, "color": "#999999"}}))
+
+
+def entropy_figure(scores: Scores, estimators: Iterable[str] | None = None,
+                   stage_boundary: Mapping[str, int] | None = None, *, curve: str = "sink-free",
+                   history: Mapping[str, Sequence[tuple[int, Sequence[float]]]] | None = None) -> go.Figure:
+    """Entropy H(X_l), l = 0..L, one panel per estimator (stacked, since their scales differ); H(Y_l)
+    (after attention) at l + 0.5 as hollow markers.
+
+    ``curve``: ``"sink-free"`` (default, for teaching: massive-activation tokens left out, when the
+    calibration recorded them) or ``"all-token"`` (what the method's scores use); the trace names say
+    which. The stage boundary (of the drawn curve, or ``stage_boundary[estimator]``) is a dashed line;
+    layers before it (compression) and after it (expansion) are shaded; the legend names both.
+    ``history`` ({estimator: [(batches, curve), ...]}) draws earlier running means faintly, so the
+    first batches visibly move the curve."""
+    if curve not in CURVE_LABELS:
+        raise ValueError(f"curve must be one of {', '.join(CURVE_LABELS)}, got {curve!r}.")
     ests = [e for e in (estimators or scores.estimators) if e in scores.entropy_curve]
     L = scores.num_layers
     fig = make_subplots(rows=len(ests), cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=[f"{e} estimator" for e in ests])
+    drawn_kinds = set()
     for row, est in enumerate(ests, 1):
         color = ESTIMATOR_COLORS.get(est, "#333333")
-        curve = scores.entropy_curve[est]
+        values, kind, detected = trend_curve(scores, est, "auto" if curve == SINKFREE else ALL_TOKENS)
+        drawn_kinds.add(kind)
+        mid = scores.sinkfree_mid(est) if kind == SINKFREE else (scores.mid_entropy.get(est) or [])
+        for batches, old in (history or {}).get(est, ()):
+            if len(old) == L + 1:
+                fig.add_trace(go.Scatter(
+                    x=list(range(L + 1)), y=list(old), mode="lines", name=f"running mean after {batches} "
+                    f"batch{'es' if batches > 1 else ''}", line={"color": HISTORY_COLOR, "width": 1, "dash": "dot"},
+                    opacity=0.6, legendgroup="history", showlegend=row == 1, hoverinfo="skip"), row=row, col=1)
         fig.add_trace(go.Scatter(
-            x=list(range(L + 1)), y=curve, mode="lines+markers", name=f"H(X_l), {est}", line={"color": color},
+            x=list(range(L + 1)), y=values, mode="lines+markers", name=f"H(X_l), {est}, {CURVE_LABELS[kind]}",
+            line={"color": color},
             hovertemplate="X_%{x} (entering layer %{x}): H = %{y:.2f} nats<extra>" + est + "</extra>",
         ), row=row, col=1)
-        mid = scores.mid_entropy.get(est) or []
         if mid:
             fig.add_trace(go.Scatter(
-                x=[i + 0.5 for i in range(len(mid))], y=mid, mode="markers", name=f"H(Y_l) after attention, {est}",
+                x=[i + 0.5 for i in range(len(mid))], y=mid, mode="markers",
+                name=f"H(Y_l) after attention (hollow), {est}",
                 marker={"color": color, "symbol": "circle-open", "size": 6}, opacity=0.7,
                 customdata=list(range(len(mid))),
                 hovertemplate="Y_%{customdata} (after attention of layer %{customdata}): H = %{y:.2f} nats"
                               "<extra>" + est + "</extra>",
             ), row=row, col=1)
-        boundary = (stage_boundary or {}).get(est, scores.stage_boundary.get(est))
+        boundary = (stage_boundary or {}).get(est, detected)
         if boundary is not None:
             if boundary > 0:
                 fig.add_vrect(x0=0, x1=boundary, fillcolor=COMPRESSION_FILL, line_width=0, layer="below", row=row, col=1)
             if boundary < L:
                 fig.add_vrect(x0=boundary, x1=L, fillcolor=EXPANSION_FILL, line_width=0, layer="below", row=row, col=1)
-            fig.add_vline(x=boundary, line_dash="dash", line_color="#555555", row=row, col=1)
+            fig.add_vline(x=boundary, line_dash="dash", line_color=BOUNDARY_COLOR, row=row, col=1)
             fig.add_annotation(x=boundary, y=1, yref=f"y{'' if row == 1 else row} domain", text=f"boundary X_{boundary}",
                                showarrow=False, xanchor="left", yanchor="top", font={"size": 11}, row=row, col=1)
         fig.update_yaxes(title_text="nats", row=row, col=1)
+    _legend_key(fig, "compression stage (shaded blue)", color=COMPRESSION_FILL.replace("0.10", "0.35"))
+    _legend_key(fig, "expansion stage (shaded orange)", color=EXPANSION_FILL.replace("0.10", "0.35"))
+    _legend_key(fig, "stage boundary", color=BOUNDARY_COLOR, dash="dash")
     fig.update_xaxes(title_text="layer index l (X_l enters layer l)", row=len(ests), col=1)
-    height = max(340, 260 * len(ests) + 60)
-    plot_height = height - 70 - 120  # minus the top and bottom margins
+    fig.update_xaxes(nticks=12)  # thinned labels stay readable on a phone
+    height = max(380, 260 * len(ests) + 120)
+    plot_height = height - 90 - 170  # minus the top and bottom margins
+    which = CURVE_LABELS[SINKFREE] if drawn_kinds == {SINKFREE} else CURVE_LABELS[ALL_TOKENS]
     fig.update_layout(
-        title=f"Entropy per layer — {scores.model}, {_progress(scores)}",
+        title={"text": f"Entropy per layer — {scores.model}, {_progress(scores)}<br><sup>{which};<br>"
+                       f"{_running(scores)}</sup>", "font": {"size": 14}},
         height=height, template="plotly_white", hovermode="closest",
         # below the x-axis title, whatever the number of panels
-        legend={"orientation": "h", "yanchor": "top", "y": -70 / plot_height, "x": 0},
-        margin={"l": 60, "r": 20, "t": 70, "b": 120},
+        legend={"orientation": "h", "yanchor": "top", "y": -70 / plot_height, "x": 0, "font": {"size": 11}},
+        margin={"l": 60, "r": 20, "t": 90, "b": 170},
+    )
+    return fig
+
+
+def _running(scores: Scores) -> str:
+    """Says that every value is a running mean, and over how many batches."""
+    n = scores.batches_done
+    if scores.complete:
+        return f"means over all {n} batches"
+    return f"running means over {n} of {scores.batches_total} batches — still moving"
+
+
+def norms_figure(scores: Scores) -> go.Figure:
+    """Token norms per residual stream (X_0, Y_0, X_1, ... X_L): the median token's and the largest
+    token's norm, log scale, and the massive-activation threshold (a multiple of the median). A sink
+    shows as the largest norm jumping far above the threshold from some layer on."""
+    found = getattr(scores, "massive_tokens", None) or {}
+    streams = found.get("streams") or []
+    if not streams:
+        return empty_figure("This calibration recorded no token norms (calibrate again to see them).")
+    threshold = float(found.get("threshold") or 0)
+    x = [i / 2 for i in range(len(streams))]  # X_l at l, Y_l at l + 0.5
+    names = [s["stream"] for s in streams]
+    median = [s["median_norm"] for s in streams]
+    largest = [s["max_norm"] for s in streams]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=median, mode="lines+markers", name="median token norm", text=names,
+                             line={"color": KEEP_COLOR}, marker={"size": 4},
+                             hovertemplate="%{text}: median norm %{y:.4g}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=x, y=largest, mode="lines+markers", name="largest token norm", text=names,
+                             line={"color": DROP_COLOR}, marker={"size": 4},
+                             customdata=[[s["max_ratio"], s["count"]] for s in streams],
+                             hovertemplate="%{text}: largest norm %{y:.4g} (x%{customdata[0]:.0f} the median; "
+                                           "%{customdata[1]} tokens over the threshold)<extra></extra>"))
+    if threshold:
+        fig.add_trace(go.Scatter(x=x, y=[threshold * m for m in median], mode="lines",
+                                 name=f"threshold: {threshold:g} x median", hoverinfo="skip",
+                                 line={"color": BOUNDARY_COLOR, "dash": "dash", "width": 1}))
+    first = found.get("first_stream")
+    if first in names:
+        fig.add_vline(x=x[names.index(first)], line={"color": DROP_COLOR, "dash": "dot", "width": 1})
+        fig.add_annotation(x=x[names.index(first)], y=1, yref="paper", text=f"first massive token: {first}",
+                           showarrow=False, xanchor="left", yanchor="top", font={"size": 11})
+    fig.update_layout(
+        title={"text": f"Token norms per layer — {scores.model}<br><sup>a massive-activation token (attention "
+                       "sink)<br>sits far above the dashed threshold</sup>", "font": {"size": 14}},
+        height=320, template="plotly_white", yaxis_type="log", yaxis_title="token norm (log)",
+        xaxis_title="layer (X_l at l, Y_l at l + ½)", xaxis={"nticks": 12},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.3, "x": 0, "font": {"size": 11}},
+        margin={"l": 60, "r": 20, "t": 70, "b": 100},
     )
     return fig
 
@@ -109,11 +205,14 @@ def _status(layer: int, ticked: set[int], protected: Mapping[int, str]) -> str:
 
 
 def blocks_figure(scores: Scores, kind: str = "attn", estimator: str | None = None, *,
-                  ticked: Iterable[int] = (), protected: Mapping[int, str] | None = None) -> go.Figure:
-    """Entropy increase (left) and cosine importance (right) of every block of ``kind``.
+                  ticked: Iterable[int] = (), protected: Mapping[int, str] | None = None,
+                  criterion: str | None = None) -> go.Figure:
+    """Entropy increase (top) and cosine importance (bottom) of every block of ``kind``, stacked so
+    both stay readable on a narrow screen.
 
-    Ticked blocks are red, protected ones grey; hover shows the value, its rank (1 = dropped first by
-    that criterion) and the block's status."""
+    Ticked blocks are red, protected ones grey, the rest blue; the legend names the three colours
+    and the title which criterion made the ticks (``criterion``). Hover shows the value, its rank
+    (1 = dropped first by that criterion) and the block's status."""
     est = resolve_estimator(scores, estimator)
     ticked = set(ticked)
     protected = protected or {}
@@ -122,29 +221,34 @@ def blocks_figure(scores: Scores, kind: str = "attn", estimator: str | None = No
     colors = [DROP_COLOR if i in ticked else PROTECTED_COLOR if i in protected else KEEP_COLOR for i in layers]
     status = [_status(i, ticked, protected) for i in layers]
     label = kind_label(kind, attributive=True)
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.25,
                         subplot_titles=(f"Entropy increase ΔH ({est})", "Cosine importance 1 − cos(in, out)"))
-    panels = (  # (column, values, ranks, trace name, hover text for the value, what rank 1 means)
+    panels = (  # (row, values, ranks, trace name, hover text for the value, what rank 1 means)
         (1, [b.delta_entropy[est] for b in blocks], block_ranks(scores, "entrodrop", kind, estimator=est),
          "entropy increase", "ΔH = %{y:.4g} nats", "adds least"),
         (2, [b.cosine_importance for b in blocks], block_ranks(scores, "cosine", kind),
          "cosine importance", "1 − cos = %{y:.4g}", "changes least"),
     )
-    for col, values, ranks, name, value_text, first in panels:
+    for row, values, ranks, name, value_text, first in panels:
         fig.add_trace(go.Bar(
-            x=layers, y=values, marker_color=colors, name=name,
+            x=layers, y=values, marker_color=colors, name=name, showlegend=False,
             customdata=[[ranks[i], s] for i, s in zip(layers, status, strict=True)],
             hovertemplate=f"layer %{{x}}: {value_text}<br>rank %{{customdata[0]}} (1 = {first})"
                           "<br>%{customdata[1]}<extra></extra>",
-        ), row=1, col=col)
-    fig.update_xaxes(title_text="layer", dtick=max(1, len(layers) // 15))
+        ), row=row, col=1)
+    by = f" by {criterion}" if criterion else ""
+    _legend_key(fig, "kept (blue)", color=KEEP_COLOR)
+    _legend_key(fig, f"ticked to drop{by} (red)", color=DROP_COLOR)
+    _legend_key(fig, "protected (grey)", color=PROTECTED_COLOR)
+    fig.update_xaxes(title_text="layer", dtick=max(1, len(layers) // 12))
     fig.update_yaxes(title_text="nats", row=1, col=1)
     n_drop = len(ticked & set(layers))
-    suffix = f" — {n_drop} ticked to drop" if n_drop else ""
+    suffix = f"<br><sup>{n_drop} ticked to drop{by}</sup>" if n_drop else ""
     fig.update_layout(
-        title=f"Per {label} block — {_progress(scores)}{suffix}",
-        height=360, template="plotly_white", showlegend=False, bargap=0.15,
-        margin={"l": 60, "r": 20, "t": 70, "b": 50},
+        title={"text": f"Per {label} block — {_progress(scores)}{suffix}", "font": {"size": 14}},
+        height=520, template="plotly_white", showlegend=True, bargap=0.15,
+        legend={"orientation": "h", "yanchor": "top", "y": -0.14, "x": 0, "font": {"size": 11}},
+        margin={"l": 60, "r": 20, "t": 70, "b": 90},
     )
     return fig
 

@@ -244,6 +244,66 @@ def _estimator_words(estimator: str, scores: Scores) -> str:
     return f"*{estimator}*"
 
 
+def _top_key(counts: Mapping) -> tuple[str, int] | None:
+    named = {k: v for k, v in (counts or {}).items() if k != "other"}
+    return max(named.items(), key=lambda kv: (kv[1], -_as_int(kv[0]))) if named else None
+
+
+def _as_int(text) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return 0
+
+
+def sink_paragraph(scores: Scores, estimator: str) -> list[str]:
+    """Markdown lines on massive-activation tokens (attention sinks) with this calibration's numbers:
+    what they are, where they appeared, how many tokens the teaching curve leaves out, and why they
+    break the bucket estimator. Empty when the calibration recorded no token norms."""
+    found = getattr(scores, "massive_tokens", None) or {}
+    streams = found.get("streams") or []
+    if not streams:
+        return []
+    threshold = found.get("threshold") or 0
+    lines = ["", "### Massive activations (attention sinks)", ""]
+    first = found.get("first_stream")
+    if first is None:
+        lines.append(f"No token's norm went over {threshold:g}× its stream's median in any layer, so no token was left "
+                     "out: the curve without massive-activation tokens is the all-token curve.")
+        return lines
+    worst = max(streams, key=lambda st: st.get("max_ratio", 0))
+    first_entry = next(st for st in streams if st["stream"] == first)
+    position = _top_key(first_entry.get("positions"))
+    token = _top_key(first_entry.get("token_ids"))
+    where = (f"position {position[0]} of the window" + (" (its first token)" if position[0] == "0" else "")
+             if position else "some position")
+    layers_hit = len({st["stream"].split("_")[1] for st in streams if st.get("count")})
+    excluded = found.get("excluded_tokens", 0)
+    lines.append(
+        "Many language models turn one or a few tokens, often the first of a window, into an **attention sink**: "
+        "other tokens' attention parks on it, and its hidden vector grows a **massive activation**, a norm "
+        "hundreds of times the others' in a few dimensions (Sun et al. 2024; Xiao et al. 2023).")
+    lines.append("")
+    lines.append(
+        f"- Here it appears at **{first}** (layer {found.get('first_layer')}), mostly at {where}"
+        + (f", token id {token[0]}" if token else "") + f"; it stays in {layers_hit} layer(s). "
+        f"The largest is at {worst['stream']}: norm {worst['max_norm']:,.0f} against a median token's "
+        f"{worst['median_norm']:,.0f} (**×{worst['max_ratio']:,.0f}**; the threshold is ×{threshold:g}).")
+    lines.append(f"- The teaching curve (drawn by default) leaves these tokens out: **{excluded:,} token(s)** over all "
+                 "batches, in every layer, so every layer is measured on the same tokens. The all-token curve, which "
+                 "the method's block scores use as released, is one toggle away.")
+    if estimator == "bucket":
+        lines.append(
+            "- Why it breaks *bucket*: each dimension's histogram spans that dimension's min to max. One token far "
+            "out stretches the range of its dimensions, so every other token lands in the same bin and the "
+            "entropy of those dimensions collapses — the all-token curve drops at the sink's layer for a reason that "
+            "has nothing to do with information.")
+    elif estimator == "knn":
+        lines.append("- *knn* grows with the vectors' norms; one huge token inflates its own neighbour distances, "
+                     "so leaving it out keeps the curve about the other tokens.")
+    return lines
+
+
 def explain_scores(
     scores: Scores | None,
     kind: str = "attn",
@@ -259,7 +319,7 @@ def explain_scores(
                 "batch by batch, and this panel explains them with your model's numbers.")
     est = resolve_estimator(scores, estimator)
     L = scores.num_layers
-    curve = scores.entropy_curve[est]
+    curve = scores.sinkfree_curve(est)  # the stage boundary is found on this curve (sinks cannot collapse it)
     boundary = stage_boundary if stage_boundary is not None else scores.stage_boundary.get(est, 0)
     boundary = min(max(int(boundary), 0), L)
     kind_name = kind_label(kind, attributive=True)
@@ -285,15 +345,18 @@ def explain_scores(
                      "no expansion stage was detected.")
     else:
         lines.append(
-            f"- **Compression stage**, layers 0–{boundary - 1}: entropy goes from {start:.1f} (X_0) to "
+            f"- **Compression stage**, {'layer 0' if boundary == 1 else f'layers 0–{boundary - 1}'}: entropy goes from {start:.1f} (X_0) to "
             f"{low:.1f} at X_{boundary}, the stage boundary. **Expansion stage**, layers {boundary}–{L - 1}: it rises "
             f"again to {end:.1f} at X_{L}.")
         if stage_boundary is not None:
             lines.append(f"- The boundary was set by hand at X_{boundary}.")
         else:
-            lines.append(f"- The boundary is where the {est} curve bottoms out (detected on a 3-layer moving "
-                         "average first, so one noisy layer cannot move it).")
+            lines.append(f"- The boundary is where the *initial* decline of the {est} curve ends: its first "
+                         "minimum that the next layers stay above (a later, deeper dip does not move it).")
 
+    if (getattr(scores, "massive_tokens", None) or {}).get("first_stream") and 0 < boundary < L:
+        lines.append("- Stages are read on the curve **without massive-activation tokens** (below); the all-token "
+                     "curve can collapse where a sink appears, which is not the end of a stage.")
     blocks = scores.blocks_of(kind)
     n_show = min(3, len(blocks))
     least = ", ".join(f"{layer} ({v:+.3g})" for layer, v in rank_blocks(scores, "entrodrop", kind, estimator=est)[:n_show])
@@ -308,6 +371,7 @@ def explain_scores(
         lines.append(f"- {len(negative)} {kind_name} blocks *lower* the entropy (layers {_layer_list(negative)}): "
                      "they compress rather than add.")
 
+    lines += sink_paragraph(scores, est)
     lines += ["", "### How the automatic choice works", ""]
     protect = protect or get_criterion("entrodrop").default_protection
     try:
@@ -323,9 +387,14 @@ def explain_scores(
         guard = f"layers 0, 1 and {L - 1} are protected, as in the authors' released code"
     else:
         guard = "no layer is protected"
-    lines.append(f"With **entrodrop**, {guard}; among the other {eligible} {kind_name} blocks, {how_many} with the "
-                 f"smallest {est} entropy increase are ticked (ties go to the lower layer). **cosine** ticks the smallest "
-                 "cosine importance and **angular** the smallest angular distance between input and output "
-                 "(for whole layers: the most similar contiguous span), unprotected as published. "
-                 "You can untick or tick any block by hand.")
+    lines.append("The default, **recommended** (ours, not the paper's), measures the model: it drops each block "
+                 "alone on a calibration window (that alone is **ablation**, also ours), pools the best candidates of "
+                 "every criterion, and adds the block whose removal costs the least measured loss, one at a time. "
+                 "It reads no held-out text, so step 4's check stays an honest test.")
+    lines.append("")
+    lines.append(f"With **entrodrop** (the paper's, as its released code runs it), {guard}; among the other "
+                 f"{eligible} {kind_name} blocks, {how_many} with the smallest {est} entropy increase are ticked "
+                 "(ties go to the lower layer). **cosine** ticks the smallest cosine importance and **angular** the "
+                 "smallest angle between input and output (for whole layers: Gromov et al.'s most similar "
+                 "contiguous span), unprotected as published. You can untick or tick any block by hand.")
     return "\n".join(lines)

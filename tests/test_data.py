@@ -348,3 +348,29 @@ def test_library_messages_speak_of_parameters(tmp_path):
     with pytest.raises(ValueError) as info:
         load_corpus(str(path))
     assert "column=" in str(info.value) and "--column" not in str(info.value)
+
+
+def test_window_capacity_counts_each_part_and_offers_a_length_that_fits(tiny_tokenizer):
+    from entrodrop.data import window_capacity
+
+    corpus = TextCorpus("notes", [f"Paragraph {i}: entropy of hidden states rises over later layers." for i in range(20)])
+    calibration, heldout = split_corpus(corpus)
+    cap = window_capacity(tiny_tokenizer, corpus, 64)
+    # make_windows' stream: the documents' tokens with one eos between documents
+    assert cap.calibration_tokens == _stream(tiny_tokenizer, calibration).numel() + len(calibration) - 1
+    assert cap.heldout_tokens == _stream(tiny_tokenizer, heldout).numel() + len(heldout) - 1
+    assert cap.calibration_windows == cap.calibration_tokens // 64 and cap.heldout_windows == cap.heldout_tokens // 64
+    fit = cap.fitting_seq_len(8, step=16)
+    assert fit % 16 == 0 and fit * 8 <= cap.calibration_tokens and fit <= cap.heldout_tokens
+    refit = window_capacity(tiny_tokenizer, corpus, fit)
+    refit.check(8, step=16)  # the offered length really fits
+    assert refit.calibration_windows >= 8 and refit.heldout_windows >= 1
+    with pytest.raises(ValueError, match="8 window\\(s\\) of 64, not the 20 asked for. Use 16 tokens per window"):
+        cap.check(20, step=16)
+    with pytest.raises(ValueError, match="not the 1000 asked for. Give more text"):
+        cap.check(1000)
+    short = window_capacity(tiny_tokenizer, TextCorpus("x", ["a b c d e f", "g h"]), 8)
+    with pytest.raises(ValueError, match="held-out part has .* less than one window .* Give more text"):
+        short.check(1, minimum=8)
+    with pytest.raises(ValueError, match="at least 2"):
+        window_capacity(tiny_tokenizer, corpus, 1)

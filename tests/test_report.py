@@ -216,3 +216,20 @@ def test_protection_is_described_in_runs():
                     "layer 7: last layer (writes the stream the LM head reads)")
     assert report.describe_protection({0: "a", 1: "b", 3: "a"}) == "layer 0: a; layer 1: b; layer 3: a"
     assert report.describe_protection({}) == "none"
+
+
+def test_explainer_names_the_sink_with_this_models_numbers():
+    from test_plots import sink_scores
+
+    scores = sink_scores()
+    text = report.explain_scores(scores, "attn", "bucket")
+    assert "### Massive activations (attention sinks)" in text
+    assert "at **X_5** (layer 5), mostly at position 0 of the window (its first token)" in text
+    assert "×160" in text and "**4 token(s)**" in text and "every other token lands in the same bin" in text
+    # the stages are read on the sink-free curve (boundary X_3), not on the collapse at X_5
+    assert "to 6.0 at X_3, the stage boundary" in text and "without massive-activation tokens" in text
+    assert "moving average" not in text
+    quiet = hand_scores()
+    quiet.massive_tokens = {**scores.massive_tokens, "first_stream": None, "first_layer": None}
+    assert "no token was left out" in report.explain_scores(quiet, "attn", "bucket")
+    assert "Massive activations" not in report.explain_scores(hand_scores(), "attn", "bucket")

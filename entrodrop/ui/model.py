@@ -92,7 +92,8 @@ class ModelHandlers:
         return [self.tab.model_status, self.tab.facts, self.choose.count, self.calibrate.entropy_plot,
                 self.calibrate.blocks_plot, self.calibrate.explainer, self.calibrate.calib_status, self.choose.ticks,
                 self.choose.summary, self.choose.table, self.check.check_status, self.check.check_table,
-                self.export.export_status, self.export.card, self.export.download]
+                self.export.export_status, self.export.card, self.export.download, self.calibrate.norms_plot,
+                self.calibrate.fit_info]
 
     def bind_model(self, session: Session, spec: str, dtype: str, device: str, facts: dict) -> dict:
         """Point the session at a model and clear every step's results (the updates that say so)."""
@@ -105,6 +106,8 @@ class ModelHandlers:
             self.choose.count: gr.update(maximum=L, value=min(default_count(L), L)),
             self.calibrate.entropy_plot: plots.empty_figure(f"{facts['name']} is loaded: start a calibration in step 2."),
             self.calibrate.blocks_plot: plots.empty_figure(),
+            self.calibrate.norms_plot: plots.empty_figure("Token norms per layer appear after the first batch."),
+            self.calibrate.fit_info: "",
             self.calibrate.explainer: report.explain_scores(None),
             self.calibrate.calib_status: "",
             self.choose.ticks: gr.update(choices=[], value=[]),

@@ -93,6 +93,10 @@ class Session:
     view_est: str | None = None
     stop_requested: bool = False  # set by Stop, read by the running calibration or search between steps
     tradeoff: list[dict] = field(default_factory=list)  # step 3's sweep: one point per (criterion, count)
+    # step 2's kept calibrations for the compare and claims panels: (number, label, Scores), newest last,
+    # bounded by ui.compare.KEEP_CALIBRATIONS; kept across model loads (comparing models is the point)
+    calibrations: list = field(default_factory=list)
+    curve: str = "sink-free"  # step 2's entropy chart: "sink-free" (teaching) or "all-token" (the method's)
     # gr.State deep-copies the default Session for every new session, so nothing here may hold a lock
 
     def reset_results(self) -> None:
