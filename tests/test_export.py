@@ -341,8 +341,7 @@ def test_export_dtype_size_and_truthful_card(tmp_path, tiny_tokenizer):
 
 
 def test_zip_reports_bytes_and_leaves_nothing_when_stopped(tmp_path, tiny_tokenizer):
-    from entrodrop.export import iter_zip_export
-    from entrodrop.export import publish
+    from entrodrop.export import iter_zip_export, publish
 
     result = export_pruned(sharp_model("llama"), tiny_tokenizer, DropPlan.parse("layer:3", LAYERS), tmp_path / "out")
     total = sum(p.stat().st_size for p in result.path.iterdir())
