@@ -30,10 +30,19 @@ from .publish import iter_zip_export, push_folder_to_hub, zip_export
 from .reload import REMOTE_CODE_FILE, load_pruned, remote_code_source
 from .target import TargetNotEmptyError, check_target
 from .verification import verify_export
-from .write import EXPORT_DTYPES, ExportResult, default_export_dtype, export_pruned, export_size_bytes
+from .write import (
+    EXPORT_DTYPES,
+    ExportResult,
+    default_export_dtype,
+    export_dtype_for,
+    export_pruned,
+    export_size_bytes,
+    weights_bytes_in,
+)
 
 __all__ = [
     "EXPORT_DTYPES", "EXPORT_FORMAT_VERSION", "METADATA_FILE", "REMOTE_CODE_FILE", "ExportResult", "ModelSource",
-    "TargetNotEmptyError", "check_target", "default_export_dtype", "export_pruned", "export_size_bytes", "iter_zip_export", "jsonable", "load_pruned", "package_versions",
-    "push_folder_to_hub", "remote_code_source", "verify_export", "zip_export",
+    "TargetNotEmptyError", "check_target", "default_export_dtype", "export_dtype_for", "export_pruned",
+    "export_size_bytes", "iter_zip_export", "jsonable", "load_pruned", "package_versions",
+    "push_folder_to_hub", "remote_code_source", "verify_export", "weights_bytes_in", "zip_export",
 ]

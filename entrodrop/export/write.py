@@ -42,22 +42,31 @@ def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def default_export_dtype(model: nn.Module, source: ModelSource | None = None) -> str:
-    """The dtype an export is written in by default: the model's compute dtype, but bfloat16 for a
-    de-quantised GGUF source (its float32 copy is ~5x the quantised file, and bfloat16 keeps more than
-    the 4-bit source ever had)."""
-    if (source or ModelSource()).is_gguf(model):
+def export_dtype_for(compute_dtype: str, gguf: bool) -> str:
+    """The default export dtype of a model computing in ``compute_dtype`` ("float32", "torch.bfloat16"...):
+    that dtype, but bfloat16 for a de-quantised GGUF source (its float32 copy is ~5x the quantised file,
+    and bfloat16 keeps more than the 4-bit source ever had)."""
+    if gguf:
         return "bfloat16"
-    name = str(next(model.parameters()).dtype).removeprefix("torch.")
+    name = str(compute_dtype).removeprefix("torch.")
     return name if name in EXPORT_DTYPES else "float32"
+
+
+def default_export_dtype(model: nn.Module, source: ModelSource | None = None) -> str:
+    """:func:`export_dtype_for` the model's parameters and source."""
+    return export_dtype_for(str(next(model.parameters()).dtype), (source or ModelSource()).is_gguf(model))
+
+
+def weights_bytes_in(num_params: int, dtype: str) -> int:
+    """Bytes ``num_params`` weights take in ``dtype`` (one of :data:`EXPORT_DTYPES`)."""
+    return num_params * _torch_dtype(dtype).itemsize
 
 
 def export_size_bytes(model: nn.Module, plan: DropPlan, dtype: str | None = None, source: ModelSource | None = None) -> int:
     """Bytes the weights of ``plan``'s export take in ``dtype`` (default :func:`default_export_dtype`),
     computed without copying the model: the kept parameters times the dtype's size (each tied tensor once)."""
     dtype = dtype or default_export_dtype(model, source)
-    kept = plan_parameter_counts(model, plan)[2]
-    return kept * _torch_dtype(dtype).itemsize
+    return weights_bytes_in(plan_parameter_counts(model, plan)[2], dtype)
 
 
 def source_size_bytes(model: nn.Module, source: ModelSource | None = None) -> tuple[int, str]:

@@ -12,7 +12,7 @@ from ..arch import BLOCK_KINDS, kind_label
 from ..costs import summarize_plan
 from ..criteria import get_criterion, ranked_criteria, resolve_estimator
 from ..select import plan_from_ticks, select_blocks
-from .state import Session, error, need_scores, user_errors
+from .state import Session, error, keep_errors, need_scores, user_errors
 
 
 class ChooseTab:
@@ -196,8 +196,9 @@ def create_event_handlers(session: gr.State, choose_tab: ChooseTab, calibrate_ta
     light = {"concurrency_limit": None}
     calibrating.then(handlers.choose_after_calibration, [session, *handlers.inputs()], handlers.outputs(),
                      api_visibility="private", show_progress="hidden", **light)
-    tab.auto_btn.click(handlers.select, [session, *handlers.inputs()], handlers.outputs(), api_name="select",
-                       show_progress_on=[tab.summary], **light)
+    selecting = tab.auto_btn.click(handlers.select, [session, *handlers.inputs()], handlers.outputs(),
+                                   api_name="select", show_progress_on=[tab.summary], **light)
+    keep_errors(selecting, session, tab.summary)  # status area: the error stays until the next action
     for trigger in (tab.criterion.input, tab.kind.input, tab.count.release, tab.sel_est.input,
                     tab.protect.input, tab.boundary.submit, tab.boundary.blur):
         trigger(handlers.select, [session, *handlers.inputs()], handlers.outputs(), api_visibility="private",

@@ -286,6 +286,18 @@ def user_errors(fn):
     return wrapper
 
 
+def session_facts(session: Session) -> dict | None:
+    """``model_facts`` of the session's model if it was loaded in this process (None otherwise)."""
+    if not session.model_spec:
+        return None
+    try:
+        key = MODEL_CACHE.make_key(session.model_spec, session.dtype, session.device)
+    except ValueError:
+        return None
+    with _FACTS_LOCK:
+        return _FACTS.get(key)
+
+
 def facts_for(key: tuple, loaded) -> dict:
     """``model_facts`` of a cached model, computed once per cache key."""
     with _FACTS_LOCK:
