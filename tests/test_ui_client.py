@@ -453,7 +453,6 @@ def test_bundled_model_flow(app_url):
     status, card, _ = client.predict(name="smol", api_name="/export")
     assert "Verification PASSED" in status and "in bfloat16" in status and "in bfloat16" in card
     download = client.predict(api_name="/export_zip")
-    assert download["label"].endswith("MB") if isinstance(download, dict) and "label" in download else True
 
 
 def test_threads_do_not_leak_from_loading(app_url, tiny_dir):

@@ -163,7 +163,7 @@ class ModelHandlers:
         preload = preload_info()
         thread, spec = preload["thread"], preload["spec"]
         if session.model_spec or thread is None:
-            yield {}
+            yield {self.tab.model_status: gr.skip()}  # an empty dict reads as one output value
             return
         while thread.is_alive():
             yield {self.tab.model_status: f"▶ Loading the bundled model {spec} (started at launch, "

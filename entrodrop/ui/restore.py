@@ -44,7 +44,7 @@ class RestoreHandlers:
     def restore(self, session: Session, token):
         """Give this browser its token; when results were kept under it, put them back on every step."""
         if not isinstance(session, Session):
-            return {}
+            return {self.token: gr.skip()}
         if not storage.valid_token(token):
             token = storage.new_browser_token()
         session.browser_token = token
