@@ -336,6 +336,8 @@ def test_verdicts_history_errors_and_reload(tiny_app, browser):
     page.context.close()
 
 
+@pytest.mark.xfail(strict=True, reason="Gradio 6 moves tabs that do not fit into an overflow menu at 400 px; "
+                                      "issue 11 item 9 is not done yet")
 def test_narrow_screen_reaches_export(tiny_app, browser):
     url, _ = tiny_app
     page = new_page(browser, url, width=400)

@@ -452,7 +452,7 @@ def test_bundled_model_flow(app_url):
     # the default export of the GGUF source is bfloat16: about half the float32 size, and it still verifies
     status, card, _ = client.predict(name="smol", api_name="/export")
     assert "Verification PASSED" in status and "in bfloat16" in status and "in bfloat16" in card
-    download = client.predict(api_name="/export_zip")
+    client.predict(api_name="/export_zip")
 
 
 def test_threads_do_not_leak_from_loading(app_url, tiny_dir):

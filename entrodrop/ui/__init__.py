@@ -46,11 +46,6 @@ CSS = """
 .verdict-usable { background: #e8f5ec; border-color: #2a9d4b; }
 .verdict-degraded { background: #fff6dc; border-color: #e0a100; }
 .verdict-damaged { background: #fdecec; border-color: #c62828; color: #8b1111; }
-/* narrow screens: every step's tab stays on the page (wrapped) instead of hiding in an overflow menu */
-@media (max-width: 640px) {
-  .tab-wrapper, .tab-container { flex-wrap: wrap !important; height: auto !important; overflow: visible !important; }
-  .tab-container button { flex: 0 0 auto; }
-}
 """
 
 
