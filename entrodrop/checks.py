@@ -6,6 +6,10 @@
 * :func:`check_rows` — the one set of rows (measure, dense, pruned, change) that the CLI's table
   (:func:`checks_text`), the app's table (:func:`checks_frame`) and the model card
   (:func:`checks_markdown`) all render;
+* :func:`verdict` — the plain verdict (usable / degraded / damaged) from a check's numbers, with the
+  thresholds it used (:data:`USABLE_MAX_PERPLEXITY_RATIO` and the other constants below);
+* :class:`CheckRecord` and :func:`history_frame` / :func:`side_by_side_frame` — a session's checks kept
+  one after another, and two of them compared measure by measure;
 * :func:`load_windows` and :func:`iter_checks` — read the held-out windows, then compare quality,
   time both models and generate side by side, streaming :class:`~entrodrop.progress.ProgressEvent`
   whose ``partial`` is always the :class:`ChecksResult` so far.
@@ -28,6 +32,20 @@ from .plan import DropPlan
 from .progress import ProgressEvent
 
 COLUMNS = ("measure", "dense", "pruned", "change")
+
+# -- verdict thresholds ----------------------------------------------------------------------------
+# Held-out perplexity ratio (pruned / dense) and top-1 agreement with the dense model. "usable" asks
+# for both a small perplexity rise and most next-token choices kept; "damaged" is either a doubled
+# perplexity or fewer than half of the choices kept (the old default plan on SmolLM2: x12.7, 35%).
+USABLE_MAX_PERPLEXITY_RATIO = 1.15  # at most +15% perplexity
+USABLE_MIN_TOP1 = 0.80  # and at least 80% of next-token choices the same as dense
+DAMAGED_MIN_PERPLEXITY_RATIO = 2.0  # perplexity doubled or worse
+DAMAGED_MAX_TOP1 = 0.50  # or fewer than half of next-token choices the same
+VERDICT_LEVELS = ("usable", "degraded", "damaged")
+THRESHOLDS_TEXT = (f"usable: perplexity at most +{100 * (USABLE_MAX_PERPLEXITY_RATIO - 1):.0f}% and top-1 "
+                   f"agreement at least {100 * USABLE_MIN_TOP1:.0f}%; damaged: perplexity "
+                   f"×{DAMAGED_MIN_PERPLEXITY_RATIO:g} or more, or top-1 agreement below "
+                   f"{100 * DAMAGED_MAX_TOP1:.0f}%; degraded: in between")
 
 
 @dataclass
@@ -87,6 +105,58 @@ class ChecksResult:
                    speed=_from_fields(SpeedReport, data.get("speed")),
                    generations=[_from_fields(Generation, g) for g in data.get("generations") or []],
                    eval_data=data.get("eval_data"))
+
+
+# -- verdict ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """A check's plain verdict: ``level`` (one of :data:`VERDICT_LEVELS`), the one-line ``text`` quoting
+    the numbers it rests on, and the ``thresholds`` it applied."""
+
+    level: str
+    text: str
+    thresholds: str = THRESHOLDS_TEXT
+
+    @property
+    def damaged(self) -> bool:
+        return self.level == "damaged"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Verdict:
+        level = data.get("level")
+        if level not in VERDICT_LEVELS:
+            raise ValueError(f"Unknown verdict level {level!r}; expected one of {', '.join(VERDICT_LEVELS)}.")
+        return cls(level=level, text=str(data.get("text", "")), thresholds=str(data.get("thresholds", THRESHOLDS_TEXT)))
+
+
+def _change(ratio: float) -> str:
+    """+8% below x2, x12.7 from there on (how people say a small and a large change)."""
+    if not math.isfinite(ratio):
+        return "perplexity not finite"
+    if ratio < DAMAGED_MIN_PERPLEXITY_RATIO:
+        return f"perplexity {100 * (ratio - 1):+.0f}%"
+    return f"perplexity ×{ratio:.1f}"
+
+
+def verdict(result: ChecksResult) -> Verdict | None:
+    """The verdict on ``result``'s quality numbers (None when the quality part was not run).
+
+    usable: perplexity ratio <= :data:`USABLE_MAX_PERPLEXITY_RATIO` and top-1 >= :data:`USABLE_MIN_TOP1`;
+    damaged: ratio >= :data:`DAMAGED_MIN_PERPLEXITY_RATIO` (or not finite) or top-1 < :data:`DAMAGED_MAX_TOP1`;
+    degraded otherwise."""
+    q = result.quality
+    if q is None:
+        return None
+    ratio, top1 = q.perplexity_ratio, q.top1_agreement
+    numbers = f"{_change(ratio)}, top-1 {100 * top1:.0f}%"
+    if not math.isfinite(ratio) or ratio >= DAMAGED_MIN_PERPLEXITY_RATIO or top1 < DAMAGED_MAX_TOP1:
+        return Verdict("damaged", f"damaged: {numbers}")
+    if ratio <= USABLE_MAX_PERPLEXITY_RATIO and top1 >= USABLE_MIN_TOP1:
+        return Verdict("usable", f"usable: {numbers}")
+    return Verdict("degraded", f"degraded: {numbers}")
 
 
 # -- rows ------------------------------------------------------------------------------------------
@@ -253,3 +323,79 @@ def iter_checks(
         ran = True
     if not ran:  # nothing asked for: one event, so run_to_end still has an (empty) answer
         yield ProgressEvent("checks", 0, 0, result)
+
+
+# -- history ---------------------------------------------------------------------------------------
+HISTORY_COLUMNS = ("#", "plan", "criterion", "count", "perplexity", "KL", "top-1", "speed-up", "verdict")
+
+
+def plan_key(plan: DropPlan) -> str:
+    """A stable key naming the blocks of ``plan`` ("attn@3,attn@7"): two plans dropping the same blocks
+    share it, whatever criterion chose them."""
+    return ",".join(f"{b.kind}@{b.layer}" for b in plan.blocks)
+
+
+@dataclass
+class CheckRecord:
+    """One finished check of a session: which plan, chosen how, what was measured and the verdict."""
+
+    number: int  # 1, 2, ... in the order the session ran them
+    plan: DropPlan
+    result: ChecksResult
+    criterion_label: str = ""
+
+    @property
+    def verdict(self) -> Verdict | None:
+        return verdict(self.result)
+
+    @property
+    def key(self) -> str:
+        return plan_key(self.plan)
+
+    def title(self) -> str:
+        return f"#{self.number} {self.plan.criterion}, {len(self.plan.blocks)} blocks"
+
+    def to_dict(self) -> dict:
+        return {"number": self.number, "plan": self.plan.to_dict(), "result": self.result.to_dict(),
+                "criterion_label": self.criterion_label}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> CheckRecord:
+        return cls(number=int(data["number"]), plan=DropPlan.from_dict(data["plan"]),
+                   result=ChecksResult.from_dict(data.get("result")),
+                   criterion_label=str(data.get("criterion_label", "")))
+
+
+def _short_plan(plan: DropPlan, limit: int = 60) -> str:
+    text = ", ".join(f"{b.kind}@{b.layer}" for b in plan.blocks)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def history_frame(records: Sequence[CheckRecord]) -> pd.DataFrame:
+    """One row per check, oldest first: plan, criterion, count, perplexity, KL, top-1, speed-up, verdict."""
+    rows = []
+    for r in records:
+        q, s, v = r.result.quality, r.result.speed, r.verdict
+        rows.append({
+            "#": r.number, "plan": _short_plan(r.plan), "criterion": r.plan.criterion, "count": len(r.plan.blocks),
+            "perplexity": f"{_fmt(q.pruned_perplexity)} ({_times(q.perplexity_ratio, 2)})" if q else "—",
+            "KL": _fmt(q.kl_mean, 3) if q else "—",
+            "top-1": f"{100 * q.top1_agreement:.1f}%" if q else "—",
+            "speed-up": _times(s.prefill_speedup, 2) if s else "—",
+            "verdict": v.text if v else "—",
+        })
+    return pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+
+
+def side_by_side_frame(a: CheckRecord, b: CheckRecord) -> pd.DataFrame:
+    """Two checks measure by measure (quality, speed and generations), with the verdicts on top."""
+    def cells(record: CheckRecord) -> dict[str, str]:
+        out = {"verdict": record.verdict.text if record.verdict else "—",
+               "plan": f"{record.plan.criterion}: {_short_plan(record.plan, 200)}"}
+        out.update({row.measure: f"{row.pruned} {row.change}".strip() for row in check_rows(record.result)})
+        return out
+
+    left, right = cells(a), cells(b)
+    measures = list(dict.fromkeys([*left, *right]))
+    return pd.DataFrame({"measure": measures, a.title(): [left.get(m, "—") for m in measures],
+                         b.title(): [right.get(m, "—") for m in measures]})

@@ -347,3 +347,29 @@ def write_figures(figures: Mapping[str, go.Figure], folder: str | Path, *, png: 
                              "package and Chrome or Chromium; the interactive HTML was written.") from exc
         written += paths
     return written
+
+
+VERDICT_COLORS = {"usable": "#2a9d4b", "degraded": "#e0a100", "damaged": "#c62828"}
+
+
+def check_history_figure(records: Sequence) -> go.Figure:
+    """A session's checks (:class:`~entrodrop.checks.CheckRecord`): perplexity ratio to dense against blocks
+    dropped, one point per check labelled with its number, coloured by verdict (legend names each)."""
+    fig = go.Figure()
+    for level, color in VERDICT_COLORS.items():
+        pts = [r for r in records if r.verdict is not None and r.verdict.level == level]
+        if not pts:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[len(r.plan.blocks) for r in pts], y=[r.result.quality.perplexity_ratio for r in pts],
+            mode="markers+text", name=level, text=[f"#{r.number}" for r in pts], textposition="top center",
+            marker={"size": 11, "color": color},
+            customdata=[[r.number, r.plan.criterion] for r in pts],
+            hovertemplate="#%{customdata[0]} %{customdata[1]}, %{x} blocks<br>perplexity ×%{y:.3g}<extra></extra>"))
+    fig.add_hline(y=1.0, line={"dash": "dot", "color": "#555"}, annotation_text="dense",
+                  annotation_position="bottom right")
+    fig.update_layout(template="plotly_white", height=300, margin={"l": 55, "r": 15, "t": 40, "b": 45},
+                      title={"text": "Checks so far: perplexity vs dense", "font": {"size": 14}},
+                      xaxis_title="blocks dropped", yaxis_title="perplexity ÷ dense (log)", yaxis_type="log",
+                      legend={"orientation": "h", "y": -0.3, "title": {"text": "verdict"}})
+    return fig

@@ -57,3 +57,13 @@ def run_to_end(events: Iterable[ProgressEvent], default: object = _NO_DEFAULT):
             raise ValueError("The work finished without a single progress event, so there is no result.")
         return default
     return last.partial
+
+
+def time_left(elapsed_s: float, fraction: float) -> str:
+    """ "about 12 s left" from the time spent and the share done (linear), "" before anything is done."""
+    if fraction <= 0 or elapsed_s <= 0:
+        return ""
+    left = elapsed_s * (1 - min(fraction, 1.0)) / fraction
+    if left < 1:
+        return "almost done"
+    return f"about {left:.0f} s left" if left < 120 else f"about {left / 60:.0f} min left"

@@ -104,3 +104,50 @@ def test_the_app_table_from_real_report_dicts(model):
     assert any(m.startswith("prefill latency, 16 tokens") for m in table.measure)
     assert list(checks_frame(ChecksResult.from_dict({"quality": quality})).measure)[-1] == "held-out text"
     assert checks_frame(ChecksResult.from_dict(None)).empty
+
+
+def _quality(dense_nll: float, pruned_nll: float, top1: float):
+    from entrodrop.evaluate import QualityReport
+
+    return QualityReport(num_windows=4, num_tokens=100, dense_nll=dense_nll, pruned_nll=pruned_nll, kl_mean=0.1,
+                         top1_agreement=top1, dense_params=10, pruned_params=8, dense_bytes=40, pruned_bytes=32)
+
+
+@pytest.mark.parametrize(("ratio", "top1", "level", "text"), [
+    (1.08, 0.91, "usable", "usable: perplexity +8%, top-1 91%"),
+    (12.7, 0.349, "damaged", "damaged: perplexity ×12.7, top-1 35%"),
+    (1.85, 0.62, "degraded", "degraded: perplexity +85%, top-1 62%"),
+    (1.10, 0.45, "damaged", "damaged: perplexity +10%, top-1 45%"),  # small rise, but most choices changed
+    (1.10, 0.70, "degraded", "degraded: perplexity +10%, top-1 70%"),
+])
+def test_verdict_levels_and_text(ratio, top1, level, text):
+    import math
+
+    from entrodrop.checks import THRESHOLDS_TEXT, verdict
+
+    v = verdict(ChecksResult(quality=_quality(2.0, 2.0 + math.log(ratio), top1)))
+    assert (v.level, v.text) == (level, text)
+    assert v.thresholds == THRESHOLDS_TEXT and "+15%" in v.thresholds and "×2" in v.thresholds
+    assert verdict(ChecksResult()) is None
+
+
+def test_history_and_side_by_side(measured, plan):
+    from entrodrop.checks import CheckRecord, history_frame, plan_key, side_by_side_frame
+
+    damaged = ChecksResult(quality=_quality(2.0, 4.5, 0.3), generations=[Generation("p", "dense", "gibberish")])
+    other = DropPlan(LAYERS, plan.blocks, criterion="cosine")
+    records = [CheckRecord(1, plan, measured), CheckRecord(2, other, damaged)]
+    table = history_frame(records)
+    assert list(table.columns) == ["#", "plan", "criterion", "count", "perplexity", "KL", "top-1", "speed-up",
+                                   "verdict"]
+    assert table["criterion"].tolist() == ["manual", "cosine"] and table["count"].tolist() == [1, 1]
+    assert table["verdict"][1].startswith("damaged: perplexity ×12.2")
+    assert table["speed-up"][1] == "—" and table["speed-up"][0].startswith("×")
+    assert plan_key(plan) == plan_key(other) == "attn@1"
+    both = side_by_side_frame(records[0], records[1])
+    assert list(both.columns) == ["measure", "#1 manual, 1 blocks", "#2 cosine, 1 blocks"]
+    by_measure = dict(zip(both["measure"], both["#2 cosine, 1 blocks"], strict=True))
+    assert by_measure["generation: p"].startswith("gibberish") and by_measure["verdict"].startswith("damaged")
+    assert dict(zip(both["measure"], both["#1 manual, 1 blocks"], strict=True))["generation: p"] == "—"
+    again = CheckRecord.from_dict(records[1].to_dict())
+    assert again.verdict == records[1].verdict and again.plan.criterion == "cosine"

@@ -307,3 +307,55 @@ def test_bundled_model_layer_export_reloads_in_plain_transformers(bundled_model,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-3:] == ["26", "5", "False"]
+
+
+def test_export_dtype_size_and_truthful_card(tmp_path, tiny_tokenizer):
+    from entrodrop.checks import ChecksResult
+    from entrodrop.export import default_export_dtype, export_size_bytes
+
+    model = sharp_model("llama")
+    plan = DropPlan(LAYERS, DropPlan.parse("layer:3", LAYERS).blocks, criterion="cosine")
+    gguf = ModelSource(source="gguf", name="tiny-q4", gguf_file=str(tmp_path / "tiny.gguf"))
+    (tmp_path / "tiny.gguf").write_bytes(b"x" * 1000)
+    assert default_export_dtype(model) == "float32" and default_export_dtype(model, gguf) == "bfloat16"
+    expected = export_size_bytes(model, plan, source=gguf)
+    assert expected == export_size_bytes(model, plan, "float32") // 2
+    windows = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    checks = ChecksResult(quality=compare(model, plan, windows))
+    result = export_pruned(model, tiny_tokenizer, plan, tmp_path / "out", source=gguf, checks=checks)
+    assert result.ok and result.dtype == "bfloat16"  # reloads within the bfloat16 tolerance
+    weights = (result.path / "model.safetensors").stat().st_size
+    assert result.weights_bytes == weights and abs(weights - expected) < 0.05 * expected
+    assert json.loads((result.path / "config.json").read_text())["dtype"] == "bfloat16"
+    card = (result.path / "README.md").read_text()
+    assert "dropped with cosine importance (LLM-Drop / ShortGPT)" in card and "dropped with EntroDrop" not in card
+    assert "in bfloat16" in card and "the source (1000 B, GGUF file tiny.gguf)" in card
+    assert "Check verdict:" in card or "damaged" in card
+    meta = json.loads((result.path / "entrodrop.json").read_text())
+    assert meta["check_verdict"]["level"] in ("usable", "degraded", "damaged")
+    f32 = export_pruned(model, tiny_tokenizer, plan, tmp_path / "f32", dtype="float32")
+    assert f32.ok and f32.weights_bytes > 1.9 * weights
+    with pytest.raises(ValueError, match="bfloat16, float16, float32"):
+        export_pruned(model, tiny_tokenizer, plan, tmp_path / "bad", dtype="int8")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_zip_reports_bytes_and_leaves_nothing_when_stopped(tmp_path, tiny_tokenizer):
+    from entrodrop.export import iter_zip_export, publish
+
+    result = export_pruned(sharp_model("llama"), tiny_tokenizer, DropPlan.parse("layer:3", LAYERS), tmp_path / "out")
+    total = sum(p.stat().st_size for p in result.path.iterdir())
+    events = list(iter_zip_export(result.path))
+    assert events[0].done == 0 and events[-1].done == events[-1].total == total
+    assert events[-1].partial == tmp_path / "out.zip" and all(e.total == total for e in events)
+    with zipfile.ZipFile(events[-1].partial) as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())
+        assert z.testzip() is None
+    publish.ZIP_CHUNK, chunk = 1024, publish.ZIP_CHUNK
+    try:
+        stream = iter_zip_export(result.path, tmp_path / "stopped.zip")
+        next(stream), next(stream)
+        stream.close()
+    finally:
+        publish.ZIP_CHUNK = chunk
+    assert not list(tmp_path.glob("*stopped*"))

@@ -174,7 +174,10 @@ def test_full_flow_in_the_browser(page: Page, tmp_path):
     set_number(page, "check-prefill", 32)
     set_number(page, "check-decode", 4)
     page.locator("#check-btn").click()
-    expect(page.locator("#check-status")).to_contain_text("Checked 7 block(s)", timeout=180_000)
+    expect(page.locator("#check-status")).to_contain_text("Check #1: 7 block(s)", timeout=180_000)
+    # the old default (entrodrop, attention blocks) breaks SmolLM2: the verdict says so, with its thresholds
+    expect(page.locator("#check-verdict .verdict-damaged")).to_contain_text("damaged: perplexity ×")
+    expect(page.locator("#check-verdict")).to_contain_text("Thresholds")
     expect(page.locator("#check-table")).to_contain_text("perplexity")
     expect(page.locator("#check-table")).to_contain_text("prefill latency")
     set_number(page, "max-new", 8)
@@ -185,10 +188,13 @@ def test_full_flow_in_the_browser(page: Page, tmp_path):
 
     # -- 5. export, download the zip, reload it -------------------------------------------------------
     tab(page, "5 · Export")
+    expect(page.locator("#export-damaged")).to_contain_text("found this plan damaged")
+    expect(page.locator("#export-plan")).to_contain_text("of weights in bfloat16")
     page.locator("#export-btn").click()
-    expect(page.locator("#export-status")).to_contain_text("Exported to", timeout=300_000)
+    expect(page.locator("#export-status")).to_contain_text("Exported '", timeout=300_000)
     expect(page.locator("#export-status")).to_contain_text("Verification PASSED")
-    expect(page.locator("#model-card")).to_contain_text("7 block(s) dropped with EntroDrop")
+    expect(page.locator("#model-card")).to_contain_text("7 block(s) dropped with entropy increase (EntroDrop")
+    expect(page.locator("#model-card")).to_contain_text("A check found this plan damaged")
     shot(page, "export")
     with page.expect_download(timeout=120_000) as download_info:
         page.locator("#download-zip").click()
@@ -234,3 +240,141 @@ def test_gemma_curves_on_a_narrow_screen(app_url):
             expect(narrow.locator("#export-btn")).to_be_visible()
         finally:
             browser.close()
+
+
+# -- fast checks on a tiny model whose blocks matter (no bundled weights needed) ----------------------
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory):
+    import torch
+    from conftest import build_tiny_tokenizer
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    with torch.no_grad():  # weights large enough that dropping blocks changes the argmax (a damaged plan)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape) * 0.15)
+    folder = tmp_path_factory.mktemp("sharp") / "sharp-llama"
+    model.save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)
+    demo = ui.build_app()
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                **ui.launch_style())
+    try:
+        yield demo.local_url, str(folder)
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def new_page(browser, url: str, width: int = 1300) -> Page:
+    page = browser.new_context(viewport={"width": width, "height": 900}).new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    return page
+
+
+def check_with(page: Page, number: int) -> None:
+    tab(page, "4 · Check")
+    set_number(page, "check-windows", 2)
+    set_number(page, "check-seqlen", 32)
+    set_number(page, "check-prefill", 16)
+    set_number(page, "check-decode", 2)
+    set_number(page, "max-new", 4)
+    page.locator("#check-btn").click()
+    expect(page.locator("#check-status")).to_contain_text(f"Check #{number}:", timeout=120_000)
+
+
+def test_verdicts_history_errors_and_reload(tiny_app, browser):
+    url, model_dir = tiny_app
+    page = new_page(browser, url)
+    page.locator("#model-spec textarea").fill(model_dir)
+    page.locator("#load-btn").click()
+    expect(page.locator("#model-status")).to_contain_text("is ready", timeout=120_000)
+
+    # an error stays in the step's status, red, after the toast has gone, until the next action
+    tab(page, "4 · Check")
+    page.locator("#check-btn").click()
+    error = page.locator("#check-status .status-error")
+    expect(error).to_contain_text("No calibration yet: run one in step 2 first")
+    page.wait_for_timeout(11_000)  # toasts fade after 10 s
+    expect(page.locator(".toast-body.error")).to_have_count(0)
+    expect(error).to_be_visible()
+    shot(page, "error-stays")
+
+    tab(page, "2 · Calibrate")
+    set_number(page, "calib-samples", 4)
+    set_number(page, "calib-seqlen", 32)
+    page.locator("#start-btn").click()
+    expect(page.locator("#calib-status")).to_contain_text("Done: 4 batches", timeout=120_000)
+    tab(page, "3 · Choose")
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 1 block")
+    checkbox(page, 1).check()  # a protected block ticked by hand: a bad plan
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 2 blocks")
+    check_with(page, 1)
+    expect(page.locator("#check-status .status-error")).to_have_count(0)  # the next action replaced it
+    expect(page.locator("#check-verdict .verdict-damaged")).to_contain_text("damaged: perplexity")
+
+    tab(page, "3 · Choose")
+    page.locator("#criterion label").filter(has_text="cosine importance").click()
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 1 block")
+    check_with(page, 2)
+    history = page.locator("#check-history")
+    expect(history).to_contain_text("manual")
+    expect(history).to_contain_text("cosine")
+    compare = page.locator("#check-compare")
+    expect(compare).to_contain_text("#1 manual, 2 blocks")
+    expect(compare).to_contain_text("#2 cosine, 1 blocks")
+    expect(compare).to_contain_text("generation: What is 12 + 30?")
+    shot(page, "check-history")
+
+    # the damaged plan is flagged on Export
+    tab(page, "3 · Choose")
+    page.locator("#criterion label").filter(has_text="entropy increase").click()
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 1 block")
+    checkbox(page, 1).check()
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 2 blocks")
+    tab(page, "5 · Export")
+    expect(page.locator("#export-plan")).to_contain_text("found this plan damaged")
+    expect(page.locator("#export-plan .status-error")).to_be_visible()
+    shot(page, "export-flag")
+
+    # a reload brings calibration, plan and history back; another browser sees none of it
+    page.reload()
+    expect(page.locator("#model-status")).to_contain_text("Restored your session", timeout=60_000)
+    tab(page, "4 · Check")
+    expect(page.locator("#check-history")).to_contain_text("cosine")
+    tab(page, "3 · Choose")
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 2 blocks")
+    tab(page, "2 · Calibrate")
+    expect(page.locator("#calib-status")).to_contain_text("Restored: 4 of 4 batches")
+    shot(page, "restored")
+    other = new_page(browser, url)
+    expect(other.locator("#model-status")).not_to_contain_text("Restored", timeout=5_000)
+    other.wait_for_timeout(2_000)
+    tab(other, "4 · Check")
+    expect(other.locator("#check-history")).not_to_contain_text("cosine")
+    other.context.close()
+    page.context.close()
+
+
+def test_narrow_screen_reaches_export(tiny_app, browser):
+    url, _ = tiny_app
+    page = new_page(browser, url, width=400)
+    export_tab = page.get_by_role("tab", name="5 · Export")
+    expect(export_tab).to_be_visible()
+    export_tab.click()
+    expect(page.locator("#export-btn")).to_be_visible()
+    shot(page, "narrow-export")
+    page.context.close()

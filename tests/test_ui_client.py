@@ -6,6 +6,7 @@ the real bundled model. Each ``Client`` is its own session, as two browser tabs 
 
 import errno
 import json
+import re
 import socket
 import threading
 import time
@@ -115,6 +116,71 @@ def test_preload_binds_new_pages_to_the_model(tiny_dir, monkeypatch):
     updates = list(page.on_page_load(session))
     assert session.model_spec == tiny_dir and session.num_layers == 4
     assert "is loaded and ready" in updates[-1][steps.model.model_status]
+
+
+def test_a_job_waits_for_the_model_loading_at_launch(tiny_dir, monkeypatch):
+    """Start pressed while the launch preload still runs: the job says it waits, then finds the model."""
+    release = threading.Event()
+
+    def slow_preload():
+        release.wait(10)
+        ui.MODEL_CACHE.get_or_load(tiny_dir)
+
+    thread = threading.Thread(target=slow_preload, daemon=True)
+    monkeypatch.setattr(ui.state, "_PRELOAD", {"thread": thread, "spec": tiny_dir, "error": None,
+                                               "started": time.monotonic()})
+    thread.start()
+    session = ui.Session()
+    waiting = ui.state.waiting_for_model(session, every_s=0.05)
+    assert "still loading since launch" in next(waiting)
+    release.set()
+    list(waiting)
+    with ui.state.model_job(session) as (loaded, _job):
+        assert loaded.num_layers == 4
+    assert session.model_spec == tiny_dir and session.num_layers == 4
+    monkeypatch.setattr(ui.state, "_PRELOAD", {"thread": None, "spec": None, "error": None, "started": None})
+    with pytest.raises(gr.Error, match="No model loaded yet"):
+        with ui.state.model_job(ui.Session()):
+            pass
+
+
+def test_errors_stay_in_the_step_status_until_the_next_action():
+    session = ui.Session()
+
+    @ui.state.user_errors
+    def fails(session):
+        raise ValueError("Tokens per window must be at most 2048; choose a shorter window.")
+
+    with pytest.raises(gr.Error):
+        fails(session)
+    shown = ui.state.show_last_error(session)
+    assert 'class="status-error"' in shown and "choose a shorter window" in shown
+
+    @ui.state.user_errors
+    def works(session):
+        return "ok"
+
+    assert works(session) == "ok" and session.last_error == ""
+    assert "&lt;script&gt;" in ui.state.error_markdown("<script>")  # messages quote user input: escaped
+
+
+def test_reload_store_is_per_token_and_bounded(monkeypatch):
+    from entrodrop.ui import storage
+
+    store = storage.SessionStore()
+    a, b = storage.new_browser_token(), storage.new_browser_token()
+    assert store.put(a, {"model_spec": "m", "count": 3}) and store.get(a) == {"model_spec": "m", "count": 3}
+    assert store.get(b) is None and store.get("../" + a) is None and store.get(None) is None
+    assert not store.put("not-a-token", {"x": 1})
+    monkeypatch.setenv("ENTRODROP_RESTORE_SESSIONS", "2")
+    c = storage.new_browser_token()
+    store.put(b, {"n": 2})
+    store.put(c, {"n": 3})
+    assert store.get(a) is None and store.get(c) == {"n": 3} and len(store) == 2  # the oldest went first
+    monkeypatch.setenv("ENTRODROP_RESTORE_MB", "0.001")
+    assert not store.put(c, {"big": "x" * 5000}) and store.get(c) is None
+    monkeypatch.setenv("ENTRODROP_SESSION_TTL_MIN", "0")
+    assert store.get(b) is None  # expired
 
 
 # -- 2. calibrate --------------------------------------------------------------------------------
@@ -321,9 +387,13 @@ def test_check_and_generation_leave_the_shared_model_unchanged(ready, tiny_dir):
     select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="none")
     before, module_types, model = shared_model_state(tiny_dir)
     job = ready.submit(n_windows=3, seq_len=32, measure_speed=True, prefill=32, decode=4, api_name="/run_check")
-    status, table = job.result(timeout=120)
-    assert status.startswith("✓ Checked 1 block(s)") and "dense model is unchanged" in status
+    status, verdict, table, gen_dense, gen_pruned, history, _plot, _a, _b, _compare = job.result(timeout=120)
+    assert status.startswith("✓ Check #1: 1 block(s)") and "dense model is unchanged" in status
+    assert re.search(r"(usable|degraded|damaged): perplexity", verdict) and "Thresholds" in verdict
+    assert gen_dense  # the check generated from the default prompt too
+    assert [r["#"] for r in table_rows(history)] == [1]
     assert sum("Quality: window" in str(out[0]) for out in job.outputs()) == 3
+    assert any("s left" in str(out[0]) or "almost done" in str(out[0]) for out in job.outputs())
     rows = {r["measure"]: r for r in table_rows(table)}
     assert float(rows["perplexity (held-out)"]["dense"]) > 1
     assert rows["top-1 agreement with dense"]["dense"] == "100%"
@@ -337,6 +407,30 @@ def test_check_and_generation_leave_the_shared_model_unchanged(ready, tiny_dir):
     assert [type(m).__name__ for m in model.modules()] == module_types
 
 
+def test_checks_stay_in_history_and_a_failed_one_erases_nothing(ready):
+    select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="none")
+    first = ready.predict(n_windows=2, seq_len=32, measure_speed=False, api_name="/run_check")
+    select(ready, criterion="cosine", kind="attn", count=2, protect="none")
+    second = ready.predict(n_windows=2, seq_len=32, measure_speed=False, prompt="Hi", max_new=4, api_name="/run_check")
+    rows = table_rows(second[5])
+    assert [(r["#"], r["criterion"], r["count"]) for r in rows] == [(1, "entrodrop", 1), (2, "cosine", 2)]
+    assert all(re.match(r"(usable|degraded|damaged): perplexity", r["verdict"]) for r in rows)
+    compare = table_rows(second[9])  # the last two, side by side, generations included
+    measures = [r["measure"] for r in compare]
+    assert measures[:2] == ["verdict", "plan"] and "generation: Hi" in measures
+    assert list(compare[0]) == ["measure", "#1 entrodrop, 1 blocks", "#2 cosine, 2 blocks"]
+    # a check that fails (windows longer than the text allows) keeps both rows; the error names the problem
+    with pytest.raises(AppError):
+        ready.predict(n_windows=64, seq_len=2048, measure_speed=False, api_name="/run_check")
+    again = ready.predict("2", "1", api_name="/compare_checks")
+    assert list(table_rows(again)[0]) == ["measure", "#2 cosine, 2 blocks", "#1 entrodrop, 1 blocks"]
+    with pytest.raises(AppError):  # untrusted picks: only the session's own checks
+        ready.predict("1", "nine", api_name="/compare_checks")
+    status, card, _ = ready.predict(name="cos", api_name="/export")
+    assert "dropped with cosine importance" in card and "dropped with EntroDrop" not in card
+    assert first[0].startswith("✓ Check #1")
+
+
 # -- 5. export -----------------------------------------------------------------------------------------
 def test_export_verifies_zips_and_reloads(ready, tiny_dir, tmp_path):
     select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="none")
@@ -344,7 +438,9 @@ def test_export_verifies_zips_and_reloads(ready, tiny_dir, tmp_path):
     before, _, model = shared_model_state(tiny_dir)
     status, card, download = ready.predict(name="out", api_name="/export")
     assert status.startswith("✓ Exported 'out'") and "Verification PASSED" in status
-    assert "# tiny-llama — 1 block(s) dropped with EntroDrop" in card and "## Measured checks" in card
+    assert "# tiny-llama — 1 block(s) dropped with entropy increase (EntroDrop" in card
+    assert "## Measured checks" in card and "Check verdict:" in card or "damaged" in card
+    assert "MB of weights in float32" in status or "in float32" in status
     download = ready.predict(api_name="/export_zip")  # chained after /export in the page
     response = httpx.get(download["value"]["url"])  # served over HTTP, as the browser downloads it
     assert response.status_code == 200
@@ -398,13 +494,17 @@ def test_bundled_model_flow(app_url):
     assert status.startswith("✓ Done: 3 batches")
     out = select(client, criterion="entrodrop", kind="attn", count=4, estimator="bucket")
     assert len(out[2]["value"]) == 4 and "**Plan: drop 4 blocks**" in out[4]
-    status, table = client.predict(n_windows=2, seq_len=64, measure_speed=True, prefill=32, decode=4,
+    status, _verdict, table, *_ = client.predict(n_windows=2, seq_len=64, measure_speed=True, prefill=32, decode=4,
                                    api_name="/run_check")
     rows = {r["measure"]: r for r in table_rows(table)}
     assert 1 < float(rows["perplexity (held-out)"]["dense"]) < 1000
     assert rows["parameters"]["change"].startswith("−")
     dense, pruned = client.predict(prompt="What is 2 + 2?", max_new=6, api_name="/generate")
     assert dense.strip()
+    # the default export of the GGUF source is bfloat16: about half the float32 size, and it still verifies
+    status, card, _ = client.predict(name="smol", api_name="/export")
+    assert "Verification PASSED" in status and "in bfloat16" in status and "in bfloat16" in card
+    client.predict(api_name="/export_zip")
 
 
 def test_threads_do_not_leak_from_loading(app_url, tiny_dir):

@@ -26,14 +26,23 @@ One module per concept:
 """
 
 from .metadata import EXPORT_FORMAT_VERSION, METADATA_FILE, ModelSource, jsonable, package_versions
-from .publish import push_folder_to_hub, zip_export
+from .publish import iter_zip_export, push_folder_to_hub, zip_export
 from .reload import REMOTE_CODE_FILE, load_pruned, remote_code_source
 from .target import TargetNotEmptyError, check_target
 from .verification import verify_export
-from .write import ExportResult, export_pruned
+from .write import (
+    EXPORT_DTYPES,
+    ExportResult,
+    default_export_dtype,
+    export_dtype_for,
+    export_pruned,
+    export_size_bytes,
+    weights_bytes_in,
+)
 
 __all__ = [
-    "EXPORT_FORMAT_VERSION", "METADATA_FILE", "REMOTE_CODE_FILE", "ExportResult", "ModelSource",
-    "TargetNotEmptyError", "check_target", "export_pruned", "jsonable", "load_pruned", "package_versions",
-    "push_folder_to_hub", "remote_code_source", "verify_export", "zip_export",
+    "EXPORT_DTYPES", "EXPORT_FORMAT_VERSION", "METADATA_FILE", "REMOTE_CODE_FILE", "ExportResult", "ModelSource",
+    "TargetNotEmptyError", "check_target", "default_export_dtype", "export_dtype_for", "export_pruned",
+    "export_size_bytes", "iter_zip_export", "jsonable", "load_pruned", "package_versions",
+    "push_folder_to_hub", "remote_code_source", "verify_export", "weights_bytes_in", "zip_export",
 ]

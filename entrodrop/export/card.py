@@ -7,6 +7,7 @@ regenerated from an existing export.
 from __future__ import annotations
 
 from ..checks import ChecksResult, checks_markdown
+from ..devices import format_bytes
 
 
 def verdict_line(verification: dict) -> str:
@@ -62,13 +63,23 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
     ]
     if source.get("name") and source.get("source") == "hub":
         lines.append(f"base_model: {source['name']}")
-    lines += ["---", "", f"# {source.get('name') or 'model'} — {len(plan['blocks'])} block(s) dropped with EntroDrop", ""]
+    label = meta.get("criterion_label") or meta["criterion"]
+    lines += ["---", "", f"# {source.get('name') or 'model'} — {len(plan['blocks'])} block(s) dropped with {label}", ""]
     lines.append(
         f"Pruned from **{source.get('name') or 'an unnamed model'}** ({source.get('family')}, "
         f"{plan['num_layers']} layers) by dropping {len(plan['blocks'])} block(s) chosen with the "
-        f"**{meta['criterion']}** criterion. Parameters: {meta['parameters']['dense']:,} -> "
+        f"**{meta['criterion']}** criterion ({label}). Parameters: {meta['parameters']['dense']:,} -> "
         f"{meta['parameters']['pruned']:,} ({meta['parameters']['removed']:,} removed)."
     )
+    size = meta.get("size") or {}
+    if size.get("weights_bytes"):
+        ratio = size["weights_bytes"] / size["source_bytes"] if size.get("source_bytes") else float("nan")
+        lines += ["", f"Size: **{format_bytes(size['weights_bytes'])}** of weights in {meta.get('dtype')}, "
+                      f"×{ratio:.2f} the source ({format_bytes(size['source_bytes'])}, {size.get('source')})."]
+    check_verdict = meta.get("check_verdict")
+    if check_verdict:
+        warn = "⚠ **A check found this plan damaged**: " if check_verdict["level"] == "damaged" else "Check verdict: "
+        lines += ["", f"{warn}{check_verdict['text']} (thresholds: {check_verdict['thresholds']})."]
     if meta.get("gguf"):
         lines += ["", "The source was a quantised GGUF file: these are **de-quantised float safetensors from GGUF**, "
                       "not the original quantisation."]

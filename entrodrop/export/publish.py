@@ -5,29 +5,51 @@ from __future__ import annotations
 import os
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
+from ..progress import ProgressEvent, run_to_end
 
-def zip_export(out_dir: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
-    """Zip an export folder (for download); returns the ``.zip`` path, next to the folder by default.
+ZIP_CHUNK = 8 * 2**20  # bytes copied between two progress events
+
+
+def iter_zip_export(out_dir: str | os.PathLike, dest: str | os.PathLike | None = None) -> Iterator[ProgressEvent]:
+    """Zip an export folder (for download), streaming stage ``zip`` events of ``done`` of ``total`` bytes;
+    the last event's ``partial`` is the ``.zip`` path (next to the folder by default).
 
     Entries are stored, not deflated: safetensors weights do not compress, and deflating them
-    costs about a minute of CPU for a 135M model. Written under a temporary name, then renamed."""
+    costs about a minute of CPU for a 135M model. Written under a temporary name, then renamed,
+    so a stopped or failed zip leaves nothing behind."""
     folder = Path(out_dir).expanduser().absolute()
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not an export folder (no config.json).")
     dest = Path(dest).expanduser().absolute() if dest is not None else folder.parent / f"{folder.name}.zip"
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
     partial = dest.parent / f".{dest.name}.partial-{uuid.uuid4().hex[:8]}"
+    done = 0
+    yield ProgressEvent("zip", 0, total)
     try:
-        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
-            for path in sorted(folder.rglob("*")):
-                archive.write(path, arcname=str(Path(folder.name) / path.relative_to(folder)))
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for path in files:
+                info = zipfile.ZipInfo.from_file(path, arcname=str(Path(folder.name) / path.relative_to(folder)))
+                info.compress_type = zipfile.ZIP_STORED
+                with open(path, "rb") as src, archive.open(info, "w", force_zip64=True) as out:
+                    while chunk := src.read(ZIP_CHUNK):
+                        out.write(chunk)
+                        done += len(chunk)
+                        yield ProgressEvent("zip", done, total)
         os.replace(partial, dest)
-    except BaseException:
+    except BaseException:  # GeneratorExit too: a consumer that stops early leaves no partial file
         if partial.exists():
             partial.unlink()
         raise
-    return dest
+    yield ProgressEvent("zip", total, total, dest)
+
+
+def zip_export(out_dir: str | os.PathLike, dest: str | os.PathLike | None = None) -> Path:
+    """Zip an export folder; returns the ``.zip`` path (see :func:`iter_zip_export`)."""
+    return run_to_end(iter_zip_export(out_dir, dest))
 
 
 def push_folder_to_hub(folder: str | Path, repo_id: str, token: str, *, private: bool = False) -> str:

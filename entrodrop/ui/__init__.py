@@ -13,7 +13,8 @@ receiving the other steps' components it writes as arguments:
 * :mod:`.calibrate` — 2, stream the curves while calibration runs;
 * :mod:`.choose` — 3, automatic selection and ticks;
 * :mod:`.check` — 4, dense vs pruned, side-by-side generations;
-* :mod:`.export` — 5, export and verify, zip, score files, push to the Hub.
+* :mod:`.export` — 5, export and verify, zip, score files, push to the Hub;
+* :mod:`.restore` — a page reload brings the session's results back (per-browser token).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..loading import DEFAULT_MODEL
-from . import calibrate, check, choose, export, model, storage
+from . import calibrate, check, choose, export, model, restore, storage
 from .state import MODEL_CACHE, Session, delete_session, start_preload
 
 __all__ = ["MODEL_CACHE", "Session", "Steps", "build_app", "create_steps", "launch", "launch_style", "start_preload"]
@@ -39,6 +40,12 @@ compare it here with the cosine and angular baselines on **your** model and data
 CSS = """
 #explainer { font-size: 0.92em; }
 #model-card { max-height: 720px; overflow-y: auto; }
+.status-error { color: #8b1111; background: #fdecec; border-left: 4px solid #c62828; padding: 0.5em 0.75em;
+                border-radius: 4px; font-weight: 500; }
+.verdict { padding: 0.5em 0.75em; border-radius: 4px; border-left: 4px solid; }
+.verdict-usable { background: #e8f5ec; border-color: #2a9d4b; }
+.verdict-degraded { background: #fff6dc; border-color: #e0a100; }
+.verdict-damaged { background: #fdecec; border-color: #c62828; color: #8b1111; }
 """
 
 
@@ -64,8 +71,9 @@ def create_steps(default_model: str = DEFAULT_MODEL) -> Steps:
             choose_tab = choose.create_ui()
         with gr.Tab("4 · Check", id="tab-check"):
             check_tab = check.create_ui()
-        with gr.Tab("5 · Export", id="tab-export"):
+        with gr.Tab("5 · Export", id="tab-export") as export_page:
             export_tab = export.create_ui()
+    export_tab.page = export_page
     return Steps(model_tab, calibrate_tab, choose_tab, check_tab, export_tab)
 
 
@@ -74,10 +82,14 @@ def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
     storage.start_janitor()
     with gr.Blocks(title="EntroDrop Studio", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
         session = gr.State(Session(), delete_callback=delete_session)
+        token = gr.BrowserState(None, storage_key=restore.STORAGE_KEY)
         gr.Markdown(INTRO)
         steps = create_steps(default_model)
-        model.create_event_handlers(demo, session, steps.model, steps.calibrate, steps.choose, steps.check,
-                                    steps.export)
+        page_load = model.create_event_handlers(demo, session, steps.model, steps.calibrate, steps.choose,
+                                                steps.check, steps.export)
+        restoring = restore.RestoreHandlers(token, steps)
+        page_load.then(restoring.restore, [session, token], restoring.outputs(), api_visibility="private",
+                       concurrency_limit=None, show_progress="hidden")
         calibrating = calibrate.create_event_handlers(session, steps.calibrate, steps.check)
         choose.create_event_handlers(session, steps.choose, steps.calibrate, calibrating)
         check.create_event_handlers(session, steps.check)

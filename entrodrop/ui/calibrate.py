@@ -21,7 +21,17 @@ from ..workflow import start_calibration
 from . import compare
 from .limits import check_calibration, check_text, whole_number
 from .sources import data_source_args
-from .state import MODEL_CACHE, Session, error, model_events, model_job, sharing_note, user_errors
+from .state import (
+    MODEL_CACHE,
+    Session,
+    error,
+    keep_errors,
+    model_events,
+    model_job,
+    sharing_note,
+    user_errors,
+    waiting_for_model,
+)
 from .storage import in_sessions_root
 
 MAX_BINS = 1000  # bucket histograms cost hidden size x bins per stream: far more adds nothing but memory
@@ -238,6 +248,8 @@ class CalibrateHandlers:
         knn_k = whole_number(knn_k if knn_k not in (None, "") else 25, "knn: neighbour rank k")
         seed = whole_number(seed if seed not in (None, "") else 0, "seed", minimum=0)
         settings = EstimatorSettings(estimators=tuple(estimators), bins=bins, k=knn_k)
+        for note in waiting_for_model(session):  # shared loading state: Start waits for the launch model
+            yield {self.tab.calib_status: note}
         yield {self.tab.calib_status: "▶ Reading the calibration text…"}
         with model_job(session) as (loaded, job):
             def prepare():
@@ -338,6 +350,7 @@ def create_event_handlers(session: gr.State, calibrate_tab: CalibrateTab, check_
         [tab.calib_status, tab.entropy_plot, tab.norms_plot, tab.blocks_plot, tab.explainer, tab.view_est,
          check_tab.check_seq, tab.teach.kept],
         api_name="calibrate", show_progress_on=[tab.calib_status], **model_events())
+    keep_errors(calibrating, session, tab.calib_status)  # status area: the error stays until the next action
     tab.stop_btn.click(handlers.stop, [session], [tab.calib_status], api_name="stop", **light)
     for trigger in (tab.view_kind.input, tab.view_est.input):
         trigger(handlers.redraw, [session, tab.view_kind, tab.view_est], [tab.blocks_plot, tab.explainer],

@@ -21,7 +21,17 @@ from ..criteria import DEFAULT_CRITERION, criterion_estimator, get_criterion, mo
 from ..search import MEASURE_WINDOWS, iter_select
 from ..select import plan_from_ticks, select_blocks
 from . import tradeoff
-from .state import Session, error, model_events, model_job, need_scores, sharing_note, user_errors
+from .state import (
+    Session,
+    error,
+    keep_errors,
+    model_events,
+    model_job,
+    need_scores,
+    sharing_note,
+    user_errors,
+    verdict_for,
+)
 
 DEFAULT_ESTIMATOR = "default"  # the estimator dropdown's "the criterion's own" (knn for entrodrop)
 _STAGE_WORDS = {"ablation": "dropping each block alone", "recommend": "greedy search"}
@@ -132,6 +142,10 @@ class ChooseHandlers:
         try:
             plan = plan_from_ticks(scores, session.kind, session.ticked, session.auto_plan)
             summary = report.plan_summary_markdown(plan, summarize_plan(plan, session.costs), protected)
+            verdict = verdict_for(session, plan)
+            if verdict is not None:  # these blocks were checked in step 4: say what the check found
+                mark = "⚠ **Damaged**" if verdict.damaged else "Checked"
+                summary = f"{mark} in step 4: {verdict.text} ({verdict.thresholds}).\n\n" + summary
         except ValueError as exc:
             summary = f"⚠ {exc}"
         if protected:
@@ -300,8 +314,9 @@ def create_event_handlers(session: gr.State, choose_tab: ChooseTab, calibrate_ta
     model = {**model_events(), "trigger_mode": "always_last"}
     calibrating.then(handlers.choose_after_calibration, [session, *handlers.inputs()], handlers.outputs(),
                      api_visibility="private", show_progress="hidden", **model)
-    tab.auto_btn.click(handlers.select, [session, *handlers.inputs()], handlers.outputs(), api_name="select",
-                       show_progress_on=[tab.summary], **model)
+    selecting = tab.auto_btn.click(handlers.select, [session, *handlers.inputs()], handlers.outputs(),
+                                   api_name="select", show_progress_on=[tab.summary], **model)
+    keep_errors(selecting, session, tab.summary)  # status area: the error stays until the next action
     for trigger in (tab.criterion.input, tab.kind.input, tab.count.release, tab.sel_est.input,
                     tab.protect.input, tab.boundary.submit, tab.boundary.blur):
         trigger(handlers.select, [session, *handlers.inputs()], handlers.outputs(), api_visibility="private",

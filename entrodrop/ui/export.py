@@ -10,31 +10,45 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import gradio as gr
 
 from .. import plots, report
+from ..costs import summarize_plan
 from ..criteria import resolve_estimator
+from ..devices import format_bytes
 from ..export import (
+    EXPORT_DTYPES,
     ModelSource,
     TargetNotEmptyError,
     check_target,
+    export_dtype_for,
     export_pruned,
+    iter_zip_export,
     push_folder_to_hub,
-    zip_export,
+    weights_bytes_in,
 )
+from ..progress import time_left
 from ..select import plan_from_ticks
 from . import storage
 from .state import (
     Session,
     error,
+    keep_errors,
     model_events,
     model_job,
     need_scores,
     plan_to_run,
+    session_facts,
     sharing_note,
     user_errors,
+    verdict_for,
+    waiting_for_model,
 )
+
+AUTO_DTYPE = "auto"
+DTYPE_CHOICES = [("the model's own (bfloat16 for a GGUF source)", AUTO_DTYPE), *[(d, d) for d in EXPORT_DTYPES]]
 
 ZIP_GROUP = "zip"  # zipping reads only the session's files: off the model's group, one at a time
 
@@ -42,7 +56,10 @@ ZIP_GROUP = "zip"  # zipping reads only the session's files: off the model's gro
 class ExportTab:
     """Step 5's components."""
 
+    page: gr.Tab  # the step's tab (set by the app): selecting it refreshes plan_note
+    plan_note: gr.Markdown
     name: gr.Textbox
+    dtype: gr.Dropdown
     overwrite: gr.Checkbox
     export_btn: gr.Button
     export_status: gr.Markdown
@@ -60,15 +77,19 @@ class ExportTab:
 def create_ui() -> ExportTab:
     """Lay out step 5 inside the current tab."""
     tab = ExportTab()
+    tab.plan_note = gr.Markdown("", elem_id="export-plan")
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
             tab.name = gr.Textbox("", label="Export name", elem_id="export-name", max_length=storage.MAX_NAME_CHARS,
                                   placeholder="blank: MODEL-CRITERION-COUNT; letters, digits, '.', '_', '-'",
                                   info="Saved in this session's private space; removed when you leave.")
+            tab.dtype = gr.Dropdown(DTYPE_CHOICES, value=AUTO_DTYPE, label="Weights dtype", elem_id="export-dtype",
+                                    info="bfloat16/float16 halve the size of float32; the export is verified "
+                                         "in the dtype it is written in.")
             tab.overwrite = gr.Checkbox(False, label="Replace my export of the same name", elem_id="export-overwrite")
             tab.export_btn = gr.Button("Export and verify", variant="primary", elem_id="export-btn")
             tab.export_status = gr.Markdown("", elem_id="export-status")
-            tab.download = gr.DownloadButton("Download the pruned model (.zip)", value=None, interactive=False,
+            tab.download = gr.DownloadButton(DOWNLOAD_LABEL, value=None, interactive=False,
                                              elem_id="download-zip")
             gr.Markdown("**Scores and plots**")
             tab.files_btn = gr.Button("Prepare scores (CSV, JSON) and plots (PNG, HTML)", elem_id="files-btn")
@@ -86,6 +107,15 @@ def create_ui() -> ExportTab:
     return tab
 
 
+DOWNLOAD_LABEL = "Download the pruned model (.zip)"
+
+
+def _key(plan) -> str:
+    from ..checks import plan_key
+
+    return plan_key(plan)
+
+
 def card_for_display(card: str) -> str:
     """The model card with its YAML front matter shown as code (Markdown would run it into the text)."""
     if card.startswith("---\n"):
@@ -100,6 +130,50 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "model"
 
 
+def resolve_dtype(session: Session, dtype) -> str:
+    """The dtype asked for (``auto``: the model's compute dtype, bfloat16 for a GGUF source); refuses others."""
+    if dtype in (None, "", AUTO_DTYPE):
+        facts = session_facts(session) or {}
+        return export_dtype_for(facts.get("dtype", "float32"), bool(facts.get("gguf_file")) or facts.get("source") == "gguf")
+    if dtype not in EXPORT_DTYPES:
+        raise error(f"Choose the weights dtype from {', '.join(EXPORT_DTYPES)} (or the model's own).")
+    return dtype
+
+
+def size_estimate(session: Session, plan, dtype: str) -> str:
+    """'about 256.0 MB in bfloat16 (source: 98.2 MB)' from the plan's kept parameters; "" before calibration."""
+    if session.costs is None:
+        return ""
+    kept = session.costs.dense_params - summarize_plan(plan, session.costs).params_removed
+    text = f"about {format_bytes(weights_bytes_in(kept, dtype))} of weights in {dtype}"
+    gguf = (session_facts(session) or {}).get("gguf_file")
+    try:
+        if gguf and Path(gguf).is_file():
+            text += f" (source: {format_bytes(Path(gguf).stat().st_size)} GGUF file)"
+    except OSError:
+        pass
+    return text
+
+
+def plan_note(session: Session, dtype=AUTO_DTYPE) -> str:
+    """What Export will write: the plan, a damaged verdict flagged, the size before writing."""
+    try:
+        plan = plan_to_run(session)
+        dtype = resolve_dtype(session, dtype)
+    except gr.Error as exc:
+        return f"*{exc.message}*"
+    lines = [f"**To export:** {plan.describe()} ({plan.criterion}); {size_estimate(session, plan, dtype)}."]
+    verdict = verdict_for(session, plan)
+    if verdict is not None and verdict.damaged:
+        lines.append(f'<div class="status-error" id="export-damaged">⚠ A check found this plan <b>damaged</b> '
+                     f"({verdict.text}). You can still export it; the verdict goes into the model card.</div>")
+    elif verdict is not None:
+        lines.append(f"Last check of these blocks: {verdict.text}.")
+    else:
+        lines.append("*Not checked yet: step 4 says how much it loses.*")
+    return "\n\n".join(lines)
+
+
 class ExportHandlers:
     """Export, score files and push."""
 
@@ -107,14 +181,17 @@ class ExportHandlers:
         self.tab = export_tab
 
     @user_errors
-    def export(self, session: Session, name: str, overwrite: bool):
+    def export(self, session: Session, name: str, overwrite: bool, dtype=AUTO_DTYPE):
         """Write and reload-verify the pruned model under ``name`` in the session's folder; show its card."""
         plan = plan_to_run(session)
+        dtype = resolve_dtype(session, dtype)
         if name is not None and not isinstance(name, str):
             raise error("The export name must be text, e.g. 'my-model-pruned'.")
         name = storage.export_name(name, f"{slug(session.model_name)}-{plan.criterion}-{len(plan.blocks)}{session.kind}")
         folder = session.work_path()
         target = folder / "exports" / name
+        for note in waiting_for_model(session):
+            yield {self.tab.export_status: note}
         with storage.busy(folder), model_job(session) as (loaded, job):
             # the folder and its zip: at most the dense model's size each
             storage.check_disk_budget(2 * int(loaded.model.get_memory_footprint()), replacing=target)
@@ -123,24 +200,28 @@ class ExportHandlers:
             except TargetNotEmptyError as exc:  # the library says overwrite=True; here it is a tick box
                 raise error(f"You already have an export named '{name}'. Tick 'Replace my export of the same "
                             "name' to replace it, or choose another name.") from exc
-            yield {self.tab.export_status: f"▶ Writing {plan.describe()} as '{name}' and reloading it to "
-                                           f"verify{sharing_note(job)}…",
-                   self.tab.download: gr.update(value=None, interactive=False)}
+            size = size_estimate(session, plan, dtype)
+            yield {self.tab.export_status: f"▶ Writing {plan.describe()} as '{name}' ({size or dtype}) and reloading "
+                                           f"it to verify{sharing_note(job)}…",
+                   self.tab.download: gr.update(value=None, interactive=False, label=DOWNLOAD_LABEL)}
+            checked = session.history[-1].result if session.history and session.history[-1].key == _key(plan) \
+                else None  # the card quotes the checks of these blocks only
             result = job.call(export_pruned, loaded.model, loaded.tokenizer, plan, target, scores=session.scores,
-                              checks=session.checks or None, source=ModelSource.of(loaded),
-                              overwrite=bool(overwrite))
+                              checks=checked, source=ModelSource.of(loaded), overwrite=bool(overwrite), dtype=dtype)
         session.export_dir = result.path
         card = card_for_display((result.path / "README.md").read_text(encoding="utf-8"))
         icon = "✓" if result.ok else "✗"
         hint = result.reload_hint.replace(str(result.path), name)
-        status = (f"{icon} Exported '{name}' ({result.pruned_params:,} of {result.dense_params:,} parameters kept). "
-                  f"{result.verdict}\n\nThe download button below turns on when the zip is ready. After "
+        status = (f"{icon} Exported '{name}' ({result.pruned_params:,} of {result.dense_params:,} parameters kept; "
+                  f"{format_bytes(result.weights_bytes)} in {result.dtype}, ×{result.weights_bytes / result.source_bytes:.2f} "
+                  f"the source). {result.verdict}\n\nThe download button below turns on when the zip is ready. After "
                   f"unzipping, reload with:\n```python\n{hint}\n```")
         yield {self.tab.export_status: status, self.tab.card: card}
 
     @user_errors
     def zip_download(self, session: Session):
-        """Zip the session's last export (stored, not deflated) and offer it for download."""
+        """Zip the session's last export (stored, not deflated) and offer it for download; the button shows
+        the bytes written and the time left meanwhile."""
         export_dir = session.export_dir
         if export_dir is None or not (export_dir / "config.json").is_file():
             raise error("Export the pruned model first (the button above), then download it.")
@@ -149,8 +230,17 @@ class ExportHandlers:
         with storage.busy(folder):
             storage.check_disk_budget(storage.folder_bytes(export_dir), replacing=dest)
             dest.parent.mkdir(exist_ok=True)
-            zip_path = zip_export(export_dir, dest=dest)
-        return gr.update(value=str(zip_path), interactive=True)
+            started, shown, zip_path = time.monotonic(), 0.0, None
+            for event in iter_zip_export(export_dir, dest=dest):
+                zip_path = event.partial
+                now = time.monotonic()
+                if now - shown >= 0.5 and not event.finished:
+                    shown = now
+                    left = time_left(now - started, event.fraction)
+                    yield gr.update(label=f"Zipping… {format_bytes(event.done)} of {format_bytes(event.total)}"
+                                          f"{' · ' + left if left else ''}", interactive=False)
+        yield gr.update(value=str(zip_path), interactive=True,
+                        label=f"{DOWNLOAD_LABEL} · {format_bytes(zip_path.stat().st_size)}")
 
     @user_errors
     def score_files_handler(self, session: Session):
@@ -195,11 +285,19 @@ def create_event_handlers(session: gr.State, export_tab: ExportTab) -> None:
     tab = export_tab
     handlers = ExportHandlers(export_tab)
     light = {"concurrency_limit": None}
-    exporting = tab.export_btn.click(handlers.export, [session, tab.name, tab.overwrite],
+    exporting = tab.export_btn.click(handlers.export, [session, tab.name, tab.overwrite, tab.dtype],
                                      [tab.export_status, tab.card, tab.download], api_name="export",
                                      show_progress_on=[tab.export_status], **model_events())
-    exporting.success(handlers.zip_download, [session], [tab.download], api_name="export_zip",
-                      show_progress_on=[tab.download], concurrency_id=ZIP_GROUP, concurrency_limit=1)
-    tab.files_btn.click(handlers.score_files_handler, [session], [tab.score_files], api_name="score_files", **light)
-    tab.push_btn.click(handlers.push, [session, tab.hub_repo, tab.hub_token, tab.hub_private], [tab.hub_status],
-                       api_name="push", **light)
+    keep_errors(exporting, session, tab.export_status)
+    zipping = exporting.success(handlers.zip_download, [session], [tab.download], api_name="export_zip",
+                                show_progress="hidden", concurrency_id=ZIP_GROUP, concurrency_limit=1)
+    keep_errors(zipping, session, tab.export_status)
+    files = tab.files_btn.click(handlers.score_files_handler, [session], [tab.score_files], api_name="score_files",
+                                **light)
+    keep_errors(files, session, tab.export_status)
+    pushing = tab.push_btn.click(handlers.push, [session, tab.hub_repo, tab.hub_token, tab.hub_private],
+                                 [tab.hub_status], api_name="push", **light)
+    keep_errors(pushing, session, tab.hub_status)
+    tab.dtype.input(plan_note, [session, tab.dtype], [tab.plan_note], api_visibility="private", **light)
+    if getattr(tab, "page", None) is not None:
+        tab.page.select(plan_note, [session, tab.dtype], [tab.plan_note], api_visibility="private", **light)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import plots, report
 from ..loading import BUNDLED_MODELS, DEFAULT_MODEL, format_bytes
-from .state import LOAD_GROUP, MODEL_CACHE, Session, error, facts_for, preload_info, user_errors
+from .state import LOAD_GROUP, MODEL_CACHE, Session, error, facts_for, keep_errors, preload_info, user_errors
 
 DEFAULT_DROP_SHARE = 0.25  # the paper drops 8 of 32 attention blocks as its mild setting
 
@@ -166,7 +166,7 @@ class ModelHandlers:
         preload = preload_info()
         thread, spec = preload["thread"], preload["spec"]
         if session.model_spec or thread is None:
-            yield {}
+            yield {self.tab.model_status: gr.skip()}  # an empty dict reads as one output value
             return
         while thread.is_alive():
             yield {self.tab.model_status: f"▶ Loading the bundled model {spec} (started at launch, "
@@ -176,6 +176,10 @@ class ModelHandlers:
             yield {self.tab.model_status: f"⚠ The bundled model could not be loaded at launch: {preload['error']}"}
             return
         key = MODEL_CACHE.make_key(spec)
+        if session.model_spec == spec and key in MODEL_CACHE:  # a job that waited for it bound it already
+            yield {self.tab.facts: facts_markdown(facts_for(key, MODEL_CACHE.get_or_load(spec))),
+                   self.tab.model_status: f"✓ **{session.model_name}** is loaded and ready."}
+            return
         if key not in MODEL_CACHE or session.model_spec:
             yield {self.tab.model_status: "Press **Load model** to start."}
             return
@@ -186,12 +190,14 @@ class ModelHandlers:
 
 
 def create_event_handlers(demo: gr.Blocks, session: gr.State, model_tab: ModelTab, calibrate_tab, choose_tab,
-                          check_tab, export_tab) -> None:
-    """Wire step 1: the Load button and the page load; they write every step's components."""
+                          check_tab, export_tab):
+    """Wire step 1: the Load button and the page load; they write every step's components. Returns the
+    page-load event (the app restores a reloaded session after it)."""
     handlers = ModelHandlers(model_tab, calibrate_tab, choose_tab, check_tab, export_tab)
-    model_tab.load_btn.click(handlers.load_model, [session, model_tab.bundled, model_tab.model_spec, model_tab.dtype,
+    loading = model_tab.load_btn.click(handlers.load_model, [session, model_tab.bundled, model_tab.model_spec, model_tab.dtype,
                                                    model_tab.device],
                              handlers.outputs(), api_name="load_model", concurrency_id=LOAD_GROUP,
                              concurrency_limit=1, show_progress_on=[model_tab.model_status])
-    demo.load(handlers.on_page_load, inputs=[session], outputs=handlers.outputs(),
-              api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    keep_errors(loading, session, model_tab.model_status)  # status area: the error stays until the next action
+    return demo.load(handlers.on_page_load, inputs=[session], outputs=handlers.outputs(),
+                     api_visibility="private", concurrency_limit=None, show_progress="hidden")

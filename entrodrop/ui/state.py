@@ -13,7 +13,16 @@ the model in the cache for the whole job, so eviction never drops it mid-job. Re
 checked against the operator's limits first (:mod:`.limits`).
 
 Errors: handlers are wrapped by :func:`user_errors`, which turns the library's ValueError /
-OSError / TypeError into ``gr.Error`` with the library's message (it says what to do).
+OSError / TypeError into ``gr.Error`` with the library's message (it says what to do), and keeps
+that message in the session; :func:`keep_errors` chains a step's events to write it, red, into the
+step's status area, where it stays until the step's next action writes its own status.
+
+Loading: a page opened while the bundled model is still loading at launch has no model yet;
+:func:`model_job` (and :func:`waiting_for_model`, which says so on the page) wait for that model
+instead of saying none is loaded.
+
+Reloads: after every successful action the session's results are kept in a bounded server-side
+store under the browser's random token (:func:`save_session`, :func:`restore_snapshot`).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..cache import ModelCache
-from ..checks import ChecksResult
+from ..checks import CheckRecord, ChecksResult, Verdict, plan_key
 from ..costs import BlockCosts
 from ..criteria import DEFAULT_CRITERION, get_criterion, resolve_estimator
 from ..loading import DEFAULT_MODEL, model_facts
@@ -97,6 +106,11 @@ class Session:
     # bounded by ui.compare.KEEP_CALIBRATIONS; kept across model loads (comparing models is the point)
     calibrations: list = field(default_factory=list)
     curve: str = "sink-free"  # step 2's entropy chart: "sink-free" (teaching) or "all-token" (the method's)
+    history: list[CheckRecord] = field(default_factory=list)  # every finished check, oldest first
+    verdicts: dict[str, Verdict] = field(default_factory=dict)  # plan_key -> verdict of its latest check
+    history_model: str | None = None  # the model the history was measured on
+    last_error: str = ""  # the last message user_errors showed; keep_errors writes it into the step's status
+    browser_token: str | None = None  # this browser's key in the reload store (set on page load)
     # gr.State deep-copies the default Session for every new session, so nothing here may hold a lock
 
     def reset_results(self) -> None:
@@ -106,6 +120,21 @@ class Session:
         self.checks = ChecksResult()
         self.tradeoff = []
         self.export_dir = None
+        if self.history_model != self.model_spec:  # checks of another model compare nothing with this one
+            self.history, self.verdicts = [], {}
+            self.history_model = self.model_spec
+
+    def add_check(self, plan: DropPlan, result: ChecksResult) -> CheckRecord:
+        """Keep a finished check in the history and its verdict under the plan's blocks."""
+        number = (self.history[-1].number + 1) if self.history else 1
+        record = CheckRecord(number, plan, result, criterion_label=get_criterion(plan.criterion).label_for(plan.blocks[0].kind)
+                             if plan.blocks else get_criterion(plan.criterion).label)
+        self.history.append(record)
+        del self.history[:-MAX_HISTORY]
+        self.history_model = self.model_spec
+        if record.verdict is not None:
+            self.verdicts[plan_key(plan)] = record.verdict
+        return record
 
     def work_path(self) -> Path:
         """This session's private folder for exports and files, marked as used now.
@@ -138,6 +167,38 @@ class Session:
             return {}
 
 
+MAX_HISTORY = 50  # checks kept per session (the table and the reload store stay small)
+
+# what a reload brings back (everything computed; not the private folder, which the session end removes)
+_KEPT_FIELDS = ("model_spec", "dtype", "device", "model_name", "num_layers", "data", "scores", "costs", "kind",
+                "criterion", "estimator", "protect", "stage_boundary", "count", "auto_plan", "ticked", "checks",
+                "view_kind", "view_est", "history", "verdicts", "history_model")
+
+
+def verdict_for(session: Session, plan: DropPlan | None) -> Verdict | None:
+    """The verdict of the session's latest check of the same blocks as ``plan`` (None if never checked)."""
+    if plan is None or not isinstance(session, Session):
+        return None
+    return session.verdicts.get(plan_key(plan))
+
+
+def save_session(session: Session) -> None:
+    """Keep the session's results under its browser token (no token: an API client, nothing kept)."""
+    if session.browser_token:
+        storage.SESSION_STORE.put(session.browser_token, {k: getattr(session, k) for k in _KEPT_FIELDS})
+
+
+def restore_snapshot(session: Session, token: str) -> bool:
+    """Fill ``session`` with what was kept under ``token``; False when nothing (or nothing valid) was kept."""
+    kept = storage.SESSION_STORE.get(token)
+    if not kept or not kept.get("model_spec"):
+        return False
+    for key, value in kept.items():
+        if key in _KEPT_FIELDS:
+            setattr(session, key, value)
+    return True
+
+
 def delete_session(session: Session) -> None:
     """``gr.State``'s delete callback: remove the session's private folder."""
     if isinstance(session, Session):
@@ -156,8 +217,33 @@ def error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
+def error_markdown(message: str) -> str:
+    """A message for a step's status area, red and kept until the step's next action."""
+    from html import escape
+
+    return f'<div class="status-error" role="alert">⚠ {escape(message)}</div>'
+
+
+def _session_of(args, kwargs) -> Session | None:
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, Session)), None)
+
+
+def show_last_error(session: Session) -> str:
+    """What :func:`keep_errors` writes after a failed event: the session's last error, red."""
+    message = session.last_error if isinstance(session, Session) else ""
+    return error_markdown(message or "That did not work; try again.")
+
+
+def keep_errors(event, session: gr.State, status) -> None:
+    """After ``event`` fails, write its message into ``status`` (the step's status area), where it stays
+    until the step's next action replaces it (a toast alone fades after a few seconds)."""
+    event.failure(show_last_error, [session], [status], api_visibility="private", concurrency_limit=None,
+                  show_progress="hidden", queue=False)
+
+
 def user_errors(fn):
-    """Turn the library's ValueError/OSError/TypeError into gr.Error (its message says what to do)."""
+    """Turn the library's ValueError/OSError/TypeError into gr.Error (its message says what to do), keep the
+    message in the session for :func:`keep_errors`, and keep the session's results after a success."""
 
     def convert(exc: Exception) -> gr.Error:
         if isinstance(exc, gr.Error):
@@ -170,24 +256,52 @@ def user_errors(fn):
         return gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}). The shared model is unchanged; "
                         "try again or reload the page.")
 
+    def failed(exc: Exception, session: Session | None) -> gr.Error:
+        converted = convert(exc)
+        if session is not None:
+            session.last_error = str(converted.message)
+        return converted
+
+    def succeeded(session: Session | None) -> None:
+        if session is not None:
+            session.last_error = ""
+            save_session(session)
+
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
+            session = _session_of(args, kwargs)
             try:
                 yield from fn(*args, **kwargs)
             except Exception as exc:
-                raise convert(exc) from exc
+                raise failed(exc, session) from exc
+            succeeded(session)
 
         return gen_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        session = _session_of(args, kwargs)
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
         except Exception as exc:
-            raise convert(exc) from exc
+            raise failed(exc, session) from exc
+        succeeded(session)
+        return out
 
     return wrapper
+
+
+def session_facts(session: Session) -> dict | None:
+    """``model_facts`` of the session's model if it was loaded in this process (None otherwise)."""
+    if not session.model_spec:
+        return None
+    try:
+        key = MODEL_CACHE.make_key(session.model_spec, session.dtype, session.device)
+    except ValueError:
+        return None
+    with _FACTS_LOCK:
+        return _FACTS.get(key)
 
 
 def facts_for(key: tuple, loaded) -> dict:
@@ -198,11 +312,52 @@ def facts_for(key: tuple, loaded) -> dict:
         return _FACTS[key]
 
 
+def _preload_pending(session: Session) -> bool:
+    """True while the session has no model and the launch preload is still loading one."""
+    thread = _PRELOAD["thread"]
+    return not session.model_spec and thread is not None and thread.is_alive()
+
+
+def adopt_preload(session: Session, *, wait: bool = True) -> bool:
+    """Bind a session without a model to the model preloaded at launch (waiting for it when ``wait``);
+    True when the session has a model afterwards. Never resets what the session computed."""
+    if session.model_spec:
+        return True
+    thread, spec = _PRELOAD["thread"], _PRELOAD["spec"]
+    if thread is None:
+        return False
+    if wait:
+        thread.join()
+    if thread.is_alive() or _PRELOAD["error"]:
+        return False
+    key = MODEL_CACHE.make_key(spec)
+    if key not in MODEL_CACHE:
+        return False
+    facts = facts_for(key, MODEL_CACHE.get_or_load(spec))
+    session.model_spec, session.dtype, session.device = spec, "auto", "auto"
+    session.model_name, session.num_layers = facts["name"], facts["num_layers"]
+    return True
+
+
+def waiting_for_model(session: Session, every_s: float = 1.0) -> Iterator[str]:
+    """Status lines while the model loading at launch is not ready yet (nothing when it is, or when the
+    session has its own model): a handler yields them, then its :func:`model_job` finds the model."""
+    thread = _PRELOAD["thread"]
+    while _preload_pending(session):
+        yield (f"▶ Waiting for the bundled model {_PRELOAD['spec']}, still loading since launch "
+               f"({time.monotonic() - _PRELOAD['started']:.0f} s); this starts by itself when it is ready…")
+        thread.join(timeout=every_s)
+
+
 @contextmanager
 def model_job(session: Session) -> Iterator[tuple]:
     """``(loaded, job)``: the session's model, held in the shared cache (loaded again if it was evicted)
-    for the whole ``with`` block, and a :class:`~.turns.ModelJob` whose turns every model run must take."""
-    if not session.model_spec:
+    for the whole ``with`` block, and a :class:`~.turns.ModelJob` whose turns every model run must take.
+    A session opened while the bundled model was loading at launch waits for that model."""
+    if not session.model_spec and not adopt_preload(session):
+        if _PRELOAD["error"]:
+            raise error(f"The bundled model could not be loaded at launch ({_PRELOAD['error']}): load a model in "
+                        "step 1.")
         raise error("No model loaded yet: load one in step 1.")
     with MODEL_CACHE.use(session.model_spec, dtype=session.dtype, device=session.device) as loaded, \
             MODEL_TURNS.job() as job:

@@ -12,12 +12,16 @@ the total on disk, and a janitor that removes what sessions leave behind.
 * :func:`remove_stale` (run by :func:`start_janitor` every few minutes) removes session folders
   unused for ``ENTRODROP_SESSION_TTL_MIN`` minutes, unless a job is writing into them; the session
   itself removes its folder when gradio deletes its state.
+* :data:`SESSION_STORE` keeps each browser's computed results (calibration, plan, check history) for a
+  page reload, keyed by a random token that only that browser holds (:func:`new_browser_token`),
+  bounded in entries, bytes per entry and age (``ENTRODROP_RESTORE_SESSIONS``, the session TTL).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -32,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 SESSION_PREFIX = "session-"
 MAX_NAME_CHARS = 80
-DEFAULTS = {"ENTRODROP_SESSION_TTL_MIN": 60.0, "ENTRODROP_MAX_EXPORT_GB": 20.0}
+DEFAULTS = {"ENTRODROP_SESSION_TTL_MIN": 60.0, "ENTRODROP_MAX_EXPORT_GB": 20.0, "ENTRODROP_RESTORE_SESSIONS": 200.0,
+            "ENTRODROP_RESTORE_MB": 8.0}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _BUSY: Counter[Path] = Counter()  # session folder -> jobs writing into it now
 _BUSY_LOCK = threading.Lock()
@@ -208,3 +213,67 @@ def start_janitor() -> threading.Thread:
     _JANITOR["thread"] = thread
     thread.start()
     return thread
+
+
+# -- what survives a page reload -------------------------------------------------------------------
+_TOKEN = re.compile(r"[0-9a-f]{32}")
+
+
+def new_browser_token() -> str:
+    """128 random bits naming one browser's kept results (stored, encrypted, in that browser only)."""
+    return secrets.token_hex(16)
+
+
+def valid_token(token) -> bool:
+    """True for a token of the shape :func:`new_browser_token` makes (a browser sends it: untrusted)."""
+    return isinstance(token, str) and _TOKEN.fullmatch(token) is not None
+
+
+class SessionStore:
+    """Token -> pickled snapshot of a session's results, in this process's memory.
+
+    Bounded: at most ``ENTRODROP_RESTORE_SESSIONS`` entries (the least recently saved go first), none
+    over ``ENTRODROP_RESTORE_MB`` (a larger one is not kept), none older than the session TTL. Only
+    the server pickles and unpickles; the browser holds nothing but its token."""
+
+    def __init__(self):
+        self._entries: dict[str, tuple[float, bytes]] = {}  # token -> (saved at, monotonic; pickle)
+        self._lock = threading.Lock()
+
+    def _prune(self, now: float) -> None:
+        ttl = session_ttl_s()
+        for token in [t for t, (at, _) in self._entries.items() if now - at > ttl]:
+            del self._entries[token]
+        excess = len(self._entries) - max(int(_setting("ENTRODROP_RESTORE_SESSIONS")), 0)
+        for token in list(self._entries)[:max(excess, 0)]:  # dicts keep insertion order: oldest first
+            del self._entries[token]
+
+    def put(self, token: str, snapshot: dict) -> bool:
+        """Keep ``snapshot`` under ``token``; False (and the old one dropped) when it is too large."""
+        if not valid_token(token):
+            return False
+        data = pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            self._entries.pop(token, None)
+            if len(data) > _setting("ENTRODROP_RESTORE_MB") * 2**20:
+                logger.info("Session snapshot of %d bytes is over the limit: not kept for reloads.", len(data))
+                return False
+            now = time.monotonic()
+            self._entries[token] = (now, data)
+            self._prune(now)
+        return True
+
+    def get(self, token) -> dict | None:
+        """The snapshot kept under ``token`` (None for an unknown, expired or malformed token)."""
+        if not valid_token(token):
+            return None
+        with self._lock:
+            self._prune(time.monotonic())
+            entry = self._entries.get(token)
+        return pickle.loads(entry[1]) if entry else None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+SESSION_STORE = SessionStore()
