@@ -322,7 +322,8 @@ def create_event_handlers(session: gr.State, choose_tab: ChooseTab, calibrate_ta
         trigger(handlers.select, [session, *handlers.inputs()], handlers.outputs(), api_visibility="private",
                 show_progress_on=[tab.summary], **model)
     tab.stop_btn.click(handlers.stop, [session], [tab.summary], api_name="stop_search", **light)
+    # each event carries the whole tick list, so only the latest matters: quick clicks never finish out of order
     tab.ticks.input(handlers.set_ticks, [session, tab.ticks],
                     [tab.table, tab.summary, tab.choose_plot, tab.rank_plot, calibrate_tab.blocks_plot],
-                    api_name="set_ticks", show_progress_on=[tab.summary], **light)
+                    api_name="set_ticks", show_progress_on=[tab.summary], trigger_mode="always_last", **light)
     tradeoff.create_event_handlers(session, tab.tradeoff, handlers)
