@@ -50,17 +50,26 @@ def app_url():
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
+def browser():
+    """One Chromium for the module: Playwright's sync API allows one running instance per thread."""
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
-        page = context.new_page()
-        page.set_default_timeout(60_000)
-        page.goto(app_url)
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            yield page
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url, browser):
+    context = browser.new_context(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(app_url)
+    try:
+        yield page
+    finally:
+        context.close()
 
 
 def shot(page: Page, name: str) -> None:
@@ -221,37 +230,36 @@ def test_full_flow_in_the_browser(page: Page, tmp_path):
     shutil.rmtree(tmp_path / "unzipped")
 
 
-def test_gemma_curves_on_a_narrow_screen(app_url):
+def test_gemma_curves_on_a_narrow_screen(app_url, browser):
     """The second bundled family, loaded on demand, up to its curves, on a 400 px wide screen: every step's
     tab is reachable (none hidden in an overflow menu), the sink-free curve and the token norms draw."""
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            narrow = browser.new_context(viewport={"width": 400, "height": 900}).new_page()
-            narrow.set_default_timeout(60_000)
-            narrow.goto(app_url)
-            for name in ("1 · Model", "2 · Calibrate", "3 · Choose", "4 · Check", "5 · Export"):
-                expect(narrow.get_by_role("tab", name=name)).to_be_visible()
-            narrow.locator("#model-bundled input").click()
-            narrow.get_by_role("option", name=re.compile("^gemma3-270m")).click()
-            narrow.locator("#load-btn").click()
-            expect(narrow.locator("#model-status")).to_contain_text("gemma-3-270m", timeout=240_000)
-            expect(narrow.locator("#model-status")).to_contain_text("is ready", timeout=240_000)
-            assert re.search(r"Layers\s+18", narrow.locator("#model-facts").inner_text())
-            tab(narrow, "2 · Calibrate")
-            set_number(narrow, "calib-samples", 4)
-            set_number(narrow, "calib-seqlen", 64)
-            expect(narrow.locator("#text-fit")).to_contain_text("calibration window(s)")
-            narrow.locator("#start-btn").click()
-            expect(narrow.locator("#calib-status")).to_contain_text("Done: 4 batches", timeout=240_000)
-            expect(narrow.locator("#entropy-plot")).to_contain_text("without massive-activation tokens")
-            expect(narrow.locator("#norms-plot .gtitle")).to_contain_text("Token norms per layer")
-            expect(narrow.locator("#explainer")).to_contain_text("This model (gemma-3-270m")
-            shot(narrow, "calibrate-gemma-400px")
-            tab(narrow, "5 · Export")
-            expect(narrow.locator("#export-btn")).to_be_visible()
-        finally:
-            browser.close()
+    context = browser.new_context(viewport={"width": 400, "height": 900})
+    try:
+        narrow = context.new_page()
+        narrow.set_default_timeout(60_000)
+        narrow.goto(app_url)
+        for name in ("1 · Model", "2 · Calibrate", "3 · Choose", "4 · Check", "5 · Export"):
+            expect(narrow.get_by_role("tab", name=name)).to_be_visible()
+        narrow.locator("#model-bundled input").click()
+        narrow.get_by_role("option", name=re.compile("^gemma3-270m")).click()
+        narrow.locator("#load-btn").click()
+        expect(narrow.locator("#model-status")).to_contain_text("gemma-3-270m", timeout=240_000)
+        expect(narrow.locator("#model-status")).to_contain_text("is ready", timeout=240_000)
+        assert re.search(r"Layers\s+18", narrow.locator("#model-facts").inner_text())
+        tab(narrow, "2 · Calibrate")
+        set_number(narrow, "calib-samples", 4)
+        set_number(narrow, "calib-seqlen", 64)
+        expect(narrow.locator("#text-fit")).to_contain_text("calibration window(s)")
+        narrow.locator("#start-btn").click()
+        expect(narrow.locator("#calib-status")).to_contain_text("Done: 4 batches", timeout=240_000)
+        expect(narrow.locator("#entropy-plot")).to_contain_text("without massive-activation tokens")
+        expect(narrow.locator("#norms-plot .gtitle")).to_contain_text("Token norms per layer")
+        expect(narrow.locator("#explainer")).to_contain_text("This model (gemma-3-270m")
+        shot(narrow, "calibrate-gemma-400px")
+        tab(narrow, "5 · Export")
+        expect(narrow.locator("#export-btn")).to_be_visible()
+    finally:
+        context.close()
 
 
 # -- fast checks on a tiny model whose blocks matter (no bundled weights needed) ----------------------
@@ -278,16 +286,6 @@ def tiny_app(tmp_path_factory):
         yield demo.local_url, str(folder)
     finally:
         demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def new_page(browser, url: str, width: int = 1300) -> Page:
