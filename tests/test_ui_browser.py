@@ -349,11 +349,13 @@ def test_verdicts_history_errors_and_reload(tiny_app, browser):
     expect(compare).to_contain_text("generation: What is 12 + 30?")
     shot(page, "check-history")
 
-    # the damaged plan is flagged on Export
+    # the damaged plan is flagged on Step 3 and on Export: the same automatic choice plus block 1 by hand
     tab(page, "3 · Choose")
-    page.locator("#criterion label").filter(has_text="entropy increase").click()
-    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 1 block")
+    page.locator("#criterion label").filter(has_text="recommended (ours").click()
+    expect(page.locator("#plan-summary")).to_contain_text("automatic choice of recommended", timeout=120_000)
+    expect(page.locator("#plan-summary")).not_to_contain_text("Measuring", timeout=120_000)
     checkbox(page, 1).check()
+    expect(page.locator("#plan-summary")).to_contain_text("Damaged")
     expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 2 blocks")
     tab(page, "5 · Export")
     expect(page.locator("#export-plan")).to_contain_text("found this plan damaged")

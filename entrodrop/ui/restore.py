@@ -35,7 +35,7 @@ class RestoreHandlers:
     def outputs(self) -> list:
         s = self.steps
         return list(dict.fromkeys([
-            self.token, s.model.model_status, s.calibrate.calib_status, s.calibrate.entropy_plot,
+            self.token, s.model.model_status, s.calibrate.calib_status, s.calibrate.entropy_plot, s.calibrate.norms_plot,
             s.calibrate.blocks_plot, s.calibrate.explainer, *self.choose.outputs(), s.choose.criterion,
             s.choose.kind, s.check.verdict,
             s.check.history_table, s.check.history_plot, s.check.compare_a, s.check.compare_b, s.check.compare_table,
