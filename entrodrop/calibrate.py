@@ -429,32 +429,36 @@ def iter_calibration(
     in_device, stats_device = input_device(model), _stats_device(model)
     base = model.base_model  # the decoder without the LM head: logits are not needed
     logger.info("Calibrating %s on %d windows x %d tokens", name, *windows.shape)
-    with torch.inference_mode(), capture_residuals(model, spec, device=stats_device) as cap:
+    # inference mode is entered per batch, never held across a yield: grad modes are thread-local and the
+    # app resumes this generator on whichever worker thread is free (a mode left on would leak into it)
+    with capture_residuals(model, spec, device=stats_device) as cap:
         for start in range(0, len(windows), batch_size):
-            ids = windows[start : start + batch_size].to(in_device)
-            mask = attention_mask[start : start + batch_size]
-            cap.clear()
-            base(input_ids=ids, attention_mask=mask.to(in_device).long(), use_cache=False)
-            mask = stats_mask[start : start + batch_size]
-            if not cap.complete():
-                raise RuntimeError("Some residual streams were not captured; the architecture adapter is wrong.")
-            flat = mask.reshape(-1)  # (B*T,) on the CPU, like the windows
-            positions = torch.arange(mask.shape[1]).expand_as(mask).reshape(-1)[flat]  # (N,)
-            token_ids = windows[start : start + batch_size].reshape(-1)[flat]  # (N,)
-            # the last real token of each window: Gromov et al.'s angular distance reads only that one
-            last_pos = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)  # (B,)
-            last_token = (torch.arange(mask.shape[1]) == last_pos[:, None]).reshape(-1)[flat]  # (N,)
-            mask = mask.to(stats_device)
-            xs = _stack_tokens(cap.x, mask)  # (L+1, N, d)
-            ys = _stack_tokens(cap.y, mask)  # (L, N, d)
-            cap.clear()  # free the batch's activations before the statistics allocate
-            stats.add_batch(xs, ys, settings, positions=positions, token_ids=token_ids, last_token=last_token)
-            del xs, ys
+            with torch.inference_mode():
+                ids = windows[start : start + batch_size].to(in_device)
+                mask = attention_mask[start : start + batch_size]
+                cap.clear()
+                base(input_ids=ids, attention_mask=mask.to(in_device).long(), use_cache=False)
+                mask = stats_mask[start : start + batch_size]
+                if not cap.complete():
+                    raise RuntimeError("Some residual streams were not captured; the architecture adapter is wrong.")
+                flat = mask.reshape(-1)  # (B*T,) on the CPU, like the windows
+                positions = torch.arange(mask.shape[1]).expand_as(mask).reshape(-1)[flat]  # (N,)
+                token_ids = windows[start : start + batch_size].reshape(-1)[flat]  # (N,)
+                # the last real token of each window: Gromov et al.'s angular distance reads only that one
+                last_pos = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)  # (B,)
+                last_token = (torch.arange(mask.shape[1]) == last_pos[:, None]).reshape(-1)[flat]  # (N,)
+                mask = mask.to(stats_device)
+                xs = _stack_tokens(cap.x, mask)  # (L+1, N, d)
+                ys = _stack_tokens(cap.y, mask)  # (L, N, d)
+                cap.clear()  # free the batch's activations before the statistics allocate
+                stats.add_batch(xs, ys, settings, positions=positions, token_ids=token_ids, last_token=last_token)
+                del xs, ys
+                scores = stats.to_scores(name, calib, batches_total)
             yield CalibrationEvent(
                 done=stats.batches,
                 total=batches_total,
                 tokens_seen=stats.tokens,
-                scores=stats.to_scores(name, calib, batches_total),
+                scores=scores,
             )
 
 

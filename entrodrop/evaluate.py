@@ -194,8 +194,9 @@ def iter_compare_many(
             counts[name] = plan_parameter_counts(model, plan)
     tallies = {name: _Tally() for name in plans}
     total = windows.shape[0]
-    with torch.inference_mode():
-        for start in range(0, total, batch_size):
+    for start in range(0, total, batch_size):
+        # inference mode per batch, never across a yield: grad modes are thread-local (see iter_calibration)
+        with torch.inference_mode():
             ids = windows[start : start + batch_size].to(device)
             dense = _logits(model, ids)  # (B, T-1, V)
             dense_logp = F.log_softmax(dense, dim=-1)
@@ -211,8 +212,8 @@ def iter_compare_many(
                         pruned = _logits(model, ids)
                 tallies[name].add(dense_logp, dense_top1, dense_nll, pruned, ids)
                 del pruned
-            done = min(start + batch_size, total)
-            yield ProgressEvent("compare", done, total,
+        done = min(start + batch_size, total)
+        yield ProgressEvent("compare", done, total,
                             {name: t.report(done, total, counts[name], plans[name]) for name, t in tallies.items()})
 
 
@@ -301,15 +302,15 @@ def iter_measure_speed(
     rounds = warmup + repeats
     dense_runs: list[tuple[float, float]] = []
     pruned_runs: list[tuple[float, float]] = []
-    with torch.inference_mode():
-        for r in range(rounds):
+    for r in range(rounds):
+        with torch.inference_mode():  # per round, never across a yield (grad modes are thread-local)
             dense = time_prefill_and_decode(model, ids, decode_tokens)
             with preview_plan(model, plan):
                 pruned = time_prefill_and_decode(model, ids, decode_tokens)
-            if r >= warmup:
-                dense_runs.append(dense)
-                pruned_runs.append(pruned)
-            yield ProgressEvent("speed", r + 1, rounds, None)
+        if r >= warmup:
+            dense_runs.append(dense)
+            pruned_runs.append(pruned)
+        yield ProgressEvent("speed", r + 1, rounds, None)
     dtype = next(model.parameters()).dtype
     report = SpeedReport(
         device=str(device), dtype=str(dtype).replace("torch.", ""), prefill_tokens=prefill_tokens,

@@ -317,3 +317,28 @@ def test_last_token_angular_matrix_reads_only_the_last_real_token_of_each_window
         expected = float((torch.arccos(cos) / math.pi).mean())
         assert scores.angular_matrix_last[i][j] == pytest.approx(expected, abs=1e-5)
     assert scores.angular_matrix_last != scores.angular_matrix  # all tokens differ from the last one alone
+
+
+def test_calibration_resumed_on_other_threads_leaves_no_grad_mode_behind():
+    """The app resumes generators on whichever worker thread is free: inference mode must not be held
+    across a yield (it is thread-local), or it leaks into the thread and breaks the next batch elsewhere."""
+    import threading
+
+    model = tiny_model("llama")
+    windows = random_windows(4, 40)
+    settings = EstimatorSettings(estimators=("bucket", "knn"))
+    events = iter_calibration(model, windows, settings=settings)
+    leaked, last = [], []
+
+    def step():
+        last[:] = [next(events)]
+        leaked.append(torch.is_inference_mode_enabled())
+
+    for _ in range(4):  # every batch on a fresh thread, as gradio's worker pool may do
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()
+    assert leaked == [False] * 4 and last[0].finished
+    single = run_calibration(model, windows, settings=settings)
+    for est in ("bucket", "knn"):
+        assert last[0].scores.entropy_curve[est] == pytest.approx(single.entropy_curve[est])
