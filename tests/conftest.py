@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import socket  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -62,3 +65,24 @@ def bundled_model():
     from entrodrop.loading import load_model
 
     return load_model("smollm2")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served_app():
+    """The studio app served on a free local port for the ``with`` block; yields its URL."""
+    from entrodrop import ui
+
+    demo = ui.build_app()
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                **ui.launch_style())
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()

@@ -9,7 +9,6 @@ screenshot of each main screen there (the README's images come from ``assets/``)
 import os
 import re
 import shutil
-import socket
 import time
 import zipfile
 from pathlib import Path
@@ -26,27 +25,16 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (`make chromium`, part of `make test`)",
                 allow_module_level=True)
 
+from conftest import served_app  # noqa: E402
 from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
 
-from entrodrop import ui  # noqa: E402
 from entrodrop.export import load_pruned  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def app_url():
-    demo = ui.build_app()
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                **ui.launch_style())
-    try:
-        yield demo.local_url
-    finally:
-        demo.close()
+    with served_app() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -279,13 +267,8 @@ def tiny_app(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sharp") / "sharp-llama"
     model.save_pretrained(folder)
     build_tiny_tokenizer().save_pretrained(folder)
-    demo = ui.build_app()
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                **ui.launch_style())
-    try:
-        yield demo.local_url, str(folder)
-    finally:
-        demo.close()
+    with served_app() as url:
+        yield url, str(folder)
 
 
 def new_page(browser, url: str, width: int = 1300) -> Page:

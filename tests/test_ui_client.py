@@ -7,7 +7,6 @@ the real bundled model. Each ``Client`` is its own session, as two browser tabs 
 import errno
 import json
 import re
-import socket
 import threading
 import time
 import zipfile
@@ -16,7 +15,7 @@ import gradio as gr
 import httpx
 import pytest
 import torch
-from conftest import save_tiny_model
+from conftest import save_tiny_model, served_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from tiny_models import tiny_config
@@ -28,12 +27,6 @@ from entrodrop.export import load_pruned
 CALIBRATION = dict(source="gsm8k", upload=None, samples=4, seq_len=64, estimators=["bucket", "knn"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_tokenizer):
     return str(save_tiny_model(tiny_config("llama"), tmp_path_factory.mktemp("tiny") / "tiny-llama", tiny_tokenizer))
@@ -41,12 +34,8 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def app_url():
-    demo = ui.build_app()
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo.local_url
-    finally:
-        demo.close()
+    with served_app() as url:
+        yield url
 
 
 def client_for(url: str) -> Client:

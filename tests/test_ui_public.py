@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_model
+from conftest import save_tiny_model, served_app
 from gradio.utils import get_upload_folder
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from tiny_models import tiny_config
 
-from entrodrop import ui
 from entrodrop.ui import storage
 from entrodrop.ui.calibrate import calibration_data
 from entrodrop.ui.turns import ModelTurns
@@ -44,14 +43,8 @@ def work_root():
 
 @pytest.fixture(scope="module")
 def app_url(work_root):
-    from test_ui_client import free_port
-
-    demo = ui.build_app()
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo.local_url
-    finally:
-        demo.close()
+    with served_app() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
