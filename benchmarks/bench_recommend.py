@@ -1,13 +1,14 @@
 """What the ``recommended`` criterion costs and what it buys, to place its defaults at a measured knee.
 
     .venv/bin/python benchmarks/bench_recommend.py [--kind attn] [--counts 4,8] [--windows 1,2,4,8] \
-        [--pool-extras 0,4] [--calib-samples 32] [--eval-samples 16] [--seq-len 256] [--threads 2] [--json out.json]
+        [--pool-extras 0,4] [--compare-windows 0,8] [--calib-samples 32] [--eval-samples 16] [--seq-len 256] [--threads 2] [--json out.json]
 
 One calibration of the bundled SmolLM2 on the calibration part of gsm8k with the defaults of the app
 and CLI (timed: that is the unit every cost below is reported in). Then, for every count:
 
-* ``recommended`` with every (windows, pool per criterion, search) setting: seconds, the ratio to the
-  calibration's seconds, forward passes, and held-out perplexity on the held-out part of gsm8k;
+* ``recommended`` with every (windows, pool per criterion, search, final-comparison windows) setting:
+  seconds, the ratio to the calibration's seconds, windows read, and held-out perplexity on the
+  held-out part of gsm8k;
 * the full-pool greedy reference (every eligible block a candidate at every step, 4 windows):
   the quality ceiling the pooled search is measured against.
 
@@ -17,6 +18,7 @@ Selection only ever reads calibration windows (the first N of the calibration se
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -28,7 +30,7 @@ from entrodrop.evaluate import compare
 from entrodrop.loading import load_model
 from entrodrop.plan import DropPlan
 from entrodrop.progress import run_to_end
-from entrodrop.search import iter_ablation, iter_recommend
+from entrodrop.search import COMPARE_WINDOWS, iter_ablation, iter_recommend
 
 
 def ints(text: str) -> list[int]:
@@ -39,7 +41,10 @@ ABLATIONS: dict[int, tuple] = {}  # windows -> (Ablation, seconds): measured onc
 
 
 def run_recommend(model, scores, windows, **kwargs):
-    """(plan, seconds, loss evaluations) of one recommended run, the single-block ablation included."""
+    """(plan, seconds, loss evaluations) of one recommended run, the single-block ablation included.
+
+    Evaluations are counted in windows read (an evaluation of the search reads its windows, one of the
+    final comparison reads ``compare_on``)."""
     n = int(windows.shape[0])
     if n not in ABLATIONS:
         start = time.perf_counter()
@@ -47,13 +52,15 @@ def run_recommend(model, scores, windows, **kwargs):
                         time.perf_counter() - start)
     ablation, ablation_s = ABLATIONS[n]
     start = time.perf_counter()
-    plan = evaluations = None
+    plan = None
+    done: dict[str, int] = {}
     for event in iter_recommend(model, scores, windows, ablation=ablation, **kwargs):
         if event.partial is not None:
             plan = event.partial
-        evaluations = event.done
+        done[event.stage] = event.done
     seconds = time.perf_counter() - start + ablation_s
-    return plan, seconds, evaluations + len(ablation.losses) + 1
+    compared = sum(v["windows"] for v in plan.meta.get("compared", {}).values())  # the race reads unevenly
+    return plan, seconds, (done.get("recommend", 0) + len(ablation.losses) + 1) * n + compared
 
 
 def main() -> None:
@@ -64,6 +71,8 @@ def main() -> None:
     parser.add_argument("--pool-extras", type=ints, default=[0, 4],
                         help="each criterion's best count + EXTRA candidates join the pool")
     parser.add_argument("--searches", default="lazy,greedy")
+    parser.add_argument("--compare-windows", type=ints, default=[0, COMPARE_WINDOWS],
+                        help="windows of the final comparison of whole plans (0: greedy plan only)")
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=16)
@@ -91,10 +100,10 @@ def main() -> None:
         ppl = compare(loaded.model, plan, heldout).pruned_perplexity
         row = {"setting": label, "count": count, "windows": windows, "pool_per_criterion": pool, "search": search,
                "seconds": round(seconds, 1), "x_calibration": round(seconds / calib_s, 2),
-               "evaluations": evaluations, "layers": plan.layers_of(args.kind), "heldout_ppl": round(ppl, 3)}
+               "windows_read": evaluations, "layers": plan.layers_of(args.kind), "heldout_ppl": round(ppl, 3)}
         rows.append(row)
         print(f"{label:<28} count {count:>2}  {seconds:7.1f} s  {row['x_calibration']:5.2f}x calib  "
-              f"{evaluations:>4} evals  ppl {ppl:8.3f}  {row['layers']}", flush=True)
+              f"{evaluations:>5} windows read  ppl {ppl:8.3f}  {row['layers']}", flush=True)
 
     dense = compare(loaded.model, DropPlan(scores.num_layers, []), heldout).dense_perplexity
     print(f"dense held-out perplexity {dense:.3f}")
@@ -106,11 +115,13 @@ def main() -> None:
             record(f"full-pool greedy, {n} win", count, n, scores.num_layers, "greedy", plan, seconds, evals)
         for n in args.windows:
             for extra in args.pool_extras:
-                for search in args.searches.split(","):
+                for search, c in itertools.product(args.searches.split(","), args.compare_windows):
                     pool = count + extra
                     plan, seconds, evals = run_recommend(loaded.model, scores, calib[:n], kind=args.kind, count=count,
-                                                         pool_per_criterion=pool, search=search)
-                    record(f"{search}, {n} win, pool +{extra}", count, n, pool, search, plan, seconds, evals)
+                                                         pool_per_criterion=pool, search=search,
+                                                         compare_on=calib[:c] if c else None)
+                    record(f"{search}, {n} win, pool +{extra}, compare {c}", count, n, pool, search, plan,
+                           seconds, evals)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"calibration_seconds": calib_s, "dense_ppl": dense, "rows": rows}, fh, indent=1)

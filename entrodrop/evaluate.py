@@ -240,18 +240,27 @@ def compare(model: nn.Module, plan: DropPlan, windows: torch.Tensor, *, batch_si
     return run_to_end(iter_compare(model, plan, windows, batch_size=batch_size, pruned_model=pruned_model))
 
 
-def mean_loss(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = None, *, batch_size: int = 1) -> float:
-    """Mean next-token cross-entropy (nats) of ``model`` on ``windows``, under a preview of ``plan``."""
+def window_losses(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = None, *,
+                  batch_size: int = 1) -> list[float]:
+    """Mean next-token cross-entropy (nats) of ``model`` on each window, under a preview of ``plan``."""
     windows = _check_windows(windows)
     device = input_device(model)
-    total = 0.0
-    count = 0
+    losses: list[float] = []
     with torch.inference_mode(), (preview_plan(model, plan) if plan is not None else nullcontext()):
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
-            total += float(next_token_nll(_logits(model, ids), ids))
-            count += ids.shape[0] * (ids.shape[1] - 1)
-    return total / count
+            logits = _logits(model, ids).float()
+            targets = ids[:, 1:].to(logits.device)
+            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+            losses.extend(nll.mean(dim=1).tolist())
+    return losses
+
+
+def mean_loss(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = None, *, batch_size: int = 1) -> float:
+    """Mean next-token cross-entropy (nats) of ``model`` on ``windows``, under a preview of ``plan``
+    (every window has the same length, so this is the mean of :func:`window_losses`)."""
+    losses = window_losses(model, windows, plan, batch_size=batch_size)
+    return sum(losses) / len(losses)
 
 
 # -- speed -----------------------------------------------------------------------------------------

@@ -10,7 +10,16 @@ from tiny_models import LAYERS, VOCAB
 
 from entrodrop.evaluate import mean_loss
 from entrodrop.plan import DroppedBlock, DropPlan
-from entrodrop.search import ablation_plan, candidate_pool, iter_ablation, iter_recommend
+from entrodrop.search import (
+    GREEDY,
+    ablation_plan,
+    candidate_pool,
+    iter_ablation,
+    iter_compare,
+    iter_recommend,
+    iter_select,
+    rival_plans,
+)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +152,106 @@ def test_too_few_windows_are_refused(model):
 def test_count_zero_is_the_dense_model(model, windows):
     plan = last(iter_recommend(model, fake_scores(LAYERS), windows, count=0))
     assert len(plan) == 0 and plan.criterion == "recommended"
+
+
+def test_final_comparison_recommends_the_lowest_of_the_greedy_and_every_rival_plan(model, windows):
+    scores = fake_scores(LAYERS)
+    compare_on = torch.randint(1, VOCAB, (4, 20), generator=torch.Generator().manual_seed(7))
+    events = list(iter_recommend(model, scores, windows[:1], kind="attn", count=2, compare_on=compare_on))
+    assert events[-1].stage == "compare" and events[-1].done == events[-1].total
+    plan = last(events)
+    ablation = last(iter_ablation(model, LAYERS, windows[:1], kind="attn"))
+    rivals = rival_plans(scores, ablation, "attn", 2, range(LAYERS), "none", "bucket")
+    assert set(rivals) == {"entrodrop", "cosine", "angular", "ablation"}
+    # each rival keeps its own default protection where it can reach the count (released leaves one of 4 layers)
+    assert rivals["entrodrop"].meta["protect"] == "none"
+    assert rival_plans(scores, ablation, "attn", 1, range(LAYERS), "none", "bucket")["entrodrop"].meta["protect"] \
+        == "released"
+    candidates = [*rivals.values(), DropPlan(LAYERS, [DroppedBlock(s["chosen"], "attn") for s in plan.meta["steps"]])]
+    losses = [mean_loss(model, compare_on, p) for p in candidates]
+    assert mean_loss(model, compare_on, plan) == pytest.approx(min(losses))
+    compared = plan.meta["compared"]
+    assert any(GREEDY in name for name in compared) and plan.meta["compare_windows"] == 4
+    assert min(v["loss"] for v in compared.values()) == pytest.approx(min(losses))
+    assert all("lowest of" in b.reason and "4 calibration windows" in b.reason for b in plan.blocks)
+    assert all(v["windows"] == 4 for v in compared.values())  # one round: nothing set aside
+    assert plan.criterion == "recommended"
+
+
+def test_final_comparison_keeps_the_greedy_plan_when_it_is_lowest(model, windows):
+    ablation = last(iter_ablation(model, LAYERS, windows, kind="mlp"))
+    greedy = DropPlan(LAYERS, [DroppedBlock(ablation.ranking()[0][0], "mlp", "greedy reason")], criterion="recommended")
+    worst = max(ablation.losses, key=ablation.losses.get)
+    rival = DropPlan(LAYERS, [DroppedBlock(worst, "mlp", "rival reason")], criterion="cosine")
+    same = DropPlan(LAYERS, [DroppedBlock(ablation.ranking()[0][0], "mlp", "same")], criterion="angular")
+    plan = last(iter_compare(model, greedy, {"cosine": rival, "angular": same}, windows))
+    assert plan.layers_of("mlp") == greedy.layers_of("mlp")
+    assert plan.meta["compared"][f"{GREEDY} = angular"]["loss"] == pytest.approx(
+        mean_loss(model, windows, greedy))
+    assert plan.meta["chosen_plan"] == f"{GREEDY} = angular"  # identical plans are measured once
+    assert len(plan.meta["compared"]) == 2
+    assert plan.blocks[0].reason.startswith("greedy reason; lowest of 2 plans")
+
+
+def test_a_rival_that_wins_is_recommended_with_its_reasons(model, windows):
+    ablation = last(iter_ablation(model, LAYERS, windows, kind="mlp"))
+    best, worst = ablation.ranking()[0][0], ablation.ranking()[-1][0]
+    greedy = DropPlan(LAYERS, [DroppedBlock(worst, "mlp", "greedy reason")], criterion="recommended", meta={"k": 1})
+    rival = DropPlan(LAYERS, [DroppedBlock(best, "mlp", "cosine importance 0.01")], criterion="cosine")
+    plan = last(iter_compare(model, greedy, {"cosine": rival}, windows))
+    assert plan.layers_of("mlp") == [best] and plan.criterion == "recommended" and plan.meta["k"] == 1
+    assert plan.meta["chosen_plan"] == "cosine"
+    assert "in cosine's plan: cosine importance 0.01" in plan.blocks[0].reason
+
+
+def test_iter_select_compares_on_its_own_windows_and_can_skip_the_comparison(model, windows):
+    scores = fake_scores(LAYERS)
+    with_compare = [e.stage for e in iter_select(model, scores, windows, kind="attn", count=2, num_windows=1)]
+    without = [e.stage for e in iter_select(model, scores, windows, kind="attn", count=2, num_windows=1,
+                                            compare_windows=0)]
+    assert "compare" in with_compare and "compare" not in without
+    plan = last(iter_select(model, scores, windows, kind="attn", count=2, num_windows=1, compare_windows=2))
+    assert plan.meta["compare_windows"] == 2 and plan.meta["windows"] == 1
+    with pytest.raises(ValueError, match="compare_windows at least 0"):
+        last(iter_select(model, scores, windows, kind="attn", count=2, compare_windows=-1))
+
+
+def test_clearly_worse_plans_leave_the_race_after_the_first_round(model, monkeypatch):
+    """Per-window losses stubbed per plan: a far worse plan is set aside after the first round, a close
+    one races to the last window, and the lowest over the shared windows wins."""
+    import entrodrop.search as search
+
+    windows = torch.zeros(12, 8, dtype=torch.long)
+    offsets = {0: 0.0, 1: 2.0, 2: -0.01}  # attn layer of each plan -> loss offset over the greedy plan's
+    wobble = [0.3 * (-1) ** i for i in range(12)]  # a close rival's per-window noise: never "clearly" better or worse
+    read: dict[int, int] = {}
+
+    def losses(model, part, plan, batch_size=1):
+        layer = plan.blocks[0].layer
+        start = read.get(layer, 0)
+        read[layer] = start + part.shape[0]
+        return [1.0 + offsets[layer] + (wobble[i] if layer == 2 else 0.0) for i in range(start, read[layer])]
+
+    monkeypatch.setattr(search, "window_losses", losses)
+    greedy, worse, close = (DropPlan(LAYERS, [DroppedBlock(layer, "attn", f"r{layer}")]) for layer in (0, 1, 2))
+    events = list(iter_compare(model, greedy, {"cosine": worse, "angular": close}, windows, first_round=3))
+    plan = last(events)
+    compared = plan.meta["compared"]
+    assert read == {0: 12, 1: 3, 2: 12}  # rounds of 3, 6, 12 windows; the worse plan only the first
+    assert compared["cosine"]["windows"] == 3 and compared["angular"]["windows"] == 12
+    assert plan.meta["chosen_plan"] == "angular" and plan.layers_of("attn") == [2]
+    assert "1 clearly worse set aside after 3 windows" in plan.blocks[0].reason
+    assert "in angular's plan: r2" in plan.blocks[0].reason
+    assert events[-1].done == events[-1].total
+    alone = last(iter_compare(model, greedy, {"cosine": greedy}, windows))  # one distinct plan: nothing to measure
+    assert "every other criterion chose the same blocks" in alone.blocks[0].reason
+
+
+def test_window_losses_average_to_the_mean_loss(model, windows):
+    from entrodrop.evaluate import window_losses
+
+    plan = DropPlan(LAYERS, [DroppedBlock(1, "attn")])
+    per = window_losses(model, windows, plan, batch_size=2)
+    assert len(per) == windows.shape[0]
+    assert sum(per) / len(per) == pytest.approx(mean_loss(model, windows, plan))
+    assert per[0] == pytest.approx(mean_loss(model, windows[:1], plan))

@@ -18,7 +18,7 @@ from ..arch import BLOCK_KINDS, kind_label
 from ..checks import load_windows
 from ..costs import summarize_plan
 from ..criteria import DEFAULT_CRITERION, criterion_estimator, get_criterion, model_criteria, ranked_criteria
-from ..search import MEASURE_WINDOWS, iter_select
+from ..search import SELECTION_WINDOWS, iter_select
 from ..select import plan_from_ticks, select_blocks
 from . import tradeoff
 from .state import (
@@ -34,7 +34,8 @@ from .state import (
 )
 
 DEFAULT_ESTIMATOR = "default"  # the estimator dropdown's "the criterion's own" (knn for entrodrop)
-_STAGE_WORDS = {"ablation": "dropping each block alone", "recommend": "greedy search"}
+_STAGE_WORDS = {"ablation": "dropping each block alone", "recommend": "greedy search",
+                "compare": "comparing the greedy plan with every criterion's plan"}
 
 
 class ChooseTab:
@@ -219,7 +220,7 @@ class ChooseHandlers:
         session.stop_requested = False
         started = time.monotonic()
         with model_job(session) as (loaded, job):
-            windows, _ = job.call(load_windows, loaded.tokenizer, session.data, num_samples=MEASURE_WINDOWS,
+            windows, _ = job.call(load_windows, loaded.tokenizer, session.data, num_samples=SELECTION_WINDOWS,
                                   seq_len=seq_len, seed=seed, part="calibration", config=loaded.model.config)
             events = job.steps(iter_select(loaded.model, scores, windows, criterion=session.criterion,
                                            kind=session.kind, count=session.count, estimator=session.estimator,
@@ -235,7 +236,7 @@ class ChooseHandlers:
                         break
                     elapsed = time.monotonic() - started
                     note = (f"⏳ **Measuring {record.name}**: {_STAGE_WORDS.get(event.stage, event.stage)} "
-                            f"{event.done}/{event.total} loss evaluations on {windows.shape[0]} calibration "
+                            f"{event.done}/{event.total} loss evaluations on up to {windows.shape[0]} calibration "
                             f"windows · {elapsed:.0f} s{sharing_note(job)}. Stop keeps the blocks chosen so far.")
                     if session.auto_plan is not None and view:
                         view[self.tab.summary] = note + "\n\n" + view[self.tab.summary]

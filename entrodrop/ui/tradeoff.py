@@ -14,7 +14,7 @@ from .. import plots
 from ..checks import load_windows
 from ..criteria import get_criterion, model_criteria, ranked_criteria
 from ..plan import DropPlan
-from ..search import MEASURE_WINDOWS
+from ..search import SELECTION_WINDOWS
 from ..verify import SweepRow, iter_sweep, tradeoff_points
 from .limits import Budget, whole_number
 from .state import Session, error, model_events, model_job, need_scores, sharing_note, user_errors
@@ -119,7 +119,7 @@ class TradeoffHandlers:
             heldout, _ = job.call(load_windows, loaded.tokenizer, session.data, num_samples=windows, seq_len=seq_len,
                                   seed=seed, part="heldout", config=loaded.model.config)
             measured = any(get_criterion(c).needs_model for c in criteria)
-            selection = job.call(load_windows, loaded.tokenizer, session.data, num_samples=MEASURE_WINDOWS,
+            selection = job.call(load_windows, loaded.tokenizer, session.data, num_samples=SELECTION_WINDOWS,
                                  seq_len=seq_len, seed=seed, part="calibration",
                                  config=loaded.model.config)[0] if measured else None
             events = job.steps(iter_sweep(loaded.model, scores, heldout, criteria=criteria, kind=session.kind,
