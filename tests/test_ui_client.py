@@ -18,6 +18,7 @@ import torch
 from conftest import save_tiny_model, served_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from test_gemma import needs_gemma
 from tiny_models import tiny_config
 from transformers import BertConfig
 
@@ -494,6 +495,40 @@ def test_bundled_model_flow(app_url):
     status, card, _ = client.predict(name="smol", api_name="/export")
     assert "Verification PASSED" in status and "in bfloat16" in status and "in bfloat16" in card
     client.predict(api_name="/export_zip")
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_flow_selects_checks_and_exports(app_url, tmp_path):
+    """The second bundled family through the whole app: load on demand, calibrate, the default (recommended)
+    choice measured on the model, a check against the dense model, an export that verifies and reloads."""
+    client = client_for(app_url)
+    status, facts, count, *_ = client.predict(bundled="gemma3-270m", spec_text="", api_name="/load_model")
+    assert "gemma-3-270m" in status and "is ready" in status and "| Layers | 18 |" in facts
+    assert count["maximum"] == 18
+    status, *_ = calibrate(client, samples=4, seq_len=64)
+    assert status.startswith("✓ Done: 4 batches")
+    out = select(client, kind="attn", count=2)  # every other input as the page sets it: the recommended criterion
+    ticks = out[2]["value"]
+    assert len(ticks) == 2 and "**Plan: drop 2 blocks**" in out[4] and "recommended" in out[4]
+    status, _verdict, table, *_ = client.predict(n_windows=2, seq_len=64, measure_speed=False, api_name="/run_check")
+    rows = {r["measure"]: r for r in table_rows(table)}
+    dense, pruned = float(rows["perplexity (held-out)"]["dense"]), float(rows["perplexity (held-out)"]["pruned"])
+    assert 1 < dense < 1000 and dense <= pruned * 1.5  # two attention blocks of 18 cost something, not everything
+    status, card, _ = client.predict(name="gemma", api_name="/export")
+    assert "Verification PASSED" in status and "gemma-3-270m" in card
+    download = client.predict(api_name="/export_zip")
+    with httpx.stream("GET", download["value"]["url"]) as response, open(tmp_path / "gemma.zip", "wb") as fh:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            fh.write(chunk)
+    with zipfile.ZipFile(tmp_path / "gemma.zip") as archive:
+        archive.extractall(tmp_path / "unzipped")
+    reloaded = load_pruned(tmp_path / "unzipped" / "gemma")
+    assert reloaded.config.model_type == "gemma3_text" and reloaded.config.num_hidden_layers == 18
+    skipped = [i for i, layer in enumerate(reloaded.model.layers)
+               if type(layer.self_attn).__name__ == "SkippedAttention"]
+    assert len(skipped) == 2
 
 
 def test_threads_do_not_leak_from_loading(app_url, tiny_dir):
