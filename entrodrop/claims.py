@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .compare import trend_curve
+from .criteria import get_criterion
 from .scores import Scores
 
 HOLDS = "holds"
@@ -316,9 +317,14 @@ def _paired(rows: Iterable[dict], a: str, b: str, key) -> list[tuple[int, dict, 
 def score_selection(sweeps: Sequence[dict] | None, estimator: str | None = None) -> ClaimResult:
     """Claim 2: at each count both criteria reached in one sweep, does entrodrop's held-out perplexity
     stay at or below cosine's?"""
-    rows = [dict(r, _side=r["criterion"]) for r in sweeps or []
+    sweeps = list(sweeps or [])
+    # entrodrop rows of ``estimator`` when the sweep has them, else of entrodrop's own default (knn, as
+    # released: what `entrodrop sweep` runs unless told otherwise), else whatever estimator was swept
+    swept = {r["estimator"] for r in sweeps if r["criterion"] == "entrodrop" and r["count"] > 0}
+    chosen = next((e for e in (estimator, get_criterion("entrodrop").default_estimator) if e in swept), None)
+    rows = [dict(r, _side=r["criterion"]) for r in sweeps
             if r["criterion"] == "cosine" or (r["criterion"] == "entrodrop"
-                                              and (estimator is None or r["estimator"] in (estimator, None)))]
+                                              and (chosen is None or r["estimator"] in (chosen, None)))]
     pairs = _paired(rows, "entrodrop", "cosine", key=lambda r: (r["source"], r["kind"]))
     if not pairs:
         return _not_measured(2, "No sweep with both the entrodrop and cosine criteria at a non-zero count.", ["sweep"])

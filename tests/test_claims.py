@@ -129,6 +129,18 @@ def test_selection_not_measured_without_both_criteria_in_one_sweep():
     assert score_selection(only_entrodrop + only_cosine, "bucket").verdict == NOT_MEASURED
 
 
+def test_selection_reads_the_released_knn_rows_when_no_bucket_rows_were_swept():
+    """`entrodrop sweep` runs entrodrop with knn (as released); claims shown for bucket still score them,
+    and prefer the named estimator's rows where a sweep has both."""
+    knn = sweep_rows_from_json(sweep_file({2: (11.0, 12.0), 4: (15.0, 13.0)}, estimator="knn"), "s.json")
+    result = score_selection(knn, "bucket")
+    assert result.verdict == DOES_NOT_HOLD and result.numbers["estimator"] == ["knn"]
+    bucket = [r for r in sweep_rows_from_json(sweep_file({2: (10.0, 12.0), 4: (12.0, 13.0)}), "s.json")
+              if r["criterion"] == "entrodrop" and r["count"] > 0]
+    both = score_selection(knn + bucket, "bucket")
+    assert both.verdict == HOLDS and both.numbers["estimator"] == ["bucket"]
+
+
 def test_sweep_reader_refuses_what_is_not_a_sweep():
     with pytest.raises(ValueError, match="entrodrop sweep --json"):
         sweep_rows_from_json({"model": "x"})
