@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_sweep.py --kind attn --counts 0-12 [--calib-data gsm8k] \
         [--eval-data gsm8k] [--calib-samples 32] [--eval-samples 16] [--seq-len 256] [--threads 1] [--json out.json]
+    .venv/bin/python benchmarks/bench_sweep.py --table out.json   # the by-count table of a saved run
 
 One calibration (bucket and knn entropy, the app's and CLI's defaults: 32 windows of 256 tokens) on the
 calibration part of ``--calib-data``; the measured criteria (recommended, ablation) pick on the first
@@ -53,6 +54,23 @@ def variants(kind: str) -> list[Variant]:
     return out
 
 
+def by_count_table(rows: list[dict]) -> str:
+    """Markdown: pruned perplexity per count (rows) and criterion (columns), the best of each row in bold,
+    and the winner of recommended's final comparison where it ran."""
+    names = list(dict.fromkeys(r["criterion"] for r in rows))
+    ppl = {(r["criterion"], r["count"]): r["pruned_perplexity"] for r in rows}
+    counts = sorted({r["count"] for r in rows if r["count"] > 0})
+    lines = ["| count | " + " | ".join(names) + " | recommended's plan |", "|---" * (len(names) + 2) + "|"]
+    for n in counts:
+        best = min(ppl[(c, n)] for c in names if (c, n) in ppl)
+        cells = [("**{:.4g}**" if abs(ppl[(c, n)] - best) < 5e-4 else "{:.4g}").format(ppl[(c, n)])
+                 if (c, n) in ppl else "" for c in names]
+        chosen = next((r["plan"]["meta"].get("chosen_plan", "greedy search") for r in rows
+                       if r["criterion"] == "recommended" and r["count"] == n), "")
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {chosen} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="attn")
@@ -64,7 +82,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--table", default=None, metavar="JSON", help="print the by-count table of a saved run")
     args = parser.parse_args()
+    if args.table:
+        with open(args.table) as fh:
+            print(by_count_table(json.load(fh)["rows"]))
+        return
     torch.set_num_threads(args.threads)
 
     loaded = load_model("smollm2")
@@ -84,6 +107,8 @@ def main() -> None:
           f"({heldout.numel() - heldout.shape[0]} predicted tokens); sweep {sweep_s:.0f} s")
     print(f"stage boundary (sink-free): {scores.stage_boundary}")
     print(format_sweep_table(rows))
+    print()
+    print(by_count_table([r.to_dict() for r in rows]))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"model": loaded.name, "kind": args.kind, "calib_data": args.calib_data,
