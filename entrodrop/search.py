@@ -40,7 +40,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .criteria import DEFAULT_CRITERION, criterion_estimator, get_criterion, ranked_criteria, resolve_estimator
+from .criteria import (
+    DEFAULT_CRITERION,
+    criterion_estimator,
+    get_criterion,
+    ranked_criteria,
+    resolve_estimator,
+)
 from .evaluate import mean_loss, window_losses
 from .plan import DroppedBlock, DropPlan
 from .progress import ProgressEvent
