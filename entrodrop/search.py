@@ -348,6 +348,16 @@ def _clearly_worse(losses: Sequence[float], leader: Sequence[float]) -> bool:
     return mean > RACE_Z * spread
 
 
+def windows_read_bound(num_layers: int, count: int, *, num_windows: int = MEASURE_WINDOWS,
+                       compare_windows: int = COMPARE_WINDOWS) -> int:
+    """The most windows one ``recommended`` run of ``count`` blocks can read: the single-block ablation,
+    a search that re-measures every block at every step, and a final comparison that sets no plan aside
+    (every score criterion's plan, ablation's and the greedy one). Typical runs read far fewer; this
+    bounds what a request may cost before it runs."""
+    plans = len(ranked_criteria()) + 2
+    return num_layers * num_windows * (1 + count) + plans * compare_windows
+
+
 def ablation_plan(scores: Scores, ablation: Ablation, kind: str, count: int, protect: str = "none",
                   estimator: str | None = None) -> DropPlan:
     """The ``count`` eligible blocks whose single-block loss increase is smallest (criterion ``"ablation"``)."""

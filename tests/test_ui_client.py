@@ -308,6 +308,15 @@ def test_tradeoff_sweep_draws_every_criterion_and_a_picked_point_ticks_its_plan(
     monkeypatch.setenv("ENTRODROP_MAX_SWEEP_TOKENS", "10")
     with pytest.raises(AppError, match="ENTRODROP_MAX_SWEEP_TOKENS"):
         ready.predict(criteria=["cosine"], counts="0,1", windows=1, x_axis="expected speed-up", api_name="/tradeoff")
+    monkeypatch.delenv("ENTRODROP_MAX_SWEEP_TOKENS")
+    # recommended's search is bounded apart: its worst case, not the held-out tokens, is what a visitor could ask
+    monkeypatch.setenv("ENTRODROP_MAX_SEARCH_TOKENS", "100")
+    with pytest.raises(AppError, match="recommended at counts 1, 2: at most .* calibration windows.*SEARCH_TOKENS"):
+        ready.predict(criteria=["recommended"], counts="0,1,2", windows=1, x_axis="expected speed-up",
+                      api_name="/tradeoff")
+    status, *_ = ready.predict(criteria=["cosine"], counts="0,1", windows=1, x_axis="expected speed-up",
+                               api_name="/tradeoff")  # other criteria do not search
+    assert "plans scored" in status
 
 
 def test_selection_ticks_tables_and_disagreement(ready):

@@ -17,6 +17,8 @@ LIMITS = {
     "ENTRODROP_MAX_CALIB_TOKENS": (16384, "calibration samples x tokens per window"),
     "ENTRODROP_MAX_CHECK_TOKENS": (16384, "check held-out windows x tokens per window"),
     "ENTRODROP_MAX_SWEEP_TOKENS": (131072, "trade-off sweep: criteria x counts x held-out windows x tokens"),
+    "ENTRODROP_MAX_SEARCH_TOKENS": (524288, "trade-off sweep: the most calibration tokens recommended's search "
+                                            "and final comparison may read over all counts"),
     "ENTRODROP_MAX_PREFILL_TOKENS": (1024, "prefill tokens of the latency check"),
     "ENTRODROP_MAX_DECODE_TOKENS": (64, "decode tokens of the latency check"),
     "ENTRODROP_MAX_NEW_TOKENS": (128, "new tokens per side-by-side generation"),

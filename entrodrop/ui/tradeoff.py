@@ -14,7 +14,7 @@ from .. import plots
 from ..checks import load_windows
 from ..criteria import get_criterion, model_criteria, ranked_criteria
 from ..plan import DropPlan
-from ..search import SELECTION_WINDOWS
+from ..search import SELECTION_WINDOWS, windows_read_bound
 from ..verify import SweepRow, iter_sweep, tradeoff_points
 from .limits import Budget, whole_number
 from .state import Session, error, model_events, model_job, need_scores, sharing_note, user_errors
@@ -113,6 +113,11 @@ class TradeoffHandlers:
         seed = int(scores.calibration.get("seed", 0) or 0)
         Budget("ENTRODROP_MAX_SWEEP_TOKENS", len(criteria) * len(counts) * windows * seq_len,
                f"{len(criteria)} criteria x {len(counts)} counts x {windows} windows x {seq_len} tokens").check()
+        if "recommended" in criteria:
+            searched = sum(windows_read_bound(scores.num_layers, n) for n in counts if n)
+            Budget("ENTRODROP_MAX_SEARCH_TOKENS", searched * seq_len,
+                   f"recommended at counts {', '.join(str(n) for n in counts if n)}: at most {searched} calibration "
+                   f"windows x {seq_len} tokens").check()
         session.stop_requested = False
         started = time.monotonic()
         with model_job(session) as (loaded, job):
