@@ -29,6 +29,7 @@ from .claims import spearman
 from .criteria import get_criterion, ranked_criteria, resolve_estimator
 from .plan import DropPlan
 from .scores import Scores
+from .search import COMPARE_WINDOWS
 from .select import block_ranks, protected_layers, rank_blocks, select_blocks
 
 logger = logging.getLogger(__name__)
@@ -389,8 +390,9 @@ def explain_scores(
         guard = "no layer is protected"
     lines.append("The default, **recommended** (ours, not the paper's), measures the model: it drops each block "
                  "alone on a calibration window (that alone is **ablation**, also ours), pools the best candidates of "
-                 "every criterion, and adds the block whose removal costs the least measured loss, one at a time. "
-                 "It reads no held-out text, so step 4's check stays an honest test.")
+                 "every criterion, and adds the block whose removal costs the least measured loss, one at a time; "
+                 f"then it keeps whichever is lowest on up to {COMPARE_WINDOWS} calibration windows, that plan or another "
+                 "criterion's own. It reads no held-out text, so step 4's check stays an honest test.")
     lines.append("")
     lines.append(f"With **entrodrop** (the paper's, as its released code runs it), {guard}; among the other "
                  f"{eligible} {kind_name} blocks, {how_many} with the smallest {est} entropy increase are ticked "
