@@ -137,10 +137,15 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
 
 
+def token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (nats) of each of ``ids[:, 1:]`` under ``logits`` (B, T-1, V): a (B, T-1) tensor."""
+    targets = ids[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of ``ids[:, 1:]`` under ``logits`` (B, T-1, V)."""
-    targets = ids[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    return token_nll(logits, ids).sum()
 
 
 # -- quality ---------------------------------------------------------------------------------------
@@ -249,10 +254,7 @@ def window_losses(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None
     with torch.inference_mode(), (preview_plan(model, plan) if plan is not None else nullcontext()):
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
-            logits = _logits(model, ids).float()
-            targets = ids[:, 1:].to(logits.device)
-            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
-            losses.extend(nll.mean(dim=1).tolist())
+            losses.extend(token_nll(_logits(model, ids).float(), ids).mean(dim=1).tolist())
     return losses
 
 
