@@ -52,6 +52,7 @@ class QualityReport:
     pruned_bytes: int
     plan: dict = field(default_factory=dict)
     complete: bool = False
+    window_nll: list[float] = field(default_factory=list)  # pruned mean cross-entropy of each window read, nats
 
     @property
     def dense_perplexity(self) -> float:
@@ -155,12 +156,15 @@ class _Tally:
     def __init__(self) -> None:
         self.dense = self.pruned = self.kl = 0.0
         self.agree = self.tokens = 0
+        self.windows: list[float] = []
 
     def add(self, dense_logp: torch.Tensor, dense_top1: torch.Tensor, dense_nll: float,
             pruned: torch.Tensor, ids: torch.Tensor) -> None:
         pruned = pruned.to(dense_logp.device)  # (B, T-1, V)
         self.dense += dense_nll
-        self.pruned += float(next_token_nll(pruned, ids))
+        nll = token_nll(pruned, ids)  # (B, T-1)
+        self.pruned += float(nll.sum())
+        self.windows.extend(nll.mean(dim=1).tolist())
         self.kl += float(F.kl_div(F.log_softmax(pruned, dim=-1), dense_logp, log_target=True, reduction="sum"))
         self.agree += int((pruned.argmax(-1) == dense_top1).sum())
         self.tokens += dense_top1.numel()
@@ -171,7 +175,7 @@ class _Tally:
             num_windows=done, num_tokens=self.tokens, dense_nll=self.dense / n, pruned_nll=self.pruned / n,
             kl_mean=self.kl / n, top1_agreement=self.agree / n,
             dense_params=counts[0], dense_bytes=counts[1], pruned_params=counts[2], pruned_bytes=counts[3],
-            plan=plan.to_dict(), complete=done >= total,
+            plan=plan.to_dict(), complete=done >= total, window_nll=list(self.windows),
         )
 
 
@@ -256,6 +260,23 @@ def window_losses(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None
             ids = windows[start : start + batch_size].to(device)
             losses.extend(token_nll(_logits(model, ids).float(), ids).mean(dim=1).tolist())
     return losses
+
+
+def paired_difference(losses: Sequence[float], others: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``losses[i] - others[i]`` over windows read by both, and its standard error (the spread of
+    the per-window differences over the square root of their number; ``nan`` with fewer than 2 windows).
+
+    Two plans read on the same windows share each window's difficulty, so their paired difference is far
+    less noisy than either mean: this is the error to judge "plan A loses less than plan B" by."""
+    if len(losses) != len(others):
+        raise ValueError(f"Paired losses need the same windows: got {len(losses)} and {len(others)} values.")
+    diffs = [a - b for a, b in zip(losses, others, strict=True)]
+    if not diffs:
+        return float("nan"), float("nan")
+    mean = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
 
 
 def mean_loss(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = None, *, batch_size: int = 1) -> float:

@@ -94,6 +94,10 @@ class DropPlan:
         parts = [f"{b.kind}@{b.layer}" for b in self.blocks]
         return f"{len(self.blocks)} block(s): " + ", ".join(parts)
 
+    def compact(self) -> str:
+        """The blocks as :meth:`parse` reads them back, e.g. ``"attn:3,attn:7,layer:12"`` (empty: ``""``)."""
+        return ",".join(f"{b.kind}:{b.layer}" for b in self.blocks)
+
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {

@@ -47,7 +47,7 @@ from .criteria import (
     ranked_criteria,
     resolve_estimator,
 )
-from .evaluate import mean_loss, window_losses
+from .evaluate import mean_loss, paired_difference, window_losses
 from .plan import DroppedBlock, DropPlan
 from .progress import ProgressEvent
 from .scores import Scores
@@ -340,12 +340,8 @@ def _mean(values: Sequence[float]) -> float:
 def _clearly_worse(losses: Sequence[float], leader: Sequence[float]) -> bool:
     """Whether ``losses`` exceed ``leader``'s (same windows) by more than RACE_Z standard errors of the paired
     per-window difference. With one window there is no error estimate, and nothing is set aside."""
-    diffs = [a - b for a, b in zip(losses, leader, strict=True)]
-    if len(diffs) < 2:
-        return False
-    mean = _mean(diffs)
-    spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-    return mean > RACE_Z * spread
+    mean, error = paired_difference(losses, leader)
+    return not math.isnan(error) and mean > RACE_Z * error
 
 
 def windows_read_bound(num_layers: int, count: int, *, num_windows: int = MEASURE_WINDOWS,

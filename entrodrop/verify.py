@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ class SweepRow:
     top1_agreement: float
     pruned_params: int
     dense_params: int
+    window_nll: list[float] = field(default_factory=list)  # pruned loss of each held-out window (paired errors)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,7 +171,7 @@ def iter_sweep(
         rows.append(SweepRow(criterion=name, count=n, plan=plan.to_dict(), dense_perplexity=r.dense_perplexity,
                              pruned_perplexity=r.pruned_perplexity, kl_mean=r.kl_mean,
                              top1_agreement=r.top1_agreement, pruned_params=r.pruned_params,
-                             dense_params=r.dense_params))
+                             dense_params=r.dense_params, window_nll=r.window_nll))
     yield ProgressEvent("sweep", len(rows), len(rows), rows)
 
 
@@ -196,7 +197,7 @@ def format_sweep_table(rows: Sequence[SweepRow]) -> str:
     head = f"{'criterion':<{width}} {'count':>5} {'ppl dense':>10} {'ppl pruned':>11} {'KL':>9} {'top-1':>7}  blocks"
     lines = [head, "-" * len(head)]
     for r in rows:
-        blocks = ",".join(f"{b['kind']}:{b['layer']}" for b in r.plan["blocks"]) or "-"
+        blocks = DropPlan.from_dict(r.plan).compact() or "-"
         lines.append(f"{r.criterion:<{width}} {r.count:>5} {r.dense_perplexity:>10.3f} {r.pruned_perplexity:>11.3f} "
                      f"{r.kl_mean:>9.4f} {r.top1_agreement:>7.3f}  {blocks}")
     return "\n".join(lines)

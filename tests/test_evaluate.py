@@ -17,6 +17,7 @@ from entrodrop.evaluate import (
     iter_compare_many,
     mean_loss,
     measure_speed,
+    window_losses,
 )
 from entrodrop.plan import DropPlan
 from entrodrop.progress import ProgressEvent
@@ -82,6 +83,9 @@ def test_many_plans_in_one_pass_equal_separate_checks(model, windows):
         alone = compare(model, plan, windows)
         assert last[name].kl_mean == pytest.approx(alone.kl_mean, rel=1e-5)
         assert last[name].pruned_nll == pytest.approx(alone.pruned_nll, rel=1e-6)
+        # per-window losses, for paired errors: one per window, the same as window_losses, averaging to the loss
+        assert last[name].window_nll == pytest.approx(window_losses(model, windows, plan), rel=1e-5)
+        assert sum(last[name].window_nll) / windows.shape[0] == pytest.approx(alone.pruned_nll, rel=1e-5)
 
 
 def test_bad_windows_are_refused(model):
@@ -146,6 +150,7 @@ def test_sweep_rows_cover_every_criterion_and_count(model, windows):
         (c, n) for c in ("entrodrop", "cosine", "recommended") for n in (0, 1, 2)]
     for r in rows:
         assert len(r.plan["blocks"]) == r.count
+        assert len(r.window_nll) == windows.shape[0]  # saved for paired errors between rows
         if r.count == 0:
             assert r.kl_mean == pytest.approx(0.0, abs=1e-6) and r.top1_agreement == 1.0
         else:

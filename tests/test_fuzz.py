@@ -103,6 +103,7 @@ def test_plan_parse(text, num_layers):
         return
     assert num_layers >= 1 and all(0 <= b.layer < num_layers for b in plan.blocks)
     assert len(plan.keys()) == len(plan.blocks)
+    assert DropPlan.parse(plan.compact(), num_layers).keys() == plan.keys()  # compact() is what parse() reads
 
 
 @FAST

@@ -1,6 +1,7 @@
 """Our measured criteria: ablation (each block dropped alone) and recommended (greedy by measured loss)."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -255,3 +256,16 @@ def test_window_losses_average_to_the_mean_loss(model, windows):
     assert len(per) == windows.shape[0]
     assert sum(per) / len(per) == pytest.approx(mean_loss(model, windows, plan))
     assert per[0] == pytest.approx(mean_loss(model, windows[:1], plan))
+
+
+def test_paired_difference_is_the_mean_gap_and_its_standard_error():
+    from entrodrop.evaluate import paired_difference
+
+    mean, error = paired_difference([2.0, 3.0, 5.0], [1.0, 1.0, 2.0])  # gaps 1, 2, 3
+    assert mean == pytest.approx(2.0) and error == pytest.approx(1 / math.sqrt(3))
+    shared = [0.0, 10.0, -10.0]  # a window's difficulty, shared by both plans, cancels
+    mean, error = paired_difference([s + 0.1 for s in shared], shared)
+    assert mean == pytest.approx(0.1) and error == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(paired_difference([1.0], [0.5])[1])
+    with pytest.raises(ValueError, match="same windows"):
+        paired_difference([1.0, 2.0], [1.0])
