@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import torch
 
 from entrodrop.calibrate import iter_calibration
 from entrodrop.data import load_corpus, make_windows
+from entrodrop.evaluate import paired_difference
 from entrodrop.loading import load_model
 from entrodrop.progress import run_to_end
 from entrodrop.verify import Variant, format_sweep_table, sweep
@@ -56,19 +58,40 @@ def variants(kind: str) -> list[Variant]:
 
 def by_count_table(rows: list[dict]) -> str:
     """Markdown: pruned perplexity per count (rows) and criterion (columns), the best of each row in bold,
-    and the winner of recommended's final comparison where it ran."""
+    the winner of recommended's final comparison where it ran and, for runs that saved per-window losses,
+    recommended's held-out loss minus the best other criterion's with its paired standard error."""
     names = list(dict.fromkeys(r["criterion"] for r in rows))
-    ppl = {(r["criterion"], r["count"]): r["pruned_perplexity"] for r in rows}
+    by = {(r["criterion"], r["count"]): r for r in rows}
+    ppl = {key: r["pruned_perplexity"] for key, r in by.items()}
     counts = sorted({r["count"] for r in rows if r["count"] > 0})
-    lines = ["| count | " + " | ".join(names) + " | recommended's plan |", "|---" * (len(names) + 2) + "|"]
+    paired = all(r.get("window_nll") for r in rows)
+    extra = " recommended - best other (nats) |" if paired else ""
+    lines = ["| count | " + " | ".join(names) + " | recommended's plan |" + extra,
+             "|---" * (len(names) + 2 + paired) + "|"]
     for n in counts:
         best = min(ppl[(c, n)] for c in names if (c, n) in ppl)
         cells = [("**{:.4g}**" if abs(ppl[(c, n)] - best) < 5e-4 else "{:.4g}").format(ppl[(c, n)])
                  if (c, n) in ppl else "" for c in names]
-        chosen = next((r["plan"]["meta"].get("chosen_plan", "greedy search") for r in rows
-                       if r["criterion"] == "recommended" and r["count"] == n), "")
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {chosen} |")
+        rec = by.get(("recommended", n))
+        chosen = rec["plan"]["meta"].get("chosen_plan", "greedy search") if rec else ""
+        line = f"| {n} | " + " | ".join(cells) + f" | {chosen} |"
+        if paired:
+            line += f" {_versus_best_other(rec, [by[(c, n)] for c in names if c != 'recommended' and (c, n) in by])} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _versus_best_other(rec: dict | None, others: list[dict]) -> str:
+    """recommended's held-out loss minus the best other row's, +- the paired standard error, and whether the
+    gap is within 2 errors (noise on these windows) or not."""
+    if rec is None or not others:
+        return ""
+    other = min(others, key=lambda r: r["pruned_perplexity"])
+    mean, error = paired_difference(rec["window_nll"], other["window_nll"])
+    if error == 0 or math.isnan(error):
+        return f"{mean:+.4f} (same plan as {other['criterion']})" if mean == 0 else f"{mean:+.4f}"
+    verdict = "within noise" if abs(mean) <= 2 * error else ("better" if mean < 0 else "worse")
+    return f"{mean:+.4f} +- {error:.4f} vs {other['criterion']}: {verdict}"
 
 
 def main() -> None:
