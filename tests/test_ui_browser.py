@@ -116,7 +116,7 @@ def test_full_flow_in_the_browser(page: Page, tmp_path):
     expect(page.locator("#data-text textarea")).to_be_visible()
     page.locator("#start-btn").click()
     expect_error(page, "The pasted text is empty")
-    page.locator("#data-source label").filter(has_text="gsm8k").click()
+    page.locator("#data-source label").filter(has_text=re.compile(r"^\s*gsm8k \(bundled\)\s*$")).click()
     set_number(page, "calib-samples", 8)
     set_number(page, "calib-seqlen", 128)
     page.locator("#start-btn").click()
