@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
 from entrodrop.calibrate import iter_calibration
 from entrodrop.data import load_corpus, make_windows
-from entrodrop.evaluate import paired_difference
 from entrodrop.loading import load_model
 from entrodrop.progress import run_to_end
-from entrodrop.verify import Variant, format_sweep_table, sweep
+from entrodrop.verify import SweepRow, Variant, format_sweep_table, gap_to_best_other, sweep
 
 
 def parse_counts(text: str) -> list[int]:
@@ -76,22 +74,19 @@ def by_count_table(rows: list[dict]) -> str:
         chosen = rec["plan"]["meta"].get("chosen_plan", "greedy search") if rec else ""
         line = f"| {n} | " + " | ".join(cells) + f" | {chosen} |"
         if paired:
-            line += f" {_versus_best_other(rec, [by[(c, n)] for c in names if c != 'recommended' and (c, n) in by])} |"
+            line += f" {_versus_best_other([SweepRow(**r) for r in rows], n)} |"
         lines.append(line)
     return "\n".join(lines)
 
 
-def _versus_best_other(rec: dict | None, others: list[dict]) -> str:
-    """recommended's held-out loss minus the best other row's, +- the paired standard error, and whether the
-    gap is within 2 errors (noise on these windows) or not."""
-    if rec is None or not others:
+def _versus_best_other(rows: list[SweepRow], count: int) -> str:
+    g = gap_to_best_other(rows, "recommended", count)
+    if g is None:
         return ""
-    other = min(others, key=lambda r: r["pruned_perplexity"])
-    mean, error = paired_difference(rec["window_nll"], other["window_nll"])
-    if error == 0 or math.isnan(error):
-        return f"{mean:+.4f} (same plan as {other['criterion']})" if mean == 0 else f"{mean:+.4f}"
-    verdict = "within noise" if abs(mean) <= 2 * error else ("better" if mean < 0 else "worse")
-    return f"{mean:+.4f} +- {error:.4f} vs {other['criterion']}: {verdict}"
+    if g["same_plan"]:
+        return f"same plan as {g['other']}"
+    word = {"noise": "within noise", "lower": "better", "higher": "worse"}[g["verdict"]]
+    return f"{g['gap']:+.4f} +- {g['error']:.4f} vs {g['other']}: {word}"
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ protection, so one sweep can compare, say, entrodrop with KNN and with bucket en
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .costs import BlockCosts, summarize_plan
 from .criteria import get_criterion, ranked_criteria
-from .evaluate import iter_compare_many
+from .evaluate import iter_compare_many, paired_difference
 from .plan import DropPlan
 from .progress import ProgressEvent, run_to_end
 from .scores import Scores
@@ -200,4 +201,38 @@ def format_sweep_table(rows: Sequence[SweepRow]) -> str:
         blocks = DropPlan.from_dict(r.plan).compact() or "-"
         lines.append(f"{r.criterion:<{width}} {r.count:>5} {r.dense_perplexity:>10.3f} {r.pruned_perplexity:>11.3f} "
                      f"{r.kl_mean:>9.4f} {r.top1_agreement:>7.3f}  {blocks}")
+    return "\n".join(lines)
+
+
+def gap_to_best_other(rows: Sequence[SweepRow], criterion: str, count: int) -> dict | None:
+    """``criterion``'s held-out loss at ``count`` minus that of the lowest other criterion's row there, paired
+    over the held-out windows: ``{"other", "same_plan", "gap", "error", "verdict"}`` with verdict ``lower``,
+    ``higher`` or ``noise`` (within 2 errors). None when either row is missing or has no per-window losses."""
+    mine = next((r for r in rows if r.criterion == criterion and r.count == count), None)
+    others = [r for r in rows if r.criterion != criterion and r.count == count]
+    if mine is None or not others or not mine.window_nll:
+        return None
+    other = min(others, key=lambda r: r.pruned_perplexity)
+    if len(other.window_nll) != len(mine.window_nll):
+        return None
+    gap, error = paired_difference(mine.window_nll, other.window_nll)
+    same = DropPlan.from_dict(mine.plan).keys() == DropPlan.from_dict(other.plan).keys()
+    verdict = "noise" if same or math.isnan(error) or abs(gap) <= 2 * error else ("lower" if gap < 0 else "higher")
+    return {"other": other.criterion, "same_plan": same, "gap": gap, "error": error, "verdict": verdict}
+
+
+def format_gaps(rows: Sequence[SweepRow], criterion: str) -> str:
+    """One line per count > 0: ``criterion`` against the lowest other criterion, with the paired error, so a
+    difference within the noise of the held-out windows reads as such."""
+    lines = []
+    for count in sorted({r.count for r in rows if r.count > 0}):
+        g = gap_to_best_other(rows, criterion, count)
+        if g is None:
+            continue
+        if g["same_plan"]:
+            lines.append(f"{count:>5}  same blocks as {g['other']}")
+            continue
+        word = {"lower": "lower (by more than 2 errors)", "higher": "higher (by more than 2 errors)",
+                "noise": "within noise"}[g["verdict"]]
+        lines.append(f"{count:>5}  {g['gap']:+.4f} +- {g['error']:.4f} nats against {g['other']}: {word}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from entrodrop.evaluate import (
     measure_speed,
     window_losses,
 )
-from entrodrop.plan import DropPlan
+from entrodrop.plan import DropPlan, DroppedBlock
 from entrodrop.progress import ProgressEvent
 from entrodrop.prune import prune_model
 from entrodrop.scores import BlockScore, Scores
@@ -193,7 +193,32 @@ def cli_setup(tmp_path_factory, tiny_tokenizer):
     return root, model_dir
 
 
-def test_cli_eval_and_sweep(cli_setup):
+def test_gap_to_the_best_other_criterion_is_paired_over_windows():
+    from entrodrop.verify import SweepRow, format_gaps, gap_to_best_other
+
+    def row(criterion, count, layers, losses):
+        plan = DropPlan(LAYERS, [DroppedBlock(layer, "attn") for layer in layers]).to_dict()
+        return SweepRow(criterion, count, plan, 7.0, math.exp(sum(losses) / len(losses)), 0.1, 0.9, 1, 2, losses)
+
+    shared = [2.0, 3.0, 1.0, 2.5]  # each window's difficulty: cancels in the paired difference
+    rows = [row("recommended", 1, [0], [x + 0.01 for x in shared]),
+            row("cosine", 1, [1], shared),  # the lowest other: recommended is 0.01 above it on every window
+            row("angular", 1, [2], [x + 0.5 for x in shared]),
+            row("recommended", 2, [0, 1], [x + 0.02 * (-1) ** i for i, x in enumerate(shared)]),
+            row("cosine", 2, [1, 2], shared),
+            row("recommended", 3, [0, 2], shared), row("cosine", 3, [0, 2], shared)]
+    g = gap_to_best_other(rows, "recommended", 1)
+    assert g["other"] == "cosine" and g["gap"] == pytest.approx(0.01) and g["error"] == pytest.approx(0, abs=1e-9)
+    assert g["verdict"] == "higher"  # a steady gap, however small, is real
+    assert gap_to_best_other(rows, "recommended", 2)["verdict"] == "noise"  # +-0.02 by window: no gap
+    assert gap_to_best_other(rows, "recommended", 3)["same_plan"]
+    assert gap_to_best_other(rows, "recommended", 9) is None
+    text = format_gaps(rows, "recommended")
+    assert "+0.0100 +- 0.0000 nats against cosine: higher" in text and "within noise" in text
+    assert "same blocks as cosine" in text
+
+
+def test_cli_eval_and_sweep(cli_setup, capsys):
     from entrodrop.cli import main
 
     root, model_dir = cli_setup
@@ -208,6 +233,7 @@ def test_cli_eval_and_sweep(cli_setup):
     out = root / "sweep.json"
     assert main(["sweep", *common, "--criteria", "entrodrop,cosine,recommended", "--counts", "0,1", "--kind", "mlp",
                  "--protect", "none", "--json", str(out)]) == 0
+    assert "entrodrop's held-out loss minus the lowest other criterion's, paired over the 2" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert [(r["criterion"], r["count"]) for r in data["rows"]] == [
         ("entrodrop", 0), ("entrodrop", 1), ("cosine", 0), ("cosine", 1), ("recommended", 0), ("recommended", 1)]

@@ -28,7 +28,7 @@ def check_counts(scores: Scores, criteria: list[str], counts: list[int], args) -
 
 def cmd_sweep(args) -> int:
     """Print the sweep table; optionally write rows, data and calibration as JSON."""
-    from ..verify import format_sweep_table, iter_sweep
+    from ..verify import format_gaps, format_sweep_table, iter_sweep
 
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     for name in criteria:
@@ -57,6 +57,11 @@ def cmd_sweep(args) -> int:
                                    selection_windows=selection_windows, batch_size=args.batch_size),
                         "sweep").partial
     print(format_sweep_table(rows))
+    gaps = format_gaps(rows, criteria[0]) if len(criteria) > 1 else ""
+    if gaps:
+        print(f"\n{criteria[0]}'s held-out loss minus the lowest other criterion's, paired over the "
+              f"{windows.shape[0]} held-out windows (within 2 errors is noise):")
+        print(gaps)
     if args.json:
         write_json(args.json, {"model": loaded.name, "kind": args.kind, "estimator": args.estimator,
                                "eval_data": eval_data,
