@@ -19,7 +19,7 @@ from entrodrop.evaluate import (
     measure_speed,
     window_losses,
 )
-from entrodrop.plan import DropPlan, DroppedBlock
+from entrodrop.plan import DroppedBlock, DropPlan
 from entrodrop.progress import ProgressEvent
 from entrodrop.prune import prune_model
 from entrodrop.scores import BlockScore, Scores
