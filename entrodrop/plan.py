@@ -68,10 +68,8 @@ class DropPlan:
                 raise ValueError(
                     f"Layer {b.layer} is dropped whole and its {b.kind} sub-block is listed too; keep one."
                 )
-        gone = whole | {
-            layer for layer in range(self.num_layers)
-            if (layer, "attn") in seen and (layer, "mlp") in seen
-        }
+        # over the listed blocks, never range(num_layers): a plan file may claim any number of layers
+        gone = whole | {layer for layer, kind in seen if kind == "attn" and (layer, "mlp") in seen}
         if len(gone) == self.num_layers:
             raise ValueError(
                 f"This plan drops every block of all {self.num_layers} layers; nothing would remain. "

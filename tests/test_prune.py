@@ -165,6 +165,11 @@ def test_bad_plans_have_clear_messages(models):
         DropPlan.parse("attn:1,attn:1", LAYERS)
     with pytest.raises(ValueError, match="nothing would remain"):
         DropPlan.parse(",".join(f"layer:{i}" for i in range(LAYERS)), LAYERS)
+    with pytest.raises(ValueError, match="nothing would remain"):  # attn and mlp of every layer is everything too
+        DropPlan.parse(",".join(f"{k}:{i}" for i in range(LAYERS) for k in ("attn", "mlp")), LAYERS)
+    # a plan file may claim any number of layers: checking it reads its blocks, not every layer it claims
+    huge = DropPlan.from_dict({"num_layers": 10**15, "blocks": [{"layer": 0, "kind": "attn"}]})
+    assert huge.num_layers == 10**15 and len(huge) == 1
     with pytest.raises(ValueError, match="KIND:LAYER"):
         DropPlan.parse("attn:x", LAYERS)
     with pytest.raises(ValueError, match="made for a model with 6 layers"):
