@@ -29,7 +29,7 @@ from entrodrop.calibrate import iter_calibration
 from entrodrop.data import load_corpus, make_windows
 from entrodrop.loading import load_model
 from entrodrop.progress import run_to_end
-from entrodrop.verify import SweepRow, Variant, format_sweep_table, gap_to_best_other, sweep
+from entrodrop.verify import SweepRow, Variant, describe_gap, format_sweep_table, gap_to_best_other, sweep
 
 
 def parse_counts(text: str) -> list[int]:
@@ -63,6 +63,7 @@ def by_count_table(rows: list[dict]) -> str:
     ppl = {key: r["pruned_perplexity"] for key, r in by.items()}
     counts = sorted({r["count"] for r in rows if r["count"] > 0})
     paired = all(r.get("window_nll") for r in rows)
+    swept = [SweepRow(**r) for r in rows] if paired else []
     extra = " recommended - best other (nats) |" if paired else ""
     lines = ["| count | " + " | ".join(names) + " | recommended's plan |" + extra,
              "|---" * (len(names) + 2 + paired) + "|"]
@@ -74,19 +75,10 @@ def by_count_table(rows: list[dict]) -> str:
         chosen = rec["plan"]["meta"].get("chosen_plan", "greedy search") if rec else ""
         line = f"| {n} | " + " | ".join(cells) + f" | {chosen} |"
         if paired:
-            line += f" {_versus_best_other([SweepRow(**r) for r in rows], n)} |"
+            gap = gap_to_best_other(swept, "recommended", n)
+            line += f" {describe_gap(gap) if gap else ''} |"
         lines.append(line)
     return "\n".join(lines)
-
-
-def _versus_best_other(rows: list[SweepRow], count: int) -> str:
-    g = gap_to_best_other(rows, "recommended", count)
-    if g is None:
-        return ""
-    if g["same_plan"]:
-        return f"same plan as {g['other']}"
-    word = {"noise": "within noise", "lower": "better", "higher": "worse"}[g["verdict"]]
-    return f"{g['gap']:+.4f} +- {g['error']:.4f} vs {g['other']}: {word}"
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import time
 import torch
 
 from entrodrop.data import load_corpus, make_windows
-from entrodrop.evaluate import iter_compare_many, paired_difference
+from entrodrop.evaluate import gap_verdict, iter_compare_many, paired_difference
 from entrodrop.loading import load_model
 from entrodrop.plan import DropPlan
 from entrodrop.progress import run_to_end
@@ -58,8 +58,7 @@ def versus(results: dict[str, dict], label: str, others: list[str]) -> list[str]
     lines = []
     for other in others:
         mean, error = paired_difference(results[label]["window_nll"], results[other]["window_nll"])
-        verdict = "within noise" if abs(mean) <= 2 * error else ("lower" if mean < 0 else "higher")
-        lines.append(f"{mean:+.4f} +- {error:.4f} nats vs {other} ({verdict})")
+        lines.append(f"{mean:+.4f} +- {error:.4f} nats vs {other} ({gap_verdict(mean, error)})")
     return lines
 
 

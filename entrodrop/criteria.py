@@ -107,7 +107,8 @@ _BLOCK_ANGLE = "block angle (ours: mean arccos(cos(in, out))/pi per block, a cou
 
 REGISTRY: dict[str, Criterion] = {c.name: c for c in (
     Criterion("recommended", "recommended (ours: greedy search by measured loss over every criterion's best "
-              "candidates, then the lowest of that plan and every criterion's own)", None, "none", needs_model=True, uses_estimator=True, ours=True),
+              "candidates, then the lowest of that plan and every criterion's own)", None, "none",
+              needs_model=True, uses_estimator=True, ours=True),
     Criterion("entrodrop", "entropy increase (EntroDrop, as in the released code)", rank_by_entropy_increase,
               "released", uses_estimator=True, score_label="delta_entropy[{estimator}]", default_estimator="knn"),
     Criterion("cosine", "cosine importance (LLM-Drop / ShortGPT)", rank_by_cosine_importance, "none",

@@ -279,6 +279,14 @@ def paired_difference(losses: Sequence[float], others: Sequence[float]) -> tuple
     return mean, math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
 
 
+def gap_verdict(mean: float, error: float) -> str:
+    """``"lower"`` or ``"higher"`` when a paired difference (:func:`paired_difference`) is more than 2 standard
+    errors from zero, else ``"noise"`` (also when there is no error estimate)."""
+    if math.isnan(error) or abs(mean) <= 2 * error:
+        return "noise"
+    return "lower" if mean < 0 else "higher"
+
+
 def mean_loss(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = None, *, batch_size: int = 1) -> float:
     """Mean next-token cross-entropy (nats) of ``model`` on ``windows``, under a preview of ``plan``
     (every window has the same length, so this is the mean of :func:`window_losses`)."""

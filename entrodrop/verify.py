@@ -10,7 +10,6 @@ protection, so one sweep can compare, say, entrodrop with KNN and with bucket en
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from .costs import BlockCosts, summarize_plan
 from .criteria import get_criterion, ranked_criteria
-from .evaluate import iter_compare_many, paired_difference
+from .evaluate import gap_verdict, iter_compare_many, paired_difference
 from .plan import DropPlan
 from .progress import ProgressEvent, run_to_end
 from .scores import Scores
@@ -217,8 +216,17 @@ def gap_to_best_other(rows: Sequence[SweepRow], criterion: str, count: int) -> d
         return None
     gap, error = paired_difference(mine.window_nll, other.window_nll)
     same = DropPlan.from_dict(mine.plan).keys() == DropPlan.from_dict(other.plan).keys()
-    verdict = "noise" if same or math.isnan(error) or abs(gap) <= 2 * error else ("lower" if gap < 0 else "higher")
+    verdict = "noise" if same else gap_verdict(gap, error)
     return {"other": other.criterion, "same_plan": same, "gap": gap, "error": error, "verdict": verdict}
+
+
+def describe_gap(gap: dict) -> str:
+    """One :func:`gap_to_best_other` result as text: the gap, its error, the other criterion and the verdict."""
+    if gap["same_plan"]:
+        return f"same blocks as {gap['other']}"
+    word = {"lower": "lower (by more than 2 errors)", "higher": "higher (by more than 2 errors)",
+            "noise": "within noise"}[gap["verdict"]]
+    return f"{gap['gap']:+.4f} +- {gap['error']:.4f} nats against {gap['other']}: {word}"
 
 
 def format_gaps(rows: Sequence[SweepRow], criterion: str) -> str:
@@ -227,12 +235,6 @@ def format_gaps(rows: Sequence[SweepRow], criterion: str) -> str:
     lines = []
     for count in sorted({r.count for r in rows if r.count > 0}):
         g = gap_to_best_other(rows, criterion, count)
-        if g is None:
-            continue
-        if g["same_plan"]:
-            lines.append(f"{count:>5}  same blocks as {g['other']}")
-            continue
-        word = {"lower": "lower (by more than 2 errors)", "higher": "higher (by more than 2 errors)",
-                "noise": "within noise"}[g["verdict"]]
-        lines.append(f"{count:>5}  {g['gap']:+.4f} +- {g['error']:.4f} nats against {g['other']}: {word}")
+        if g is not None:
+            lines.append(f"{count:>5}  {describe_gap(g)}")
     return "\n".join(lines)
