@@ -210,7 +210,8 @@ def check_hub_dataset_name(source: str) -> tuple[str, str | None]:
     Refused: absolute, home-folder and ``..`` paths, anything not shaped like a hub id, the names of
     `datasets`' file-format builders (``csv``, ``json``, ``text``, ...: they read local files), and
     names that exist as a file or folder relative to the working folder (`datasets` would read those
-    instead of asking the hub). The last check is one ``lstat``; nothing is opened or listed.
+    instead of asking the hub; refused with the message of a hub miss, so the answer never tells whether
+    such a file exists). The last check is one ``lstat``; nothing is opened or listed.
     """
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
@@ -235,9 +236,17 @@ def check_hub_dataset_name(source: str) -> tuple[str, str | None]:
         raise ValueError(f"'{config}' is not a valid configuration name (after ':' in '{text}'). {never}")
     if name.lower() in _PACKAGED_DATASETS_MODULES:
         raise ValueError(f"'{name}' is a file-format reader of the datasets library, not a data set. {never}")
-    if os.path.lexists(name):
-        raise ValueError(f"'{name}' names a file or folder on the server, so it is not taken. {never}")
+    if os.path.lexists(name):  # `datasets` would read it instead of asking the hub; answered as a hub miss
+        raise ValueError(_hub_miss(text))
     return name, config or None
+
+
+def _hub_miss(source: str) -> str:
+    """The one answer to a hub-only data set name that cannot be loaded, whatever the reason (so it never
+    tells whether a file of that name exists on the server)."""
+    return (f"Could not load the Hugging Face data set '{source}': the hub does not have it or is not reachable from "
+            f"this server. Check the name (e.g. '{HUB_NAME_EXAMPLE}'), or upload a file, paste text or pick a "
+            "bundled set.")
 
 
 def _load_hub(source: str, column: str | None, split: str | None, *, hub_only: bool = False) -> TextCorpus:
@@ -248,7 +257,10 @@ def _load_hub(source: str, column: str | None, split: str | None, *, hub_only: b
         # Streamed, so a large set such as C4 is read only as far as needed.
         dataset = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as err:  # DatasetNotFoundError, ConnectionError, offline mode, unknown split...
-        what = "" if hub_only else "it is not a bundled set or a local file, and "
+        if hub_only:
+            logger.info("Hub data set %r not loaded: %s: %s", source, type(err).__name__, err)
+            raise ValueError(_hub_miss(source)) from err
+        what = "it is not a bundled set or a local file, and "
         raise ValueError(
             f"Could not load '{source}': {what}loading it from the Hugging Face Hub failed "
             f"({type(err).__name__}: {err}). The hub may be unreachable or the name wrong. Bundled sets: "
@@ -275,7 +287,8 @@ def load_corpus(
     ``hub_only=True`` says ``source`` is a Hugging Face data set name typed by someone who must not
     reach this machine's files (the web app's hub field): bundled aliases, local paths and pasted
     text are not considered, and :func:`check_hub_dataset_name` refuses anything path-like before
-    the file system or the network is touched.
+    the file system or the network is touched; a name that cannot be loaded, for whatever reason, gets one
+    message.
     """
     if hub_only:
         name, config = check_hub_dataset_name(source)

@@ -45,6 +45,10 @@ class InsufficientMemoryError(ValueError):
     """The weights would not fit in the free memory of the target device."""
 
 
+class ModelNotFoundError(ValueError):
+    """A hub id the hub does not have, or cannot be asked about (offline and not in the local cache)."""
+
+
 @dataclass(frozen=True)
 class ResolvedSpec:
     """Where a model spec points, found without loading anything heavy."""
@@ -105,6 +109,12 @@ def dropped_blocks_of(config) -> tuple[str, ...]:
     return tuple(f"{kind}:{layer}" for layer, kind in blocks)
 
 
+def looks_like_hub_id(spec: str) -> bool:
+    """Whether ``spec`` has the shape of a hub repo id ("name" or "owner/name"), judged on the text alone."""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "-")) and ".." not in spec \
+        and not spec.lower().endswith(".gguf")
+
+
 def looks_like_path(spec: str, extensions: tuple[str, ...] = (".gguf",)) -> bool:
     """Whether ``spec`` is meant as a file system path rather than an alias or a hub id."""
     if spec.startswith(("/", ".", "~")) or spec.lower().endswith(extensions):
@@ -154,8 +164,8 @@ def _as_resolved(spec: str | ResolvedSpec) -> ResolvedSpec:
     return spec if isinstance(spec, ResolvedSpec) else resolve_model_spec(spec)
 
 
-def _not_found(resolved: ResolvedSpec, err: Exception) -> ValueError:
-    return ValueError(
+def _not_found(resolved: ResolvedSpec, err: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
         f"Could not find model '{resolved.spec}' on the Hugging Face Hub or as a local path: {err} "
         "Check the id, or pass a local folder or .gguf file."
     )
@@ -231,7 +241,7 @@ def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> Pr
         # OSError (missing / offline), huggingface_hub's RepositoryNotFoundError and HTTP errors,
         # connection errors: whatever the cause, the user must fix the spec or the network.
         if offline:
-            raise ValueError(
+            raise ModelNotFoundError(
                 f"The Hugging Face Hub is not reachable from this machine and '{resolved.spec}' is not in the "
                 "local cache. Pass a local folder or .gguf file, or connect to the network."
             ) from err

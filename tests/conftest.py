@@ -6,6 +6,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tests load tiny models from local folders through the app; tests/test_ui_access.py turns this off to
+# check the public default.
+os.environ.setdefault("ENTRODROP_ALLOW_LOCAL_MODELS", "1")
 
 import socket  # noqa: E402
 from contextlib import contextmanager  # noqa: E402

@@ -1,6 +1,7 @@
 import json
 import logging
 import re
+import tempfile
 import time
 
 import pandas as pd
@@ -327,10 +328,21 @@ def test_hub_only_refuses_paths_without_reading(nothing_read, name, message):
 
 
 @pytest.mark.parametrize("name", ["tests", "entrodrop", "tests/test_data.py", "pyproject.toml"])
-def test_hub_only_refuses_names_that_exist_on_the_server(nothing_read, monkeypatch, name):
+def test_hub_only_answers_names_that_exist_on_the_server_as_hub_misses(nothing_read, monkeypatch, name):
     monkeypatch.chdir(REPO)  # relative names resolve against the server's working folder
-    with pytest.raises(ValueError, match=rf"'{name}' names a file or folder on the server.*Hugging Face data set name"):
+    with pytest.raises(ValueError) as on_disk:
         load_corpus(name, hub_only=True)
+    import datasets
+
+    def not_on_the_hub(*args, **kwargs):
+        raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+
+    monkeypatch.chdir(tempfile.mkdtemp())  # the same name where nothing of it exists: the hub is asked
+    monkeypatch.setattr(datasets, "load_dataset", not_on_the_hub)
+    with pytest.raises(ValueError) as missing:
+        load_corpus(name, hub_only=True)
+    assert str(on_disk.value) == str(missing.value)  # no answer tells whether the server has such a file
+    assert "does not have it or is not reachable" in str(on_disk.value)
 
 
 def test_hub_only_loads_a_hub_name(monkeypatch, tmp_path):

@@ -132,7 +132,7 @@ def test_server_paths_as_data_names_are_refused(app_url, tiny_dir):
 def test_files_in_session_folders_are_not_uploads(work_root):
     folder = storage.new_session_folder()
     (folder / "secret.txt").write_text("another visitor's file")
-    with pytest.raises(ValueError, match="not an upload"):
+    with pytest.raises(ValueError, match="not one uploaded to this page"):
         calibration_data("file", upload=str(folder / "secret.txt"))
     storage.remove_session_folder(folder)
 

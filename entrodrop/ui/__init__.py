@@ -7,8 +7,9 @@ receiving the other steps' components it writes as arguments:
 
 * :mod:`.state` — the shared model cache and launch preload, the per-session :class:`Session`,
   error mapping to ``gr.Error``;
-* :mod:`.limits`, :mod:`.turns`, :mod:`.storage` — running in public: request limits set by the
-  operator, fair turns on the shared model, private session folders with a disk budget and a janitor;
+* :mod:`.limits`, :mod:`.turns`, :mod:`.storage`, :mod:`.access` — running in public: request limits set
+  by the operator, fair turns on the shared model, private session folders with a disk budget and a janitor,
+  and which server files a visitor may make it read (their own uploads, bundled models, hub ids);
 * :mod:`.model` — 1, load a model (resets every later step);
 * :mod:`.calibrate` — 2, stream the curves while calibration runs;
 * :mod:`.choose` — 3, automatic selection and ticks;
@@ -26,6 +27,7 @@ import gradio as gr
 
 from ..loading import DEFAULT_MODEL
 from . import calibrate, check, choose, export, model, restore, storage
+from .access import UploadGate
 from .state import MODEL_CACHE, Session, delete_session, start_preload
 
 __all__ = ["MODEL_CACHE", "Session", "Steps", "build_app", "create_steps", "launch", "launch_style", "start_preload"]
@@ -80,6 +82,7 @@ def create_steps(default_model: str = DEFAULT_MODEL) -> Steps:
 def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
     """The EntroDrop Studio Blocks app (queue enabled), not launched; starts the session-folder janitor."""
     storage.start_janitor()
+    uploads = UploadGate()  # which file paths are this server's uploads: known once the Blocks exist
     with gr.Blocks(title="EntroDrop Studio", analytics_enabled=False, delete_cache=(3600, 7200)) as demo:
         session = gr.State(Session(), delete_callback=delete_session)
         token = gr.BrowserState(None, storage_key=restore.STORAGE_KEY)
@@ -90,10 +93,11 @@ def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
         restoring = restore.RestoreHandlers(token, steps)
         page_load.then(restoring.restore, [session, token], restoring.outputs(), api_visibility="private",
                        concurrency_limit=None, show_progress="hidden")
-        calibrating = calibrate.create_event_handlers(session, steps.calibrate, steps.check)
+        calibrating = calibrate.create_event_handlers(session, steps.calibrate, steps.check, uploads)
         choose.create_event_handlers(session, steps.choose, steps.calibrate, calibrating)
         check.create_event_handlers(session, steps.check)
         export.create_event_handlers(session, steps.export)
+    uploads.attach(demo)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -19,6 +19,7 @@ from ..data import BUNDLED_DATASETS, load_corpus, window_capacity
 from ..estimators import ENTROPY_ESTIMATORS
 from ..workflow import start_calibration
 from . import compare
+from .access import UploadGate
 from .limits import check_calibration, check_text, whole_number
 from .sources import data_source_args
 from .state import (
@@ -32,7 +33,6 @@ from .state import (
     user_errors,
     waiting_for_model,
 )
-from .storage import in_sessions_root
 
 MAX_BINS = 1000  # bucket histograms cost hidden size x bins per stream: far more adds nothing but memory
 SEQ_STEP, SEQ_MIN = 32, 32  # the window-length slider's step and minimum: offered lengths are on it
@@ -122,14 +122,16 @@ def create_ui() -> CalibrateTab:
     return tab
 
 
-def calibration_data(source: str, *, upload=None, hub_name=None, column=None, text=None) -> dict:
+def calibration_data(source: str, *, upload=None, hub_name=None, column=None, text=None,
+                     uploads: UploadGate | None = None) -> dict:
     """``load_corpus`` arguments for the data a visitor chose, checked as untrusted: a hub name is only
-    ever a hub name (``hub_only``), an upload only a file gradio received, pasted text bounded."""
+    ever a hub name (``hub_only``), a file only one this server's upload route received (``uploads``; none
+    given: no file is), pasted text bounded."""
     data = data_source_args(source, upload=upload, hub_name=hub_name, column=column, text=text)
     if source == "hub":
         data["hub_only"] = True
-    elif source == "file" and in_sessions_root(data["source"]):  # gradio checked it is an upload, not this
-        raise ValueError("That file is not an upload. Upload a .txt, .jsonl, .csv or .parquet file.")
+    elif source == "file":
+        data["source"] = (uploads or UploadGate()).check(data["source"])
     elif source == "text":
         check_text(text)
     return data
@@ -170,8 +172,9 @@ def _fit_text(cap, samples: int, seq_len: int) -> tuple[str, int | None]:
 class CalibrateHandlers:
     """Calibration, Stop and the per-block view; a calibration also sets step 4's window length."""
 
-    def __init__(self, calibrate_tab: CalibrateTab, check_tab):
+    def __init__(self, calibrate_tab: CalibrateTab, check_tab, uploads: UploadGate | None = None):
         self.tab, self.check = calibrate_tab, check_tab
+        self.uploads = uploads or UploadGate()  # none given: no file is an upload
 
     def _curves(self, session: Session, view_kind: str, view_est: str | None, history: list | None = None) -> dict:
         scores = session.scores
@@ -208,7 +211,8 @@ class CalibrateHandlers:
         if key not in MODEL_CACHE:  # never load a model just to count tokens
             return "", hidden
         try:
-            data = calibration_data(source, upload=upload, hub_name=hub_name, column=column, text=text)
+            data = calibration_data(source, upload=upload, hub_name=hub_name, column=column, text=text,
+                                    uploads=self.uploads)
             cap = window_capacity(MODEL_CACHE.get_or_load(session.model_spec, dtype=session.dtype,
                                                           device=session.device).tokenizer,
                                   load_corpus(**data), seq_len)
@@ -236,7 +240,8 @@ class CalibrateHandlers:
         samples = whole_number(samples, "Samples (windows)")
         seq_len = whole_number(seq_len, "Tokens per window", minimum=2)
         check_calibration(samples, seq_len)  # before any text is read
-        data = calibration_data(source, upload=upload, hub_name=hub_name, column=column, text=text)
+        data = calibration_data(source, upload=upload, hub_name=hub_name, column=column, text=text,
+                                uploads=self.uploads)
         if not estimators:
             raise error("Tick at least one entropy estimator (bucket, knn or renyi).")
         unknown = [e for e in estimators if e not in ENTROPY_ESTIMATORS]
@@ -330,10 +335,11 @@ class CalibrateHandlers:
         return plots.entropy_figure(session.scores, curve=curve)
 
 
-def create_event_handlers(session: gr.State, calibrate_tab: CalibrateTab, check_tab):
-    """Wire step 2; returns the calibration event, which step 3 follows with its automatic choice."""
+def create_event_handlers(session: gr.State, calibrate_tab: CalibrateTab, check_tab, uploads: UploadGate):
+    """Wire step 2 (``uploads``: which files count as this page's uploads); returns the calibration event,
+    which step 3 follows with its automatic choice."""
     tab = calibrate_tab
-    handlers = CalibrateHandlers(calibrate_tab, check_tab)
+    handlers = CalibrateHandlers(calibrate_tab, check_tab, uploads)
     light = {"concurrency_limit": None}
     tab.source.change(show_source, [tab.source], [tab.upload, tab.hub_name, tab.column, tab.text],
                       api_visibility="private", **light)

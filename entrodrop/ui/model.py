@@ -1,5 +1,6 @@
-"""Step 1, the model: pick a bundled model, a hub id, a folder or a .gguf file and load it into the
-shared cache; a new page binds to the model preloaded at launch. Loading resets every later step."""
+"""Step 1, the model: pick a bundled model or a hub id (a folder or a .gguf file where the operator allows
+local models, :mod:`.access`) and load it into the shared cache; a new page binds to the model preloaded at
+launch. Loading resets every later step."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pandas as pd
 
 from .. import plots, report
 from ..loading import BUNDLED_MODELS, DEFAULT_MODEL, format_bytes
+from .access import check_model_spec, local_models_allowed, public_model_error
 from .state import LOAD_GROUP, MODEL_CACHE, Session, error, facts_for, keep_errors, preload_info, user_errors
 
 DEFAULT_DROP_SHARE = 0.25  # the paper drops 8 of 32 attention blocks as its mild setting
@@ -38,10 +40,11 @@ def create_ui(default_model: str = DEFAULT_MODEL) -> ModelTab:
                [(f"{alias} — {text}", alias) for alias, text in BUNDLED_MODELS.items()],
                value=default_model if default_model in BUNDLED_MODELS else None,
                label="Bundled model", elem_id="model-bundled")
+            local = local_models_allowed()
             tab.model_spec = gr.Textbox(
-               "", label="…or a Hugging Face Hub id, a local model folder, or a .gguf file",
-               placeholder="HuggingFaceTB/SmolLM2-360M  ·  /path/to/folder  ·  /path/to/model.gguf "
-                           "(leave empty to use the bundled model)",
+               "", label="…or a Hugging Face Hub id" + (", a local model folder, or a .gguf file" if local else ""),
+               placeholder="HuggingFaceTB/SmolLM2-360M" + ("  ·  /path/to/folder  ·  /path/to/model.gguf" if local
+                                                           else "") + " (leave empty to use the bundled model)",
                elem_id="model-spec")
             with gr.Row():
                 tab.dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto", label="dtype",
@@ -125,7 +128,8 @@ class ModelHandlers:
         """Load (or take from the shared cache) the model; streams the loader's progress messages."""
         spec = (spec_text or "").strip() or (bundled or "").strip()
         if not spec:
-            raise error("Choose the bundled model or type a hub id, a local folder or a .gguf path.")
+            raise error("Choose the bundled model or type a hub id.")
+        check_model_spec(spec)  # a public server loads bundled models and hub ids only
         key = MODEL_CACHE.make_key(spec, dtype, device)  # ValueError for a missing path or bad dtype/device
         messages: queue.Queue[str] = queue.Queue()
         outcome: dict = {}
@@ -154,7 +158,7 @@ class ModelHandlers:
                 status = "▶ " + (log[-1] if log else waiting) + f" ({time.monotonic() - started:.0f} s)"
             yield {self.tab.model_status: status}
         if "error" in outcome:
-            raise outcome["error"]
+            raise public_model_error(spec, outcome["error"])
         facts = facts_for(key, outcome["loaded"])
         updates = self.bind_model(session, spec, dtype, device, facts)
         updates[self.tab.model_status] = (f"✓ **{facts['name']}** is ready ({facts['num_layers']} layers, "
