@@ -30,6 +30,7 @@ from .data import load_corpus, make_windows
 from .evaluate import QualityReport, SpeedReport, iter_compare, iter_measure_speed, iter_side_by_side
 from .plan import DropPlan
 from .progress import ProgressEvent
+from .split import resolve_part
 
 COLUMNS = ("measure", "dense", "pruned", "change")
 
@@ -180,16 +181,25 @@ def _times(value: float, digits: int) -> str:
     return f"×{value:.{digits}f}" if math.isfinite(value) else "—"
 
 
-def quality_rows(q: QualityReport) -> list[CheckRow]:
-    """Perplexity, KL, top-1 agreement, parameters and how much held-out text was read."""
+def text_caption(eval_data: Mapping | None) -> str:
+    """Which text a check read, e.g. "report part of gsm8k" ("held-out text" when unknown)."""
+    if not eval_data or not eval_data.get("part"):
+        return "held-out text"
+    return f"{resolve_part(eval_data['part'])} part of {eval_data.get('data', 'the text')}"
+
+
+def quality_rows(q: QualityReport, eval_data: Mapping | None = None) -> list[CheckRow]:
+    """Perplexity, KL, top-1 agreement, parameters and how much text was read (``eval_data``: which part)."""
     share = q.params_removed / q.dense_params if q.dense_params else 0.0
+    where = text_caption(eval_data)
+    part = f"{resolve_part(eval_data['part'])} part" if eval_data and eval_data.get("part") else "held-out"
     return [
-        CheckRow("perplexity (held-out)", _fmt(q.dense_perplexity), _fmt(q.pruned_perplexity),
+        CheckRow(f"perplexity ({part})", _fmt(q.dense_perplexity), _fmt(q.pruned_perplexity),
                  _times(q.perplexity_ratio, 3)),
         CheckRow("mean KL(dense ‖ pruned), nats/token", "0", _fmt(q.kl_mean, 3)),
         CheckRow("top-1 agreement with dense", "100%", f"{100 * q.top1_agreement:.1f}%"),
         CheckRow("parameters", f"{q.dense_params:,}", f"{q.pruned_params:,}", f"−{100 * share:.1f}%"),
-        CheckRow("held-out text", f"{q.num_windows} windows", f"{q.num_tokens:,} predicted tokens"),
+        CheckRow(where, f"{q.num_windows} windows", f"{q.num_tokens:,} predicted tokens"),
     ]
 
 
@@ -214,7 +224,7 @@ def check_rows(result: ChecksResult, *, generations: bool = True) -> list[CheckR
     """Every row of ``result``: quality, then speed, then (unless ``generations=False``) generations."""
     rows: list[CheckRow] = []
     if result.quality is not None:
-        rows += quality_rows(result.quality)
+        rows += quality_rows(result.quality, result.eval_data)
     if result.speed is not None:
         rows += speed_rows(result.speed)
     if generations:
@@ -257,16 +267,17 @@ def checks_markdown(result: ChecksResult) -> str:
 
 # -- running them ----------------------------------------------------------------------------------
 def load_windows(tokenizer, data: Mapping, *, num_samples: int, seq_len: int, seed: int = 0,
-                 part: str = "heldout", config=None) -> tuple[torch.Tensor, dict]:
-    """(windows, description) of ``part`` of the text ``data`` names (``load_corpus`` keyword arguments:
-    ``source``, and ``column`` / ``text`` where they apply). The description is what reports quote.
+                 part: str = "report", config=None) -> tuple[torch.Tensor, dict]:
+    """(windows, description) of ``part`` (default ``report``, see :mod:`entrodrop.split`) of the text ``data``
+    names (``load_corpus`` keyword arguments: ``source``, and ``column`` / ``text`` where they apply). The
+    description is what reports quote: data, part, samples, seq_len, seed.
     ``config`` (the model's) refuses windows longer than the model's positions before any tokenising."""
     if "source" not in data:
         raise ValueError("data needs a 'source' (a bundled set, a file, a hub set or 'text'), as for load_corpus.")
     corpus = load_corpus(**data)
     windows = make_windows(tokenizer, corpus, num_samples=num_samples, seq_len=seq_len, seed=seed, part=part,
                            config=config)
-    return windows, {"data": data["source"], "part": part, "samples": int(windows.shape[0]),
+    return windows, {"data": data["source"], "part": resolve_part(part), "samples": int(windows.shape[0]),
                      "seq_len": int(windows.shape[1]), "seed": seed}
 
 

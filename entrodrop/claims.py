@@ -1,9 +1,13 @@
 """The paper's five claims, scored on the user's own model from measurements the user has run.
 
-Each claim gets one of three verdicts: ``holds``, ``does not hold``, or ``not measured yet`` (with
-what is missing and how to measure it). Nothing is scored without data, and every verdict carries
-the numbers it rests on. The thresholds below are the whole decision rule; they are constants so a
-reader can see (and a test can pin) exactly where "holds" starts.
+Each claim gets one of four verdicts: ``holds``, ``does not hold``, ``not measured yet`` (nothing to
+score: with what is missing and how to measure it), or ``not enough data`` (something was measured, but
+it cannot carry a verdict: a stopped calibration, a data name that is missing or shares text with the
+other, fewer than :data:`~entrodrop.evidence.MIN_COUNTS` drop counts, sweeps without per-window losses,
+or differences all within the noise of the paired errors). Every verdict carries the numbers it rests
+on. The thresholds below are the whole decision rule; they are constants so a reader can see (and a
+test can pin) exactly where "holds" starts. Verdicts that compare perplexities count a difference only
+beyond :data:`~entrodrop.evidence.NOISE_Z` standard errors of the per-window paired difference.
 
 Inputs (all optional but the first):
 
@@ -20,41 +24,59 @@ renders (``to_dict`` / ``to_markdown``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .compare import trend_curve
 from .criteria import get_criterion
+from .evidence import (  # noqa: F401  (spearman, linear_fit and the readers are part of this module's API)
+    MIN_COUNTS,
+    NOISE_Z,
+    CountGap,
+    counts_of,
+    has_window_losses,
+    linear_fit,
+    paired_by_count,
+    shared_text,
+    spearman,
+    speed_rows_from_json,
+    sweep_rows_from_json,
+)
 from .scores import Scores
 
 HOLDS = "holds"
 DOES_NOT_HOLD = "does not hold"
 NOT_MEASURED = "not measured yet"
-VERDICTS = (HOLDS, DOES_NOT_HOLD, NOT_MEASURED)
+NOT_ENOUGH = "not enough data"
+VERDICTS = (HOLDS, DOES_NOT_HOLD, NOT_MEASURED, NOT_ENOUGH)
 
 # Claim 1: after the initial decline ends, at least this share of the later layer-to-layer steps
 # must rise (the expansion stage rises "over most of the later blocks").
 RISE_SHARE_MIN = 0.7
-# Claim 2: entrodrop must lose no more perplexity than cosine at this share of the compared counts
-# (1.0: at every count, as the paper reports it; per-count numbers are always shown).
-SELECTION_WIN_SHARE = 1.0
+# Claim 2: entrodrop must be worse than cosine beyond the noise margin at no compared count, and better
+# beyond it at one at least (all within noise: not enough data); per-count numbers are always shown.
 # Claim 3: two calibrations on different text agree when the block scores' Spearman correlation and
 # the overlap of their k lowest-scoring blocks (share of k) both reach these.
 ROBUST_SPEARMAN_MIN = 0.8
 ROBUST_OVERLAP_MIN = 0.75
 # Claim 4: speed-up vs dropped blocks is near-linear when a straight-line fit through (0, 1) and the
-# measured points explains this share of the variance (R^2) and the slope is positive.
+# measured points (at least MIN_COUNTS drop counts besides 0) explains this share of the variance (R^2) and
+# the slope is positive.
 LINEAR_R2_MIN = 0.9
-SPEED_MIN_COUNTS = 2  # distinct non-zero drop counts needed before a line means anything
 # Claim 5: bucket and KNN agree when their block scores' Spearman correlation reaches this.
 ESTIMATOR_SPEARMAN_MIN = 0.8
 
 # Which part of the measurement is missing, as a key the app can word for its user, and the CLI text.
 HOW_TO_MEASURE = {
     "scores": "calibrate: `entrodrop scan MODEL --json scores.json`",
-    "sweep": "run a sweep with both criteria: `entrodrop sweep MODEL --criteria entrodrop,cosine --json sweep.json`",
+    "sweep": "run a sweep with both criteria at three or more counts: `entrodrop sweep MODEL --criteria "
+             "entrodrop,cosine --counts 0,2,4,8 --json sweep.json`",
+    "window_losses": "sweep again with this version: its rows keep each window's loss, which the noise margin needs",
+    "more_windows": "sweep on more windows (`--eval-samples 32` or more): every difference is within the noise",
+    "complete_scores": "let the calibration run to its end (a stopped one scored only some batches)",
+    "data_names": "calibrate with this version, which records the data name in the scores",
     "second_scores": "calibrate on other text, e.g. `entrodrop claims MODEL --data gsm8k --second-data gpqa`",
-    "speed": "time plans of at least two drop counts: `entrodrop eval MODEL --count N --json speedN.json` for "
+    "speed": "time plans of at least three drop counts: `entrodrop eval MODEL --count N --json speedN.json` for "
              "N in 2,4,8, then pass each with `--speed`",
     "estimators": "calibrate with both estimators: `--estimators bucket,knn,renyi`",
     "renyi_sweep": "sweep with each estimator on the same held-out text: `entrodrop sweep MODEL --criteria "
@@ -97,7 +119,7 @@ class ClaimsReport:
         return next(c for c in self.claims if c.number == number)
 
     def to_dict(self) -> dict:
-        thresholds = {"rise_share_min": RISE_SHARE_MIN, "selection_win_share": SELECTION_WIN_SHARE,
+        thresholds = {"rise_share_min": RISE_SHARE_MIN, "min_counts": MIN_COUNTS, "noise_z": NOISE_Z,
                       "robust_spearman_min": ROBUST_SPEARMAN_MIN, "robust_overlap_min": ROBUST_OVERLAP_MIN,
                       "linear_r2_min": LINEAR_R2_MIN, "estimator_spearman_min": ESTIMATOR_SPEARMAN_MIN}
         return {"model": self.model, "inputs": self.inputs, "thresholds": thresholds,
@@ -118,53 +140,6 @@ class ClaimsReport:
         return "\n".join(lines) + "\n"
 
 
-# -- small statistics --------------------------------------------------------------------------
-def _ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, ties given their average rank (as Spearman's rho needs)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def _pearson(a: Sequence[float], b: Sequence[float]) -> float:
-    n = len(a)
-    ma, mb = sum(a) / n, sum(b) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation of two equally long sequences (nan if either is constant)."""
-    if len(a) != len(b):
-        raise ValueError(f"Rank correlation needs sequences of one length, got {len(a)} and {len(b)}.")
-    if len(a) < 2:
-        raise ValueError("Rank correlation needs at least two values.")
-    return _pearson(_ranks(a), _ranks(b))
-
-
-def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
-    """Least-squares line y = intercept + slope * x; returns (slope, intercept, R^2)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        raise ValueError("A line needs at least two distinct x values.")
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    intercept = my - slope * mx
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys, strict=True))
-    return slope, intercept, (1.0 - ss_res / ss_tot) if ss_tot > 0 else 1.0
-
-
 def _lowest(values: Mapping[int, float], k: int) -> set[int]:
     """The k layers with the smallest value, ties by layer index (as selection breaks them)."""
     return set(sorted(values, key=lambda layer: (values[layer], layer))[:k])
@@ -174,69 +149,6 @@ def _delta(scores: Scores, kind: str, estimator: str) -> dict[int, float]:
     if estimator not in scores.estimators:
         raise ValueError(f"The scores have no {estimator!r} estimator (they have {', '.join(scores.estimators)}).")
     return {b.layer: b.delta_entropy[estimator] for b in scores.blocks_of(kind)}
-
-
-# -- inputs from the CLI's JSON files ----------------------------------------------------------
-def sweep_rows_from_json(data, source: str = "") -> list[dict]:
-    """Sweep rows, each ``{criterion, count, pruned_perplexity, dense_perplexity, estimator, kind, source}``.
-
-    ``data`` is what ``entrodrop sweep --json`` writes (``{"estimator", "kind", "rows": [...]}``),
-    a list of such, or a plain list of :class:`~entrodrop.verify.SweepRow`-like dicts. Rows of one
-    file share held-out text; ``source`` tells files apart (claim 2 compares within one file)."""
-    if isinstance(data, list) and data and isinstance(data[0], dict) and "rows" in data[0]:
-        return [row for i, d in enumerate(data) for row in sweep_rows_from_json(d, f"{source}#{i}")]
-    if isinstance(data, dict):
-        if "rows" not in data:
-            raise ValueError("This is not a sweep file: it has no 'rows'. Write one with `entrodrop sweep --json`.")
-        top = data
-        rows = data["rows"]
-    elif isinstance(data, list):
-        top, rows = {}, data
-    else:
-        raise TypeError(f"Sweep data must be a dict or a list of rows, got {type(data).__name__}.")
-    out = []
-    for r in rows:
-        r = r.to_dict() if hasattr(r, "to_dict") else dict(r)
-        missing = [k for k in ("criterion", "count", "pruned_perplexity") if k not in r]
-        if missing:
-            raise ValueError(f"A sweep row lacks {', '.join(missing)}; write sweeps with `entrodrop sweep --json`.")
-        meta = (r.get("plan") or {}).get("meta") or {}
-        out.append({
-            "criterion": str(r["criterion"]), "count": int(r["count"]),
-            "pruned_perplexity": float(r["pruned_perplexity"]),
-            "dense_perplexity": float(r.get("dense_perplexity", float("nan"))),
-            "estimator": r.get("estimator") or meta.get("estimator") or top.get("estimator"),
-            "kind": r.get("kind") or meta.get("kind") or top.get("kind"),
-            "source": r.get("source") or source,
-        })
-    return out
-
-
-def speed_rows_from_json(data) -> list[dict]:
-    """Measured speed-ups, each ``{count, speedup, ideal_speedup, decode_speedup}`` (prefill speed-up).
-
-    ``data`` is one ``entrodrop eval --json`` result (``{"plan": ..., "speed": ...}``), a list of
-    them, or a list of ``{"count", "speedup"}`` rows."""
-    items = data if isinstance(data, list) else [data]
-    rows = []
-    for item in items:
-        if not isinstance(item, Mapping):
-            raise TypeError(f"A speed entry must be a dict, got {type(item).__name__}.")
-        if "speed" in item:
-            speed, plan = item["speed"] or {}, item.get("plan") or {}
-            if "prefill_speedup" not in speed:
-                raise ValueError("This eval result has no speed measurement; run `entrodrop eval` without --no-speed.")
-            rows.append({"count": len(plan.get("blocks", [])), "speedup": float(speed["prefill_speedup"]),
-                         "ideal_speedup": float(speed.get("ideal_speedup", float("nan"))),
-                         "decode_speedup": float(speed.get("decode_speedup", float("nan")))})
-        elif "count" in item and "speedup" in item:
-            rows.append({"count": int(item["count"]), "speedup": float(item["speedup"]),
-                         "ideal_speedup": float(item.get("ideal_speedup", float("nan"))),
-                         "decode_speedup": float(item.get("decode_speedup", float("nan")))})
-        else:
-            raise ValueError("A speed entry needs 'plan' and 'speed' (from `entrodrop eval --json`) or "
-                             "'count' and 'speedup'.")
-    return rows
 
 
 # -- the five claims ---------------------------------------------------------------------------
@@ -253,6 +165,19 @@ def _not_measured(number: int, summary: str, missing: list[str], numbers: dict |
     return ClaimResult(number, CLAIM_TEXT[number], NOT_MEASURED, summary, numbers or {}, missing=missing)
 
 
+def _not_enough(number: int, summary: str, missing: list[str], numbers: dict | None = None,
+                source: str = "") -> ClaimResult:
+    return ClaimResult(number, CLAIM_TEXT[number], NOT_ENOUGH, summary, numbers or {}, source=source, missing=missing)
+
+
+def _incomplete(scores: Scores) -> str | None:
+    """Why ``scores`` cannot carry a verdict (a stopped calibration), or None."""
+    if scores.complete:
+        return None
+    return (f"The calibration stopped after {scores.batches_done} of {scores.batches_total} batches, so its scores "
+            "describe only part of the text.")
+
+
 def score_trend(scores: Scores | None, estimator: str = "bucket") -> ClaimResult:
     """Claim 1: where the initial decline ends (the stage boundary rule of :mod:`.scores`), and the
     share of later layer-to-layer steps that rise."""
@@ -260,6 +185,8 @@ def score_trend(scores: Scores | None, estimator: str = "bucket") -> ClaimResult
         return _not_measured(1, "No calibration yet.", ["scores"])
     if estimator not in scores.entropy_curve:
         return _not_measured(1, f"The calibration has no {estimator} curve.", ["estimators"])
+    if (why := _incomplete(scores)) is not None:
+        return _not_enough(1, why, ["complete_scores"], source=_calibration_text(scores))
     curve, which, boundary = trend_curve(scores, estimator)
     L = len(curve) - 1
     later = [curve[i + 1] - curve[i] for i in range(boundary, L)]
@@ -301,22 +228,29 @@ def _calibration_text(scores: Scores) -> str:
     return ", ".join(parts)
 
 
-def _paired(rows: Iterable[dict], a: str, b: str, key) -> list[tuple[int, dict, dict]]:
-    """(count, row a, row b) for every non-zero count where both criteria (or estimators) have a row
-    with the same ``key`` (so they were measured on the same held-out text)."""
-    index: dict[tuple, dict] = {}
-    for r in rows:
-        index[(key(r), r["count"], r["_side"])] = r
-    pairs = []
-    for (k, count, side), ra in sorted(index.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-        if side == a and count > 0 and (k, count, b) in index:
-            pairs.append((count, ra, index[(k, count, b)]))
-    return pairs
+def _gap_text(g: CountGap, a: str, b: str) -> str:
+    if math.isnan(g.gap):
+        return f"{g.count}: {a} {g.a_perplexity:.3f} vs {b} {g.b_perplexity:.3f}"
+    word = {"lower": f"{a} lower", "higher": f"{a} higher", "noise": "within noise"}[g.verdict]
+    return (f"{g.count}: {g.a_perplexity:.3f} vs {g.b_perplexity:.3f}, {g.gap:+.4f} ± {g.error:.4f} nats ({word})")
+
+
+def _comparison_evidence(number: int, gaps: Sequence[CountGap], source: str) -> ClaimResult | None:
+    """``not enough data`` when a paired comparison has too few counts or no per-window losses, else None."""
+    counts = counts_of(gaps)
+    numbers = {"counts": counts, "rows": [g.to_dict() for g in gaps]}
+    if len(counts) < MIN_COUNTS:
+        return _not_enough(number, f"Compared at {len(counts)} drop count(s) ({counts}); a verdict needs "
+                                   f"{MIN_COUNTS} or more.", ["sweep"], numbers, source)
+    if not has_window_losses(gaps):
+        return _not_enough(number, "The sweep rows carry no per-window losses, so no difference can be told "
+                                   "from noise.", ["window_losses"], numbers, source)
+    return None
 
 
 def score_selection(sweeps: Sequence[dict] | None, estimator: str | None = None) -> ClaimResult:
-    """Claim 2: at each count both criteria reached in one sweep, does entrodrop's held-out perplexity
-    stay at or below cosine's?"""
+    """Claim 2: at each count both criteria reached in one sweep, is entrodrop's held-out loss below cosine's
+    beyond the noise of the paired per-window difference, within it, or above it?"""
     sweeps = list(sweeps or [])
     # entrodrop rows of ``estimator`` when the sweep has them, else of entrodrop's own default (knn, as
     # released: what `entrodrop sweep` runs unless told otherwise), else whatever estimator was swept
@@ -325,21 +259,29 @@ def score_selection(sweeps: Sequence[dict] | None, estimator: str | None = None)
     rows = [dict(r, _side=r["criterion"]) for r in sweeps
             if r["criterion"] == "cosine" or (r["criterion"] == "entrodrop"
                                               and (chosen is None or r["estimator"] in (chosen, None)))]
-    pairs = _paired(rows, "entrodrop", "cosine", key=lambda r: (r["source"], r["kind"]))
-    if not pairs:
+    gaps = paired_by_count(rows, "entrodrop", "cosine", key=lambda r: (r["source"], r["kind"]))
+    if not gaps:
         return _not_measured(2, "No sweep with both the entrodrop and cosine criteria at a non-zero count.", ["sweep"])
-    wins = [(n, e, c) for n, e, c in pairs if e["pruned_perplexity"] <= c["pruned_perplexity"]]
-    share = len(wins) / len(pairs)
-    per_count = "; ".join(f"{n}: {e['pruned_perplexity']:.3f} vs {c['pruned_perplexity']:.3f}" for n, e, c in pairs)
-    est = sorted({str(e["estimator"]) for _, e, _ in pairs})
-    text = (f"Entrodrop's held-out perplexity is at or below cosine's at {len(wins)} of {len(pairs)} drop counts "
-            f"(count: entrodrop vs cosine perplexity — {per_count}).")
-    numbers = {"compared_counts": len(pairs), "entrodrop_not_worse": len(wins), "share": share,
-               "estimator": est, "rows": [{"count": n, "entrodrop": e["pruned_perplexity"],
-                                           "cosine": c["pruned_perplexity"]} for n, e, c in pairs]}
-    kinds = sorted({str(e["kind"]) for _, e, _ in pairs})
-    return ClaimResult(2, CLAIM_TEXT[2], HOLDS if share >= SELECTION_WIN_SHARE else DOES_NOT_HOLD, text, numbers,
-                       source=f"sweep rows ({', '.join(kinds)} blocks, estimator {', '.join(est)})")
+    est = sorted({str(r["estimator"]) for r in rows if r["_side"] == "entrodrop" and r["count"] > 0})
+    kinds = sorted({str(r["kind"]) for r in rows})
+    source = f"sweep rows ({', '.join(kinds)} blocks, estimator {', '.join(est)})"
+    if (short := _comparison_evidence(2, gaps, source)) is not None:
+        short.numbers["estimator"] = est
+        return short
+    better = [g.count for g in gaps if g.verdict == "lower"]
+    worse = [g.count for g in gaps if g.verdict == "higher"]
+    text = (f"Entrodrop's loss is below cosine's beyond the noise margin ({NOISE_Z:g} paired errors) at "
+            f"{len(better)} of {len(gaps)} drop counts and above it at {len(worse)} (count: entrodrop vs cosine "
+            f"perplexity, paired loss gap — " + "; ".join(_gap_text(g, "entrodrop", "cosine") for g in gaps) + ").")
+    numbers = {"compared_counts": len(gaps), "entrodrop_lower": better, "entrodrop_higher": worse,
+               "estimator": est, "rows": [g.to_dict() for g in gaps]}
+    if worse:
+        verdict = DOES_NOT_HOLD
+    elif better:
+        verdict = HOLDS
+    else:
+        return _not_enough(2, text + " Every difference is within noise.", ["more_windows"], numbers, source)
+    return ClaimResult(2, CLAIM_TEXT[2], verdict, text, numbers, source=source)
 
 
 def default_top_k(num_layers: int) -> int:
@@ -350,16 +292,24 @@ def default_top_k(num_layers: int) -> int:
 def score_robustness(scores: Scores | None, second: Scores | None, *, estimator: str = "bucket",
                      kind: str = "attn", top_k: int | None = None) -> ClaimResult:
     """Claim 3: Spearman correlation of the two calibrations' block scores, and the overlap of their k
-    lowest-scoring blocks (before any protection)."""
+    lowest-scoring blocks (before any protection). Not enough data when either calibration stopped early,
+    lacks its data name, or reads text the other reads too."""
     if scores is None or second is None:
         return _not_measured(3, "Needs two calibrations of the model on different text.", ["second_scores"])
     if scores.num_layers != second.num_layers:
         raise ValueError(f"The two calibrations have {scores.num_layers} and {second.num_layers} layers: they are "
                          "not of the same model. Calibrate the same model on two data sets.")
+    source = f"{_calibration_text(scores)}; {_calibration_text(second)}"
     data = [(s.calibration or {}).get("data") for s in (scores, second)]
-    if data[0] is not None and data[0] == data[1]:
-        return _not_measured(3, f"Both calibrations used the same text ({data[0]}); this claim needs different text.",
-                             ["second_scores"])
+    for s in (scores, second):
+        if (why := _incomplete(s)) is not None:
+            return _not_enough(3, why, ["complete_scores"], {"data": data}, source)
+    if None in data:
+        return _not_enough(3, "A calibration does not say which text it read, so the two cannot be known to differ.",
+                           ["data_names"], {"data": data}, source)
+    if shared_text(*data):
+        return _not_enough(3, f"The calibrations read the same text ({data[0]} and {data[1]} share documents); this "
+                              "claim needs different text.", ["second_scores"], {"data": data}, source)
     if estimator not in scores.estimators or estimator not in second.estimators:
         return _not_measured(3, f"Both calibrations need the {estimator} estimator.", ["estimators"])
     a, b = _delta(scores, kind, estimator), _delta(second, kind, estimator)
@@ -374,18 +324,21 @@ def score_robustness(scores: Scores | None, second: Scores | None, *, estimator:
             f"(threshold {ROBUST_OVERLAP_MIN:.0%}): {sorted(top_a)} vs {sorted(top_b)}.")
     numbers = {"estimator": estimator, "kind": kind, "data": data, "spearman": rho, "top_k": k,
                "overlap": overlap, "top_first": sorted(top_a), "top_second": sorted(top_b)}
-    return ClaimResult(3, CLAIM_TEXT[3], HOLDS if holds else DOES_NOT_HOLD, text, numbers,
-                       source=f"{_calibration_text(scores)}; {_calibration_text(second)}")
+    return ClaimResult(3, CLAIM_TEXT[3], HOLDS if holds else DOES_NOT_HOLD, text, numbers, source=source)
 
 
 def score_speed(speed: Sequence[dict] | None) -> ClaimResult:
-    """Claim 4: a line through (0, 1) and the measured prefill speed-ups; R^2, slope, ratio to ideal."""
+    """Claim 4: a line through (0, 1) and the prefill speed-ups measured at :data:`MIN_COUNTS` or more drop
+    counts; R^2, slope, ratio to ideal."""
     rows = [r for r in speed or [] if r["count"] > 0 and math.isfinite(r["speedup"])]
     counts = sorted({r["count"] for r in rows})
-    if len(counts) < SPEED_MIN_COUNTS:
-        have = f" (have {len(counts)}: {counts})" if counts else ""
-        return _not_measured(4, f"Needs measured speed-ups at {SPEED_MIN_COUNTS} or more drop counts{have}.",
-                             ["speed"], {"counts": counts})
+    if not counts:
+        return _not_measured(4, f"Needs measured speed-ups at {MIN_COUNTS} or more drop counts.", ["speed"],
+                             {"counts": counts})
+    if len(counts) < MIN_COUNTS:
+        return _not_enough(4, f"Speed-ups measured at {len(counts)} drop count(s) ({counts}); a line through them "
+                              f"and the dense model's x1 needs {MIN_COUNTS} or more measured counts to mean anything.",
+                           ["speed"], {"counts": counts}, f"{len(rows)} timed plan(s)")
     xs = [0.0] + [float(r["count"]) for r in rows]  # dropping nothing is a speed-up of exactly 1
     ys = [1.0] + [r["speedup"] for r in rows]
     slope, intercept, r2 = linear_fit(xs, ys)
@@ -397,21 +350,57 @@ def score_speed(speed: Sequence[dict] | None) -> ClaimResult:
             f"{slope:+.4f} per block and R^2 {r2:.3f} (threshold {LINEAR_R2_MIN}).")
     if ratios:
         text += f" The measured gain is {sum(ratios) / len(ratios):.0%} of the FLOP-count ideal on average."
-    numbers = {"slope": slope, "intercept": intercept, "r2": r2, "points": [[x, y] for x, y in zip(xs, ys, strict=True)],
+    numbers = {"slope": slope, "intercept": intercept, "r2": r2, "counts": counts,
+               "points": [[x, y] for x, y in zip(xs, ys, strict=True)],
                "ratio_to_ideal": (sum(ratios) / len(ratios)) if ratios else None}
     return ClaimResult(4, CLAIM_TEXT[4], HOLDS if holds else DOES_NOT_HOLD, text, numbers,
                        source=f"{len(rows)} timed plan(s)")
 
 
+def _renyi_part(sweeps: Sequence[dict] | None, parts: list[str], numbers: dict) -> tuple[bool | None, list[str]]:
+    """Whether entrodrop ranked by Renyi loses more than by bucket and by KNN, beyond the noise margin:
+    (True/False, or None when it cannot be said; what is missing)."""
+    rows = [dict(r, _side=r["estimator"]) for r in sweeps or [] if r["criterion"] == "entrodrop" and r["estimator"]]
+
+    def same_text(row: dict) -> tuple:  # sweeps on one text share their dense perplexity
+        return row["kind"], round(row["dense_perplexity"], 6)
+
+    comparisons = {other: paired_by_count(rows, "renyi", other, key=same_text) for other in ("bucket", "knn")}
+    if not all(comparisons.values()):
+        parts.append("Renyi's selection has not been swept against bucket and KNN on the same held-out text.")
+        return None, ["renyi_sweep"]
+    numbers["renyi_rows"] = {o: [g.to_dict() for g in gaps] for o, gaps in comparisons.items()}
+    for other, gaps in comparisons.items():
+        if len(counts_of(gaps)) < MIN_COUNTS or not has_window_losses(gaps):
+            parts.append(f"Renyi against {other}: {len(counts_of(gaps))} count(s)"
+                         + ("" if has_window_losses(gaps) else ", without per-window losses")
+                         + f"; a verdict needs {MIN_COUNTS} or more counts with per-window losses.")
+            return None, ["sweep" if len(counts_of(gaps)) < MIN_COUNTS else "window_losses"]
+    worse = {o: [g.count for g in gaps if g.verdict == "higher"] for o, gaps in comparisons.items()}
+    better = {o: [g.count for g in gaps if g.verdict == "lower"] for o, gaps in comparisons.items()}
+    numbers["renyi_worse"] = {o: [len(worse[o]), len(comparisons[o])] for o in comparisons}
+    parts.append("Entrodrop ranked by Renyi loses more beyond the noise margin than by bucket at "
+                 f"{len(worse['bucket'])} of {len(comparisons['bucket'])} counts and than by KNN at "
+                 f"{len(worse['knn'])} of {len(comparisons['knn'])}; it loses less beyond it at "
+                 f"{len(better['bucket'])} and {len(better['knn'])}.")
+    if any(better.values()):
+        return False, []
+    if all(worse.values()):
+        return True, []
+    parts.append("Against at least one of them every difference is within noise.")
+    return None, ["more_windows"]
+
+
 def score_estimators(scores: Scores | None, sweeps: Sequence[dict] | None, *, kind: str = "attn") -> ClaimResult:
     """Claim 5, two parts: bucket and KNN rank blocks alike (Spearman of their entropy increases), and
-    entrodrop ranked by Renyi loses more held-out perplexity than by bucket and by KNN (sweep rows on the
-    same held-out text). Holds when both parts hold; does not hold when a measured part fails."""
+    entrodrop ranked by Renyi loses more held-out loss than by bucket and by KNN beyond the noise margin
+    (sweep rows on the same text). Holds when both parts hold; does not hold when a measured part fails."""
     parts: list[str] = []
     numbers: dict = {}
     missing: list[str] = []
     agree = None
-    if scores is not None and {"bucket", "knn"} <= set(scores.estimators):
+    incomplete = _incomplete(scores) if scores is not None else None
+    if scores is not None and incomplete is None and {"bucket", "knn"} <= set(scores.estimators):
         bucket, knn = _delta(scores, kind, "bucket"), _delta(scores, kind, "knn")
         layers = sorted(bucket)
         rho = spearman([bucket[i] for i in layers], [knn[i] for i in layers])
@@ -422,42 +411,26 @@ def score_estimators(scores: Scores | None, sweeps: Sequence[dict] | None, *, ki
         if "renyi" in scores.estimators:
             renyi = _delta(scores, kind, "renyi")
             for other, values in (("bucket", bucket), ("knn", knn)):
-                r = spearman([renyi[i] for i in layers], [values[i] for i in layers])
-                numbers[f"spearman_renyi_{other}"] = r
+                numbers[f"spearman_renyi_{other}"] = spearman([renyi[i] for i in layers], [values[i] for i in layers])
             parts.append(f"Renyi's correlation with bucket is {numbers['spearman_renyi_bucket']:.3f}, with KNN "
                          f"{numbers['spearman_renyi_knn']:.3f}.")
+    elif incomplete is not None:
+        parts.append(incomplete)
+        missing.append("complete_scores")
     else:
         missing.append("estimators" if scores is not None else "scores")
-
-    weaker = None
-    rows = [dict(r, _side=r["estimator"]) for r in sweeps or [] if r["criterion"] == "entrodrop" and r["estimator"]]
-    def same_text(row: dict) -> tuple:  # sweeps on one held-out text share their dense perplexity
-        return row["kind"], round(row["dense_perplexity"], 6)
-
-    comparisons = {other: _paired(rows, "renyi", other, key=same_text) for other in ("bucket", "knn")}
-    if all(comparisons.values()):
-        worse = {other: sum(r["pruned_perplexity"] > o["pruned_perplexity"] for _, r, o in pairs)
-                 for other, pairs in comparisons.items()}
-        total = {other: len(pairs) for other, pairs in comparisons.items()}
-        weaker = all(worse[o] == total[o] for o in worse)
-        numbers["renyi_worse"] = {o: [worse[o], total[o]] for o in worse}
-        parts.append("Entrodrop ranked by Renyi loses more held-out perplexity than by bucket at "
-                     f"{worse['bucket']} of {total['bucket']} counts and than by KNN at {worse['knn']} of "
-                     f"{total['knn']}.")
-    else:
-        missing.append("renyi_sweep")
-        parts.append("Renyi's selection has not been swept against bucket and KNN on the same held-out text.")
-
-    if agree is None and weaker is None:
-        return _not_measured(5, " ".join(parts), missing, numbers)
+    weaker, renyi_missing = _renyi_part(sweeps, parts, numbers)
+    missing += renyi_missing
+    source = _calibration_text(scores) if scores is not None else "sweep rows"
     if agree is False or weaker is False:
         verdict = DOES_NOT_HOLD
     elif agree and weaker:
         verdict = HOLDS
-    else:
-        verdict = NOT_MEASURED  # one part holds, the other is unmeasured: not enough to say the claim holds
-    return ClaimResult(5, CLAIM_TEXT[5], verdict, " ".join(parts), numbers,
-                       source=_calibration_text(scores) if scores is not None else "sweep rows", missing=missing)
+    elif agree is None and weaker is None and not (incomplete or set(renyi_missing) - {"renyi_sweep"}):
+        return _not_measured(5, " ".join(parts), missing, numbers)
+    else:  # a part holds or was measured without enough evidence, the rest is open: not enough to say
+        verdict = NOT_ENOUGH
+    return ClaimResult(5, CLAIM_TEXT[5], verdict, " ".join(parts), numbers, source=source, missing=missing)
 
 
 def score_claims(

@@ -1,9 +1,11 @@
 """Calibration and evaluation text: bundled sets, local files, `datasets` sets, pasted text.
 
-A corpus is a list of documents. :func:`split_corpus` splits it into a calibration part (for
-scoring) and a held-out part (for evaluation) deterministically, with no seed, so every tool
-that sees the same corpus agrees on which text it may score on. :func:`make_windows` turns one
-part into fixed-length token windows.
+A corpus is a list of documents. :func:`split_corpus` splits it into three disjoint parts by each
+document's content (:mod:`entrodrop.split`): ``calibration`` (what the method reads), ``development``
+(what defaults and the trade-off sweep may be tuned on) and ``report`` (what checks and published
+results are measured on), with no seed, so every tool that sees the same corpus agrees on which text
+it may choose on and which it reports on. :func:`make_windows` turns one part into fixed-length token
+windows.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from entrodrop.bundled import BUNDLED_DATASETS, BUNDLED_MIXES, DATASET_FILES, bundled_dataset_path  # noqa: F401
 from entrodrop.loading import check_seq_len, looks_like_path
+from entrodrop.split import ALL, PARTS, assign_parts, resolve_part, split_text
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +37,6 @@ _HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _HUB_CONFIG = re.compile(r"^[\w.+-]+$")
 HUB_NAME_EXAMPLE = "wikitext:wikitext-2-raw-v1"
 HUB_MAX_DOCUMENTS = 50_000  # hub sets are streamed; stop after this many documents
-HELDOUT_FRACTION = 0.2
-PARTS = ("calibration", "heldout", "all")
 
 
 @dataclass
@@ -44,7 +45,7 @@ class TextCorpus:
 
     name: str
     documents: list[str]
-    heldout: frozenset[int] | None = None  # indexes of held-out documents when fixed by the sources (a mix)
+    parts: tuple[str, ...] | None = None  # each document's part when fixed by the sources (a mix)
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -122,15 +123,16 @@ def _read_table(path: Path):
 
 def mix_corpora(name: str, corpora: Iterable[TextCorpus]) -> TextCorpus:
     """One corpus of the documents of several, each document keeping the part it has in its own corpus, so
-    a choice made on the mix's calibration part is never scored on text any source holds out."""
+    a choice made on the mix's calibration part is never scored on text any source reports on."""
     documents: list[str] = []
-    heldout: set[int] = set()
+    parts: list[str] = []
     for corpus in corpora:
-        if len(corpus) < 2:
-            raise ValueError(f"'{corpus.name}' has one document; a mix needs sources of two or more documents.")
-        heldout.update(len(documents) + i for i in _heldout_indices(corpus))
+        own = document_parts(corpus)
+        if own is None:
+            raise ValueError(f"'{corpus.name}' has one distinct document; a mix needs sources of two or more.")
+        parts.extend(own)
         documents.extend(corpus.documents)
-    return TextCorpus(name, documents, frozenset(heldout))
+    return TextCorpus(name, documents, tuple(parts))
 
 
 def _load_bundled(name: str, column: str | None) -> TextCorpus:
@@ -312,64 +314,29 @@ def load_corpus(
     return _load_hub(key, column, split)
 
 
-def _unit_hash(index: int) -> float:
-    """A stable pseudo-random number in [0, 1) for a document index (same in every process)."""
-    digest = hashlib.blake2b(str(index).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+def document_parts(corpus: TextCorpus) -> list[str] | None:
+    """The part of every document (:func:`entrodrop.split.assign_parts`, or as a mix's sources fixed them);
+    None for a corpus of one distinct document, which :func:`split_corpus` cuts by characters."""
+    if corpus.parts is not None:
+        return list(corpus.parts)
+    return assign_parts(corpus.documents)
 
 
-def split_corpus(corpus: TextCorpus) -> tuple[TextCorpus, TextCorpus]:
-    """Deterministic (calibration, heldout) split, the same for every caller and seed.
-
-    About 20% of documents go to heldout, chosen by a stable hash of their index; with two or
-    more documents each part gets at least one. A single document is cut at 80% of its
-    characters, on a whitespace boundary. A mix (:func:`mix_corpora`) keeps its sources' parts.
-    """
-    docs = corpus.documents
-    if len(docs) == 1 and corpus.heldout is None:
-        calibration, heldout = _split_text(docs[0])
-        return (TextCorpus(f"{corpus.name} (calibration)", [calibration] if calibration else []),
-                TextCorpus(f"{corpus.name} (heldout)", [heldout] if heldout else []))
-    heldout_idx = _heldout_indices(corpus)
-    return (
-        TextCorpus(f"{corpus.name} (calibration)", [d for i, d in enumerate(docs) if i not in heldout_idx]),
-        TextCorpus(f"{corpus.name} (heldout)", [d for i, d in enumerate(docs) if i in heldout_idx]),
-    )
-
-
-def _heldout_indices(corpus: TextCorpus) -> set[int]:
-    """Indexes of the held-out documents of a corpus of two or more (or of a mix: as its sources have them)."""
-    if corpus.heldout is not None:
-        return set(corpus.heldout)
-    docs = corpus.documents
-    scores = [_unit_hash(i) for i in range(len(docs))]
-    heldout_idx = {i for i, s in enumerate(scores) if s < HELDOUT_FRACTION}
-    if docs and not heldout_idx:
-        heldout_idx = {min(range(len(docs)), key=scores.__getitem__)}
-    if docs and len(heldout_idx) == len(docs):
-        heldout_idx.discard(max(range(len(docs)), key=scores.__getitem__))
-    return heldout_idx
-
-
-def _split_text(text: str) -> tuple[str, str]:
-    """Cut at the whitespace nearest before 80% of the characters (after it if there is none before)."""
-    cut = int(len(text) * (1 - HELDOUT_FRACTION))
-    before = max(text.rfind(ws, 0, cut + 1) for ws in (" ", "\n", "\t"))
-    if before > 0:
-        cut = before
-    else:
-        after = [i for i in (text.find(ws, cut) for ws in (" ", "\n", "\t")) if i != -1]
-        cut = min(after) if after else cut
-    return text[:cut].strip(), text[cut:].strip()
+def split_corpus(corpus: TextCorpus) -> dict[str, TextCorpus]:
+    """The deterministic ``{"calibration", "development", "report"}`` parts of ``corpus``, the same for every
+    caller and seed (:mod:`entrodrop.split`: by a hash of each document's normalised text; one distinct
+    document is cut at 60% and 80% of its characters, on whitespace)."""
+    parts = document_parts(corpus)
+    if parts is None:
+        pieces = split_text(corpus.documents[0]) if corpus.documents else dict.fromkeys(PARTS, "")
+        return {part: TextCorpus(f"{corpus.name} ({part})", [pieces[part]] if pieces[part] else []) for part in PARTS}
+    return {part: TextCorpus(f"{corpus.name} ({part})", [d for d, p in zip(corpus.documents, parts, strict=True)
+                                                          if p == part]) for part in PARTS}
 
 
 def _corpus_part(corpus: TextCorpus, part: str) -> TextCorpus:
-    if part not in PARTS:
-        raise ValueError(f"Unknown part '{part}'; use one of {', '.join(PARTS)}.")
-    if part == "all":
-        return corpus
-    calibration, heldout = split_corpus(corpus)
-    return calibration if part == "calibration" else heldout
+    part = resolve_part(part)
+    return corpus if part == ALL else split_corpus(corpus)[part]
 
 
 _TOKEN_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -382,13 +349,14 @@ def _corpus_fingerprint(corpus: TextCorpus) -> str:
     for doc in corpus.documents:
         digest.update(doc.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
-    if corpus.heldout is not None:  # a mix: the parts are fixed by its sources, not by the hash
-        digest.update(repr(sorted(corpus.heldout)).encode())
+    if corpus.parts is not None:  # a mix: the parts are fixed by its sources
+        digest.update(repr(corpus.parts).encode())
     return digest.hexdigest()
 
 
 def _token_stream(tokenizer, corpus: TextCorpus, part: str) -> torch.Tensor:
     """All documents of ``part`` tokenised and joined with eos between them; shape (num_tokens,)."""
+    part = resolve_part(part)
     key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
            corpus.name, part, _corpus_fingerprint(corpus))
     with _TOKEN_CACHE_LOCK:
@@ -422,7 +390,8 @@ def make_windows(
     part: str = "calibration",
     config=None,
 ) -> torch.LongTensor:
-    """``num_samples`` random non-overlapping token windows of ``seq_len`` from one part of ``corpus``.
+    """``num_samples`` random non-overlapping token windows of ``seq_len`` from one part of ``corpus``
+    (``calibration``, ``development``, ``report`` or ``all``; ``heldout`` is the old name of ``report``).
 
     Returns shape (N, seq_len) with N = num_samples, or fewer (with a warning) when the text
     holds fewer windows. Deterministic for a given seed. ``config``, the config of the model the
@@ -435,6 +404,7 @@ def make_windows(
         raise ValueError(f"seq_len must be at least 2 tokens (got {seq_len}).")
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1 (got {num_samples}).")
+    part = resolve_part(part)
     stream = _token_stream(tokenizer, corpus, part)  # (num_tokens,)
     num_windows = stream.numel() // seq_len
     if num_windows == 0:
@@ -460,47 +430,55 @@ class WindowCapacity:
 
     seq_len: int
     calibration_tokens: int
-    heldout_tokens: int
+    development_tokens: int
+    report_tokens: int
+
+    def windows(self, part: str) -> int:
+        """Disjoint windows of ``seq_len`` in ``part``."""
+        return getattr(self, f"{resolve_part(part)}_tokens") // self.seq_len
 
     @property
     def calibration_windows(self) -> int:
-        return self.calibration_tokens // self.seq_len
+        return self.windows("calibration")
 
     @property
-    def heldout_windows(self) -> int:
-        return self.heldout_tokens // self.seq_len
+    def development_windows(self) -> int:
+        return self.windows("development")
+
+    @property
+    def report_windows(self) -> int:
+        return self.windows("report")
 
     def fitting_seq_len(self, samples: int, *, step: int = 1, minimum: int = 2) -> int | None:
         """The longest window (a multiple of ``step``, at least ``minimum``) at which the calibration part
-        holds ``samples`` windows and the held-out part at least one; None when none does."""
-        longest = min(self.calibration_tokens // max(samples, 1), self.heldout_tokens)
+        holds ``samples`` windows and the report part at least one; None when none does."""
+        longest = min(self.calibration_tokens // max(samples, 1), self.report_tokens)
         longest -= longest % max(step, 1)
         return longest if longest >= minimum else None
 
     def check(self, samples: int, *, step: int = 1, minimum: int = 2) -> None:
-        """ValueError unless the calibration part holds ``samples`` windows and the held-out part one (so
-        a check is never scored on calibration text); the message offers the window length that fits."""
+        """ValueError unless the calibration part holds ``samples`` windows and the report part one (so a
+        check is never scored on text a choice was made on); the message offers the window length that fits."""
         problems = []
         if self.calibration_windows < samples:
             problems.append(f"its calibration part has {self.calibration_tokens:,} tokens: "
                             f"{self.calibration_windows} window(s) of {self.seq_len}, not the {samples} asked for")
-        if self.heldout_windows < 1:
-            problems.append(f"its held-out part has {self.heldout_tokens:,} tokens, less than one window of "
-                            f"{self.seq_len}, so a check could not be scored on text the calibration never saw")
+        if self.report_windows < 1:
+            problems.append(f"its report part has {self.report_tokens:,} tokens, less than one window of "
+                            f"{self.seq_len}, so a check could not be scored on text no choice was made on")
         if not problems:
             return
         fit = self.fitting_seq_len(samples, step=step, minimum=minimum)
-        remedy = (f"Use {fit} tokens per window (fits {samples} calibration windows and a held-out one), ask for "
+        remedy = (f"Use {fit} tokens per window (fits {samples} calibration windows and a report one), ask for "
                   f"{max(self.calibration_windows, 1)} sample(s), or give more text."
                   if fit else "Give more text (a few paragraphs more), or pick a bundled set.")
         raise ValueError(f"The text does not fit: {'; '.join(problems)}. {remedy}")
 
 
 def window_capacity(tokenizer, corpus: TextCorpus, seq_len: int) -> WindowCapacity:
-    """Tokens and disjoint ``seq_len`` windows in the calibration and held-out parts of ``corpus``
-    (the :func:`split_corpus` parts, tokenised as :func:`make_windows` does), so a front end can say
-    before calibrating what the text holds instead of using fewer windows than asked."""
+    """Tokens and disjoint ``seq_len`` windows in each part of ``corpus`` (the :func:`split_corpus` parts,
+    tokenised as :func:`make_windows` does), so a front end can say before calibrating what the text holds
+    instead of using fewer windows than asked."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 tokens (got {seq_len}).")
-    return WindowCapacity(seq_len, _token_stream(tokenizer, corpus, "calibration").numel(),
-                          _token_stream(tokenizer, corpus, "heldout").numel())
+    return WindowCapacity(seq_len, *(_token_stream(tokenizer, corpus, part).numel() for part in PARTS))

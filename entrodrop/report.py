@@ -25,11 +25,11 @@ import pandas as pd
 
 from . import costs
 from .arch import BLOCK_KINDS, kind_label
-from .claims import spearman
+from .evidence import spearman
 from .criteria import get_criterion, ranked_criteria, resolve_estimator
 from .plan import DropPlan
+from .race import COMPARE_WINDOWS, race_lines
 from .scores import Scores
-from .search import COMPARE_WINDOWS
 from .select import block_ranks, protected_layers, rank_blocks, select_blocks
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,12 @@ def plan_summary_markdown(plan: DropPlan, summary: costs.PlanSummary, protected:
     if risky:
         reasons = "; ".join(f"layer {i}: {protected[i]}" for i in risky)
         lines.append(f"- ⚠ Ticked although protected — {reasons}.")
+    race = race_lines(plan.meta) if plan.criterion == "recommended" else []
+    if race:
+        lines += ["", race[0]]
+        if len(race) > 1:
+            lines += ["", "| plan | loss on the race windows |", "|---|---|"]
+            lines += ["| " + " | ".join(line.split(": ", 1)) + " |" for line in race[1:]]
     return "\n".join(lines)
 
 
@@ -391,8 +397,10 @@ def explain_scores(
     lines.append("The default, **recommended** (ours, not the paper's), measures the model: it drops each block "
                  "alone on a calibration window (that alone is **ablation**, also ours), pools the best candidates of "
                  "every criterion, and adds the block whose removal costs the least measured loss, one at a time; "
-                 f"then it keeps whichever is lowest on up to {COMPARE_WINDOWS} calibration windows, that plan or another "
-                 "criterion's own. It reads no held-out text, so step 4's check stays an honest test.")
+                 f"then it races that plan against every other criterion's own on up to {COMPARE_WINDOWS} more "
+                 "calibration windows, ones the search did not read, and keeps the lowest (step 3 names the winner "
+                 "and its margin). It reads only the calibration part of the text: step 4 checks on the report part, "
+                 "which no choice was made on.")
     lines.append("")
     lines.append(f"With **entrodrop** (the paper's, as its released code runs it), {guard}; among the other "
                  f"{eligible} {kind_name} blocks, {how_many} with the smallest {est} entropy increase are ticked "

@@ -20,11 +20,11 @@ checks report on, and a choice tuned on it would be scored on the text it was pi
   re-measured at every step) exists and ``benchmarks/bench_recommend.py`` compares the two.
 
   A greedy search on one window can walk past a plan another criterion finds whole (at 8 attention
-  blocks on SmolLM2, angular's plan beat it on held-out text). So when given ``compare_on`` windows,
-  :func:`iter_recommend` ends with a comparison: the greedy plan and every other criterion's own
-  plan for the same count (:func:`rival_plans`) race on those windows (:func:`iter_compare`: clearly
-  worse plans are set aside after the first round), and the lowest loss is recommended, its reasons
-  saying which plan won and by how much.
+  blocks on SmolLM2, angular's plan beat it on held-out text). So when given ``compare_on`` windows
+  (calibration windows the search did not read), :func:`iter_recommend` ends with a race: the greedy plan
+  and every other criterion's own plan for the same count (:func:`rival_plans`) race on those windows
+  (:func:`entrodrop.race.iter_race`: clearly worse plans are set aside after the first round), and the
+  lowest loss is recommended; ``meta["race"]`` names the winner, every candidate's loss and the margin.
 
 The generators yield :class:`~entrodrop.progress.ProgressEvent` progress; ``partial`` of every event
 after a completed step is the best plan so far, so a consumer that stops early keeps it.
@@ -33,7 +33,6 @@ after a completed step is the best plan so far, so a consumer that stops early k
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -47,9 +46,10 @@ from .criteria import (
     ranked_criteria,
     resolve_estimator,
 )
-from .evaluate import mean_loss, paired_difference, window_losses
+from .evaluate import mean_loss
 from .plan import DroppedBlock, DropPlan
 from .progress import ProgressEvent
+from .race import COMPARE_WINDOWS, GREEDY, iter_race  # noqa: F401  (GREEDY: the greedy plan's name in the race)
 from .scores import Scores
 from .select import protected_layers, rank_blocks, select_blocks
 
@@ -59,14 +59,9 @@ SEARCHES = ("lazy", "greedy")
 MEASURE_WINDOWS = 1  # calibration windows the loss is measured on (placed by benchmarks/bench_recommend.py)
 POOL_EXTRA = 4  # each criterion puts its best count + POOL_EXTRA candidates into the pool (bench_recommend.py)
 POOL_CRITERIA = ("entrodrop", "cosine", "angular")  # score-based criteria whose best candidates join the pool
-# the final comparison of whole plans (placed by benchmarks/bench_recommend.py and bench_sweep.py)
-COMPARE_WINDOWS = 16  # calibration windows it reads at most
-FIRST_ROUND = 4  # windows every plan reads before clearly worse ones are set aside (then 8, 16, ...)
-RACE_Z = 2.0  # standard errors of the paired per-window difference by which a plan must trail the leader
-RACE_BATCH = 4  # windows per forward pass while racing (memory only: 4 x seq_len tokens)
-SELECTION_WINDOWS = max(MEASURE_WINDOWS, COMPARE_WINDOWS)  # calibration windows the measured criteria read
+# calibration windows the measured criteria read: the search's, then the race's (never the same windows)
+SELECTION_WINDOWS = MEASURE_WINDOWS + COMPARE_WINDOWS
 MIN_WINDOWS = 1
-GREEDY = "greedy search"  # the name of the search's own plan in the final comparison
 
 
 @dataclass
@@ -91,7 +86,8 @@ class Ablation:
                 "losses": {str(k): v for k, v in sorted(self.losses.items())}}
 
 
-def _check_windows(windows: torch.Tensor, what: str) -> None:
+def check_windows(windows: torch.Tensor, what: str) -> None:
+    """ValueError unless ``windows`` is a (windows, seq_len) tensor with at least one window of 2+ tokens."""
     if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.shape[0] < MIN_WINDOWS:
         shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
         raise ValueError(f"{what} measures the loss on calibration windows: pass a (windows, seq_len) tensor of "
@@ -119,7 +115,7 @@ def iter_ablation(
 
     One event per measured block (stage ``"ablation"``); the last event's ``partial`` is the
     :class:`Ablation`. The shared model is restored after every measurement, also on errors."""
-    _check_windows(windows, "Ablation")
+    check_windows(windows, "Ablation")
     layers = list(range(num_layers)) if layers is None else sorted(set(layers))
     if not layers:
         raise ValueError("No block is eligible for ablation: relax the protection or choose another kind.")
@@ -162,6 +158,7 @@ def iter_recommend(
     search: str = "lazy",
     ablation: Ablation | None = None,
     compare_on: torch.Tensor | None = None,
+    race_from: int = 0,
     batch_size: int = 1,
 ) -> Iterator[ProgressEvent]:
     """Greedy, loss-measured choice of ``count`` blocks of ``kind`` (criterion ``"recommended"``).
@@ -171,15 +168,15 @@ def iter_recommend(
     full-pool greedy reference. Pass a precomputed ``ablation`` (same kind and windows) to reuse it.
     Events: stage ``"ablation"`` while single blocks are measured, then ``"recommend"``; after each
     chosen block ``partial`` is the plan so far (reasons per block), the last event's is the final plan.
-    With ``compare_on`` (calibration windows; the search's own windows may be among them), stage
-    ``"compare"`` then measures the greedy plan against every other criterion's plan for ``count``
-    (see :func:`iter_compare`) and the final plan is the lowest.
+    With ``compare_on`` (calibration windows the search did not read; ``race_from``: where they start among
+    the selection windows, for the record), stage ``"compare"`` then races the greedy plan against every
+    other criterion's plan for ``count`` (see :func:`entrodrop.race.iter_race`) and the final plan is the lowest.
     """
     if search not in SEARCHES:
         raise ValueError(f"Unknown search {search!r}; choose from {', '.join(SEARCHES)}.")
     if count < 0:
         raise ValueError(f"count must be 0 or more, got {count}.")
-    _check_windows(windows, "The recommended criterion")
+    check_windows(windows, "The recommended criterion")
     est = criterion_estimator("entrodrop", scores, estimator)  # which entropy ranking joins the pool
     eligible = eligible_layers(scores, protect, est)
     if count > len(eligible):
@@ -245,7 +242,7 @@ def iter_recommend(
         yield ProgressEvent("recommend", done, worst_case if step < count else done, plan)
     if compare_on is not None:
         rivals = rival_plans(scores, ablation, kind, count, eligible, protect, est)
-        yield from iter_compare(model, plan, rivals, compare_on, batch_size=batch_size)
+        yield from iter_race(model, plan, rivals, compare_on, first_window=race_from, batch_size=batch_size)
 
 
 def rival_plans(scores: Scores, ablation: Ablation, kind: str, count: int, eligible: Sequence[int], protect: str,
@@ -273,75 +270,6 @@ def rival_plans(scores: Scores, ablation: Ablation, kind: str, count: int, eligi
     except ValueError:
         pass
     return plans
-
-
-def iter_compare(model: nn.Module, greedy: DropPlan, rivals: dict[str, DropPlan], windows: torch.Tensor, *,
-                 first_round: int = FIRST_ROUND, batch_size: int = 1) -> Iterator[ProgressEvent]:
-    """Race the greedy plan and each rival plan on ``windows``; the last event's ``partial`` is the lowest.
-
-    Plans with the same blocks are measured once. Every plan still in the race reads the same windows in
-    rounds (the first ``first_round``, then twice as many, up to all of ``windows``); after a round, a plan
-    whose loss exceeds the current leader's by more than :data:`RACE_Z` standard errors of their paired
-    per-window difference is set aside, so clearly worse plans cost one round. The winner is the lowest
-    mean loss over the windows its last rivals shared; a tie keeps the greedy plan. Its blocks get reasons
-    naming the plan and the margin; ``meta["compared"]`` keeps every plan's loss and window count."""
-    _check_windows(windows, "The final comparison")
-    named: dict[tuple, list[str]] = {}
-    plans: dict[tuple, DropPlan] = {}
-    for name, plan in [(GREEDY, greedy), *rivals.items()]:
-        key = tuple(sorted(plan.keys()))
-        named.setdefault(key, []).append(name)
-        plans.setdefault(key, plan)
-    n = int(windows.shape[0])
-    bounds = []
-    size = max(1, first_round)
-    while not bounds or bounds[-1] < n:
-        bounds.append(min(size, n))
-        size *= 2
-    per_window: dict[tuple, list[float]] = {key: [] for key in plans}
-    racing = list(plans)  # insertion order: the greedy plan first, so it wins a tie
-    total, done = len(plans) * len(bounds), 0
-    begin = 0
-    for end in bounds:
-        if len(racing) == 1:
-            break
-        for key in racing:
-            per_window[key] += window_losses(model, windows[begin:end], plans[key],
-                                             batch_size=max(batch_size, RACE_BATCH))
-            done += 1
-            yield ProgressEvent("compare", done, total, None)
-        begin = end
-        leader = min(racing, key=lambda key: _mean(per_window[key]))
-        racing = [key for key in racing if key == leader or not _clearly_worse(per_window[key], per_window[leader])]
-    best = min(racing, key=lambda key: _mean(per_window[key]))
-    label = " = ".join(named[best])
-    runner = min((key for key in racing if key != best), key=lambda key: _mean(per_window[key]), default=None)
-    margin = (f", {_mean(per_window[runner]) - _mean(per_window[best]):.4f} nats below the next best "
-              f"({' = '.join(named[runner])})" if runner is not None else "")
-    set_aside = len(plans) - len(racing)
-    if len(plans) == 1:
-        verdict = f"every other criterion chose the same blocks ({label})"
-    else:
-        verdict = (f"lowest of {len(plans)} plans on {len(per_window[best])} calibration windows: {label}, "
-                   f"loss {_mean(per_window[best]):.4f} nats{margin}"
-                   + (f"; {set_aside} clearly worse set aside after {bounds[0]} windows" if set_aside else ""))
-    blocks = [DroppedBlock(b.layer, b.kind, f"{b.reason}; {verdict}" if named[best][0] == GREEDY else
-                           f"recommended: {verdict} (in {named[best][0]}'s plan: {b.reason})")
-              for b in plans[best].blocks]
-    compared = {" = ".join(named[k]): {"loss": _mean(v), "windows": len(v)} for k, v in per_window.items() if v}
-    meta = {**greedy.meta, "compared": compared, "compare_windows": len(per_window[best]), "chosen_plan": label}
-    yield ProgressEvent("compare", total, total, DropPlan(greedy.num_layers, blocks, criterion="recommended", meta=meta))
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("inf")
-
-
-def _clearly_worse(losses: Sequence[float], leader: Sequence[float]) -> bool:
-    """Whether ``losses`` exceed ``leader``'s (same windows) by more than RACE_Z standard errors of the paired
-    per-window difference. With one window there is no error estimate, and nothing is set aside."""
-    mean, error = paired_difference(losses, leader)
-    return not math.isnan(error) and mean > RACE_Z * error
 
 
 def windows_read_bound(num_layers: int, count: int, *, num_windows: int = MEASURE_WINDOWS,
@@ -390,8 +318,9 @@ def iter_select(
 
     Criteria that read only the scores answer at once (one event); ``ablation`` and ``recommended``
     measure the model on the first ``num_windows`` of ``windows`` (calibration windows only);
-    ``recommended`` then compares whole plans on the first ``compare_windows`` (0: no comparison; pass
-    at least :data:`SELECTION_WINDOWS` windows for the defaults). ``search_options`` go to
+    ``recommended`` then races whole plans on the next ``compare_windows`` (0: no race), never on a window
+    the search read; pass :data:`SELECTION_WINDOWS` windows for the defaults (fewer: the race reads what
+    is left after the search's, and needs at least one). ``search_options`` go to
     :func:`iter_recommend` (``pool_per_criterion``, ``search``). Pass
     ``ablation`` (measured on the same windows) to reuse single-block losses across counts.
     """
@@ -408,7 +337,11 @@ def iter_select(
     if num_windows < 1 or compare_windows < 0:
         raise ValueError(f"num_windows must be at least 1 and compare_windows at least 0, got {num_windows} "
                          f"and {compare_windows}.")
-    compare_on = windows[:compare_windows] if compare_windows else None
+    compare_on = windows[num_windows:num_windows + compare_windows] if compare_windows else None
+    if compare_on is not None and compare_on.shape[0] == 0 and criterion == "recommended":
+        raise ValueError(f"recommended races whole plans on calibration windows its search did not read: pass more "
+                         f"than num_windows={num_windows} windows ({num_windows + compare_windows} for the defaults), "
+                         "or compare_windows=0 to skip the race.")
     windows = windows[:num_windows]
     if criterion == "ablation":
         eligible = eligible_layers(scores, protect, estimator)
@@ -424,4 +357,5 @@ def iter_select(
         yield ProgressEvent("select", 1, 1, plan)
         return
     yield from iter_recommend(model, scores, windows, kind=kind, count=count, estimator=estimator, protect=protect,
-                              ablation=ablation, compare_on=compare_on, batch_size=batch_size, **search_options)
+                              ablation=ablation, compare_on=compare_on, race_from=num_windows, batch_size=batch_size,
+                              **search_options)

@@ -86,7 +86,9 @@ def test_iter_checks_streams_every_stage_and_ends_with_the_result(model, plan, t
     final = events[-1].partial
     assert final.quality.num_windows == 2 and final.quality.complete
     assert final.speed is not None and final.generations[0].prompt == "hello"
-    assert final.eval_data == {"data": "text", "part": "heldout", "samples": 2, "seq_len": 16, "seed": 0}
+    assert final.eval_data == {"data": "text", "part": "report", "samples": 2, "seq_len": 16, "seed": 0}
+    rows = {r.measure: r for r in check_rows(final)}
+    assert "perplexity (report part)" in rows and rows["report part of text"].dense == "2 windows"
     assert events[2].partial.speed is None  # each event carries the result so far, not a later one
     nothing = run_to_end(iter_checks(model, plan, tiny_tokenizer))
     assert isinstance(nothing, ChecksResult) and not nothing

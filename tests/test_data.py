@@ -1,3 +1,4 @@
+import itertools
 import json
 import logging
 import re
@@ -48,46 +49,75 @@ def test_bundled_gpqa():
     assert answers.documents[0] == row["Correct Answer"].strip()
 
 
-def test_split_is_deterministic_disjoint_and_about_20_percent():
+PART_NAMES = ("calibration", "development", "report")
+
+
+def test_split_is_deterministic_disjoint_and_60_20_20():
     corpus = load_corpus("gsm8k")
-    calibration, heldout = split_corpus(corpus)
+    parts = split_corpus(corpus)
     again = split_corpus(load_corpus("gsm8k"))
-    assert calibration.documents == again[0].documents and heldout.documents == again[1].documents
-    assert 0.15 < len(heldout.documents) / len(corpus.documents) < 0.25
-    assert len(calibration.documents) + len(heldout.documents) == len(corpus.documents)
-    assert not set(calibration.documents) & set(heldout.documents)
+    assert list(parts) == list(PART_NAMES)
+    assert all(parts[p].documents == again[p].documents for p in PART_NAMES)
+    shares = {p: len(parts[p]) / len(corpus) for p in PART_NAMES}
+    assert 0.55 < shares["calibration"] < 0.65
+    assert 0.15 < shares["development"] < 0.25 and 0.15 < shares["report"] < 0.25
+    assert sum(len(parts[p]) for p in PART_NAMES) == len(corpus)
+    for a, b in itertools.combinations(PART_NAMES, 2):
+        assert not set(parts[a].documents) & set(parts[b].documents)
 
 
-@pytest.mark.parametrize("num_docs", [2, 3, 5])
+def test_a_document_s_part_is_decided_by_its_content_alone():
+    """A repeated document (other case or spacing) lands in one part, and a document keeps its part whatever
+    corpus it is in and wherever it stands there."""
+    from entrodrop.split import content_unit, part_of_unit
+
+    docs = [f"Problem {i}: Natalia sold {i} clips in April and half as many in May." for i in range(60)]
+    repeated = docs + ["  PROBLEM 7:   natalia sold 7 clips in april\nand half as many in may.  ", docs[3]]
+    parts = split_corpus(TextCorpus("r", repeated))
+    where = {p: {d.casefold().split()[1] for d in parts[p].documents} for p in PART_NAMES}
+    for a, b in itertools.combinations(PART_NAMES, 2):
+        assert not where[a] & where[b]  # no problem number in two parts
+    shuffled = split_corpus(TextCorpus("s", list(reversed(docs[:40]))))
+    for doc in docs[:40]:
+        own = next(p for p in PART_NAMES if doc in parts[p].documents)
+        assert doc in shuffled[own].documents and own == part_of_unit(content_unit(doc))
+
+
+@pytest.mark.parametrize("num_docs", [3, 4, 5])
 def test_split_small_corpora_gives_each_part_a_document(num_docs):
-    calibration, heldout = split_corpus(TextCorpus("small", [f"document {i}" for i in range(num_docs)]))
-    assert calibration.documents and heldout.documents
-    assert len(calibration.documents) + len(heldout.documents) == num_docs
+    parts = split_corpus(TextCorpus("small", [f"document {i}" for i in range(num_docs)]))
+    assert all(parts[p].documents for p in PART_NAMES)
+    assert sum(len(parts[p]) for p in PART_NAMES) == num_docs
+
+
+def test_two_documents_give_a_calibration_and_a_report_part():
+    parts = split_corpus(TextCorpus("two", ["first document", "second document"]))
+    assert len(parts["calibration"]) == len(parts["report"]) == 1 and not parts["development"].documents
 
 
 def test_a_mix_keeps_every_document_in_the_part_its_own_set_gives_it():
     sources = [load_corpus("gsm8k"), load_corpus("gpqa")]
     mixed = load_corpus("gsm8k+gpqa")
     assert mixed.documents == sources[0].documents + sources[1].documents
-    calibration, heldout = split_corpus(mixed)
-    for part, index in (("calibration", 0), ("heldout", 1)):
-        own = [split_corpus(c)[index].documents for c in sources]
-        assert (calibration, heldout)[index].documents == own[0] + own[1], part
-    # so windows of the mix's calibration part never hold a token of a source's held-out text
+    parts = split_corpus(mixed)
+    for part in PART_NAMES:
+        own = [split_corpus(c)[part].documents for c in sources]
+        assert parts[part].documents == own[0] + own[1], part
+    # so windows of the mix's calibration part never hold a token of a source's report text
     small = [TextCorpus(name, [f"{name} document number {i} " * 3 for i in range(6)]) for name in ("a", "b")]
-    assert split_corpus(mix_corpora("a+b", small))[1].documents == [
-        d for c in small for d in split_corpus(c)[1].documents]
-    with pytest.raises(ValueError, match="one document"):
-        mix_corpora("x", [TextCorpus("one", ["just this"]), small[0]])
+    assert split_corpus(mix_corpora("a+b", small))["report"].documents == [
+        d for c in small for d in split_corpus(c)["report"].documents]
+    with pytest.raises(ValueError, match="one distinct document"):
+        mix_corpora("x", [TextCorpus("one", ["just this", "JUST  this"]), small[0]])
 
 
 def test_split_single_document_by_characters():
     text = " ".join(f"word{i}" for i in range(200))
-    calibration, heldout = split_corpus(TextCorpus("one", [text]))
-    cal, held = calibration.documents[0], heldout.documents[0]
-    assert text.startswith(cal) and text.endswith(held)
-    assert text[len(cal)] == " "  # cut on a whitespace boundary, not inside a word
-    assert 0.75 < len(cal) / len(text) < 0.85
+    parts = split_corpus(TextCorpus("one", [text]))
+    cal, dev, rep = (parts[p].documents[0] for p in PART_NAMES)
+    assert text.startswith(cal) and text.endswith(rep) and f" {dev} " in text
+    assert f"{cal} {dev} {rep}" == text  # cut on whitespace boundaries, nothing lost, nothing twice
+    assert 0.55 < len(cal) / len(text) < 0.65 and 0.15 < len(dev) / len(text) < 0.25
 
 
 def test_windows_shape_and_seed(tiny_tokenizer):
@@ -99,20 +129,22 @@ def test_windows_shape_and_seed(tiny_tokenizer):
     assert len({tuple(w.tolist()) for w in windows}) == 8
 
 
-def test_heldout_windows_come_from_heldout_documents(tiny_tokenizer):
+def test_windows_of_each_part_come_from_that_part_s_documents(tiny_tokenizer):
     corpus = load_corpus("gpqa")
-    calibration, heldout = split_corpus(corpus)
+    parts = split_corpus(corpus)
     eos = tiny_tokenizer.eos_token_id
-    calibration_stream, heldout_stream = _stream(tiny_tokenizer, calibration), _stream(tiny_tokenizer, heldout)
-    for part, own, other in (("heldout", heldout_stream, calibration_stream),
-                             ("calibration", calibration_stream, heldout_stream)):
+    streams = {p: _stream(tiny_tokenizer, parts[p]) for p in PART_NAMES}
+    for part in PART_NAMES:
         windows = make_windows(tiny_tokenizer, corpus, num_samples=6, seq_len=24, part=part)
         for window in windows:
             # eos separates documents; look for the longest run of one document's tokens
             runs = torch.tensor_split(window, (window == eos).nonzero().flatten().tolist())
             piece = max((r[r != eos] for r in runs), key=len)
-            assert _contains_window(own, piece)
-            assert not _contains_window(other, piece)
+            assert _contains_window(streams[part], piece)
+            assert not any(_contains_window(streams[other], piece) for other in PART_NAMES if other != part)
+    # "heldout", the old name, is the report part
+    assert torch.equal(make_windows(tiny_tokenizer, corpus, num_samples=3, seq_len=24, part="heldout"),
+                       make_windows(tiny_tokenizer, corpus, num_samples=3, seq_len=24, part="report"))
 
 
 def test_gsm8k_tokenises_fast(tiny_tokenizer):
@@ -136,8 +168,8 @@ def test_fewer_windows_than_asked_returns_all(tiny_tokenizer, caplog):
 
 def test_too_short_text(tiny_tokenizer):
     corpus = load_corpus("text", text="Short text here.\n\nAnother short paragraph.")
-    with pytest.raises(ValueError, match=r"The heldout text has only \d+ tokens; one window needs 256"):
-        make_windows(tiny_tokenizer, corpus, num_samples=4, seq_len=256, part="heldout")
+    with pytest.raises(ValueError, match=r"The report text has only \d+ tokens; one window needs 256"):
+        make_windows(tiny_tokenizer, corpus, num_samples=4, seq_len=256, part="report")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -389,23 +421,25 @@ def test_window_capacity_counts_each_part_and_offers_a_length_that_fits(tiny_tok
     from entrodrop.data import window_capacity
 
     corpus = TextCorpus("notes", [f"Paragraph {i}: entropy of hidden states rises over later layers." for i in range(20)])
-    calibration, heldout = split_corpus(corpus)
+    corpus = TextCorpus("notes", [f"Paragraph {i}: entropy of hidden states rises over later layers." for i in range(40)])
+    parts = split_corpus(corpus)
     cap = window_capacity(tiny_tokenizer, corpus, 64)
     # make_windows' stream: the documents' tokens with one eos between documents
-    assert cap.calibration_tokens == _stream(tiny_tokenizer, calibration).numel() + len(calibration) - 1
-    assert cap.heldout_tokens == _stream(tiny_tokenizer, heldout).numel() + len(heldout) - 1
-    assert cap.calibration_windows == cap.calibration_tokens // 64 and cap.heldout_windows == cap.heldout_tokens // 64
+    for part in PART_NAMES:
+        assert getattr(cap, f"{part}_tokens") == _stream(tiny_tokenizer, parts[part]).numel() + len(parts[part]) - 1
+        assert cap.windows(part) == getattr(cap, f"{part}_tokens") // 64
     fit = cap.fitting_seq_len(8, step=16)
-    assert fit % 16 == 0 and fit * 8 <= cap.calibration_tokens and fit <= cap.heldout_tokens
+    assert fit % 16 == 0 and fit * 8 <= cap.calibration_tokens and fit <= cap.report_tokens
     refit = window_capacity(tiny_tokenizer, corpus, fit)
     refit.check(8, step=16)  # the offered length really fits
-    assert refit.calibration_windows >= 8 and refit.heldout_windows >= 1
-    with pytest.raises(ValueError, match="8 window\\(s\\) of 64, not the 20 asked for. Use 16 tokens per window"):
-        cap.check(20, step=16)
+    assert refit.calibration_windows >= 8 and refit.report_windows >= 1
+    with pytest.raises(ValueError, match=f"{cap.calibration_windows} window\\(s\\) of 64, not the 40 asked for. "
+                                         "Use 16 tokens per window"):
+        cap.check(40, step=16)
     with pytest.raises(ValueError, match="not the 1000 asked for. Give more text"):
         cap.check(1000)
     short = window_capacity(tiny_tokenizer, TextCorpus("x", ["a b c d e f", "g h"]), 8)
-    with pytest.raises(ValueError, match="held-out part has .* less than one window .* Give more text"):
+    with pytest.raises(ValueError, match="report part has .* less than one window .* Give more text"):
         short.check(1, minimum=8)
     with pytest.raises(ValueError, match="at least 2"):
         window_capacity(tiny_tokenizer, corpus, 1)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -144,8 +145,9 @@ def fake_scores(num_layers: int, kind: str = "attn") -> Scores:
 
 def test_sweep_rows_cover_every_criterion_and_count(model, windows):
     scores = fake_scores(LAYERS)
+    selection = torch.randint(0, VOCAB, (3, windows.shape[1]), generator=torch.Generator().manual_seed(11))
     rows = sweep(model, scores, windows, criteria=("entrodrop", "cosine", "recommended"), kind="attn",
-                 counts=(0, 1, 2), protect="none", selection_windows=windows[:2])
+                 counts=(0, 1, 2), protect="none", selection_windows=selection)
     assert [(r.criterion, r.count) for r in rows] == [
         (c, n) for c in ("entrodrop", "cosine", "recommended") for n in (0, 1, 2)]
     for r in rows:
@@ -162,8 +164,13 @@ def test_sweep_rows_cover_every_criterion_and_count(model, windows):
     # the measured criterion picks what its own search picks on the same windows
     from entrodrop.progress import run_to_end
     from entrodrop.search import iter_select
-    alone = run_to_end(iter_select(model, scores, windows[:2], kind="attn", count=2, protect="none"))
+    alone = run_to_end(iter_select(model, scores, selection, kind="attn", count=2, protect="none"))
     assert by[("recommended", 2)].plan["blocks"] == alone.to_dict()["blocks"]
+    # the scored windows never reach the choice: other scored windows, the same plans
+    other = torch.randint(0, VOCAB, tuple(windows.shape), generator=torch.Generator().manual_seed(12))
+    again = sweep(model, scores, other, criteria=("recommended",), kind="attn", counts=(1, 2), protect="none",
+                  selection_windows=selection)
+    assert [r.plan["blocks"] for r in again] == [by[("recommended", n)].plan["blocks"] for n in (1, 2)]
 
 
 def test_sweep_refuses_what_it_cannot_answer_before_measuring(model, windows):
@@ -233,7 +240,9 @@ def test_cli_eval_and_sweep(cli_setup, capsys):
     out = root / "sweep.json"
     assert main(["sweep", *common, "--criteria", "entrodrop,cosine,recommended", "--counts", "0,1", "--kind", "mlp",
                  "--protect", "none", "--json", str(out)]) == 0
-    assert "entrodrop's held-out loss minus the lowest other criterion's, paired over the 2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "entrodrop's loss minus the lowest other criterion's, paired over the 2 development windows" in printed
+    assert re.search(r"scored on the development part of \S*text\.txt: 2 windows x 32 tokens", printed)
     data = json.loads(out.read_text())
     assert [(r["criterion"], r["count"]) for r in data["rows"]] == [
         ("entrodrop", 0), ("entrodrop", 1), ("cosine", 0), ("cosine", 1), ("recommended", 0), ("recommended", 1)]

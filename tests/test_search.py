@@ -1,6 +1,5 @@
 """Our measured criteria: ablation (each block dropped alone) and recommended (greedy by measured loss)."""
 
-import itertools
 import math
 
 import pytest
@@ -11,12 +10,12 @@ from tiny_models import LAYERS, VOCAB
 
 from entrodrop.evaluate import mean_loss
 from entrodrop.plan import DroppedBlock, DropPlan
+from entrodrop.race import GREEDY, RaceResult, race_lines
+from entrodrop.race import iter_race as iter_compare
 from entrodrop.search import (
-    GREEDY,
     ablation_plan,
     candidate_pool,
     iter_ablation,
-    iter_compare,
     iter_recommend,
     iter_select,
     rival_plans,
@@ -76,18 +75,46 @@ def test_full_greedy_picks_the_best_block_at_every_step(model, windows):
     assert plan.meta["loss"] == pytest.approx(mean_loss(model, windows, plan))
 
 
-def test_lazy_search_measures_less_and_reaches_a_plan_no_worse_than_the_best_pair(model, windows):
+def stub_losses(monkeypatch, single: dict[int, float], together: float):
+    """Stub the search's loss: dense 1.0, each block its own increase, and ``together`` more for every pair
+    dropped at once (>= 0: dropping blocks together hurts at least as much as apart). Counts measurements."""
+    import entrodrop.search as search
+
+    calls = {"n": 0}
+
+    def loss(model, windows, plan=None, batch_size=1):
+        layers = plan.layers_of("attn") if plan is not None else []
+        calls["n"] += bool(layers)
+        pairs = len(layers) * (len(layers) - 1) / 2
+        return 1.0 + sum(single[layer] for layer in layers) + together * pairs
+
+    monkeypatch.setattr(search, "mean_loss", loss)
+    return calls
+
+
+@pytest.mark.parametrize("together", [0.0, 0.05])
+def test_lazy_search_picks_what_the_full_greedy_picks_with_fewer_measurements(model, windows, monkeypatch,
+                                                                              together):
+    single = {0: 0.30, 1: 0.10, 2: 0.20, 3: 0.05}
+    calls = stub_losses(monkeypatch, single, together)
     scores = fake_scores(LAYERS)
-    lazy_events = list(iter_recommend(model, scores, windows, kind="mlp", count=2, search="lazy",
-                                      pool_per_criterion=LAYERS))
-    greedy_events = list(iter_recommend(model, scores, windows, kind="mlp", count=2, search="greedy",
-                                        pool_per_criterion=LAYERS))
-    lazy, greedy = last(lazy_events), last(greedy_events)
-    assert lazy_events[-1].done <= greedy_events[-1].done  # never more measurements than the full search
-    pairs = {pair: mean_loss(model, windows, DropPlan(LAYERS, [DroppedBlock(i, "mlp") for i in pair]))
-             for pair in itertools.combinations(range(LAYERS), 2)}
-    assert lazy.meta["loss"] <= max(pairs.values())
-    assert greedy.meta["loss"] == pytest.approx(pairs[tuple(sorted(greedy.layers_of("mlp")))])
+    runs = {}
+    for search in ("lazy", "greedy"):
+        calls["n"] = 0
+        runs[search] = (last(iter_recommend(model, scores, windows, kind="attn", count=3, search=search,
+                                            pool_per_criterion=LAYERS)), calls["n"])
+    (lazy, lazy_n), (greedy, greedy_n) = runs["lazy"], runs["greedy"]
+    assert [s["chosen"] for s in greedy.meta["steps"]] == [3, 1, 2]  # the smallest increases, in order
+    assert [s["chosen"] for s in lazy.meta["steps"]] == [3, 1, 2]
+    assert lazy.meta["loss"] == pytest.approx(greedy.meta["loss"])
+    assert lazy_n < greedy_n  # stale bounds spared re-measuring the blocks that could not win
+
+
+def test_full_greedy_re_measures_every_candidate_at_every_step(model, windows, monkeypatch):
+    calls = stub_losses(monkeypatch, {0: 0.30, 1: 0.10, 2: 0.20, 3: 0.05}, 0.0)
+    last(iter_recommend(model, fake_scores(LAYERS), windows, kind="attn", count=3, search="greedy",
+                        pool_per_criterion=LAYERS))
+    assert calls["n"] == LAYERS + (LAYERS - 1) + (LAYERS - 2)  # the ablation, then 3 + 2 at steps 2 and 3
 
 
 def test_pool_is_the_union_of_each_criterion_best_candidates(model, windows):
@@ -220,7 +247,7 @@ def test_iter_select_compares_on_its_own_windows_and_can_skip_the_comparison(mod
 def test_clearly_worse_plans_leave_the_race_after_the_first_round(model, monkeypatch):
     """Per-window losses stubbed per plan: a far worse plan is set aside after the first round, a close
     one races to the last window, and the lowest over the shared windows wins."""
-    import entrodrop.search as search
+    import entrodrop.race as race
 
     windows = torch.zeros(12, 8, dtype=torch.long)
     offsets = {0: 0.0, 1: 2.0, 2: -0.01}  # attn layer of each plan -> loss offset over the greedy plan's
@@ -233,7 +260,7 @@ def test_clearly_worse_plans_leave_the_race_after_the_first_round(model, monkeyp
         read[layer] = start + part.shape[0]
         return [1.0 + offsets[layer] + (wobble[i] if layer == 2 else 0.0) for i in range(start, read[layer])]
 
-    monkeypatch.setattr(search, "window_losses", losses)
+    monkeypatch.setattr(race, "window_losses", losses)
     greedy, worse, close = (DropPlan(LAYERS, [DroppedBlock(layer, "attn", f"r{layer}")]) for layer in (0, 1, 2))
     events = list(iter_compare(model, greedy, {"cosine": worse, "angular": close}, windows, first_round=3))
     plan = last(events)
@@ -269,3 +296,60 @@ def test_paired_difference_is_the_mean_gap_and_its_standard_error():
     assert math.isnan(paired_difference([1.0], [0.5])[1])
     with pytest.raises(ValueError, match="same windows"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_the_race_reads_only_windows_the_search_did_not_read(model, windows, monkeypatch):
+    import entrodrop.race as race
+
+    read = []
+    real = race.window_losses
+
+    def spy(model, part, plan, batch_size=1):
+        read.append(part.clone())
+        return real(model, part, plan, batch_size=batch_size)
+
+    monkeypatch.setattr(race, "window_losses", spy)
+    plan = last(iter_select(model, fake_scores(LAYERS), windows, kind="attn", count=2, num_windows=1))
+    assert read and plan.meta["race"]["first_window"] == 1
+    for part in read:
+        assert not any(torch.equal(row, windows[0]) for row in part)  # the search's window: never raced on
+        assert all(any(torch.equal(row, other) for other in windows[1:]) for row in part)
+    assert plan.meta["race"]["windows"] == windows.shape[0] - 1
+    with pytest.raises(ValueError, match="did not read"):
+        last(iter_select(model, fake_scores(LAYERS), windows[:1], kind="attn", count=2, num_windows=1))
+
+
+def test_the_race_names_its_winner_every_candidate_and_whether_the_lead_is_noise(model, monkeypatch):
+    import entrodrop.race as race
+
+    windows = torch.zeros(8, 8, dtype=torch.long)
+    wobble = [0.3 * (-1) ** i for i in range(8)]
+
+    def race_with(offsets: dict[int, float], noisy: set[int]) -> dict:
+        def losses(model, part, plan, batch_size=1):
+            layer = plan.blocks[0].layer
+            return [1.0 + offsets[layer] + (wobble[i] if layer in noisy else 0.0) for i in range(part.shape[0])]
+
+        monkeypatch.setattr(race, "window_losses", losses)
+        greedy, *rivals = (DropPlan(LAYERS, [DroppedBlock(layer, "attn", f"r{layer}")]) for layer in offsets)
+        return last(iter_compare(model, greedy, dict(zip(("cosine", "angular"), rivals, strict=False)), windows,
+                                 first_round=8, first_window=1)).meta
+
+    clear = race_with({0: 0.0, 1: 0.5}, noisy=set())
+    result = RaceResult.from_dict(clear["race"])
+    assert result.winner == GREEDY and result.lead_verdict == "clear" and result.first_window == 1
+    runner = result.runner_up
+    assert runner.name == "cosine" and runner.gap == pytest.approx(0.5) and runner.windows == 8
+    lines = race_lines(clear)
+    assert "calibration windows 2-9" in lines[0] and "a clear lead" in lines[0]
+    assert any(line.startswith("cosine: loss 1.5000 nats on 8 window(s), +0.5000") for line in lines)
+    noisy = race_with({0: 0.0, 1: 0.01, 2: 0.8}, noisy={1})
+    result = RaceResult.from_dict(noisy["race"])
+    assert result.winner == GREEDY and result.runner_up.name == "cosine" and result.lead_verdict == "noise"
+    assert "within noise" in race_lines(noisy)[0]
+    angular = next(c for c in result.candidates if c.name == "angular")
+    assert angular.gap == pytest.approx(0.8) and angular.error == pytest.approx(0.0, abs=1e-12)
+    alone = last(iter_compare(model, DropPlan(LAYERS, [DroppedBlock(0, "attn")]),
+                              {"cosine": DropPlan(LAYERS, [DroppedBlock(0, "attn")])}, windows)).meta
+    assert race_lines(alone) == [f"Race of whole plans: every criterion chose these blocks ({GREEDY} = cosine); "
+                                 "nothing to race."]

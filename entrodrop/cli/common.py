@@ -124,14 +124,9 @@ def load_from_args(args):
 
 
 def windows_from_args(args, loaded, part: str = "calibration"):
-    """Token windows (``part`` calibration or heldout) of the text the data options name, for ``loaded``
+    """Token windows of one part (:mod:`entrodrop.split`) of the text the data options name, for ``loaded``
     (a :class:`~entrodrop.loading.LoadedModel`: its config bounds the window length)."""
     return load_windows_from_args(args, loaded, part=part)[0]
-
-
-def heldout_windows(args, loaded):
-    """``--eval-samples`` windows from the held-out part of the same text."""
-    return load_windows_from_args(args, loaded, num_samples=args.eval_samples, part="heldout")[0]
 
 
 def load_windows_from_args(args, loaded, *, num_samples: int | None = None, part: str = "calibration"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..criteria import get_criterion
 from ..plan import DropPlan
+from ..race import race_lines
 from ..scores import Scores
 from ..select import select_blocks
 from .common import add_selection_args, calibrate_from_args, progress_bar, windows_from_args
@@ -23,6 +24,9 @@ def format_plan(plan) -> str:
         if key in plan.meta:
             lines.append(f"  {key}: {plan.meta[key]}")
     lines += [f"  drop {b.kind:<5} layer {b.layer:>3}  ({b.reason})" for b in plan.blocks]
+    race = race_lines(plan.meta)
+    if race:
+        lines += ["  " + race[0].replace("**", ""), *(f"    {line}" for line in race[1:])]
     return "\n".join(lines)
 
 

@@ -51,16 +51,18 @@ def cmd_sweep(args) -> int:
         check_counts(scores, criteria, counts, args)
     check_scores_fit(scores, loaded)
     selection_windows = windows_from_args(args, loaded) if measured else None
-    windows, eval_data = load_windows_from_args(args, loaded, num_samples=args.eval_samples, part="heldout")
+    windows, eval_data = load_windows_from_args(args, loaded, num_samples=args.eval_samples, part=args.part)
     rows = progress_bar(iter_sweep(loaded.model, scores, windows, criteria=criteria, kind=args.kind, counts=counts,
                                    estimator=args.estimator, protect=args.protect,
                                    selection_windows=selection_windows, batch_size=args.batch_size),
                         "sweep").partial
+    print(f"scored on the {eval_data['part']} part of {eval_data['data']}: {windows.shape[0]} windows x "
+          f"{windows.shape[1]} tokens (seed {eval_data['seed']})")
     print(format_sweep_table(rows))
     gaps = format_gaps(rows, criteria[0]) if len(criteria) > 1 else ""
     if gaps:
-        print(f"\n{criteria[0]}'s held-out loss minus the lowest other criterion's, paired over the "
-              f"{windows.shape[0]} held-out windows (within 2 errors is noise):")
+        print(f"\n{criteria[0]}'s loss minus the lowest other criterion's, paired over the {windows.shape[0]} "
+              f"{eval_data['part']} windows (within 2 errors is noise):")
         print(gaps)
     if args.json:
         write_json(args.json, {"model": loaded.name, "kind": args.kind, "estimator": args.estimator,
@@ -84,6 +86,9 @@ def register(subparsers) -> None:
                        help="entropy estimator that ranks blocks (default: each criterion's own, knn for entrodrop)")
     sweep.add_argument("--protect", default=None, choices=PROTECTIONS,
                        help="protection for every criterion (default: each criterion's own)")
-    sweep.add_argument("--eval-samples", type=int, default=16, help="held-out windows per plan (default 16)")
+    sweep.add_argument("--eval-samples", type=int, default=16, help="windows per plan (default 16)")
+    sweep.add_argument("--part", default="development", choices=("development", "report"),
+                       help="which part of the text scores the plans: development (default; choose a criterion or "
+                            "count on it) or report (quote a result chosen elsewhere; never choose on it)")
     sweep.add_argument("--json", default=None, help="write the sweep JSON here")
     sweep.set_defaults(func=cmd_sweep)

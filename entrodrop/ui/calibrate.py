@@ -160,8 +160,10 @@ def _time_left(done: int, total: int, elapsed: float) -> str:
 def _fit_text(cap, samples: int, seq_len: int) -> tuple[str, int | None]:
     """What the text holds at ``seq_len``, in words, and the length to offer when it does not fit."""
     head = (f"At {seq_len} tokens per window this text holds **{cap.calibration_windows}** calibration "
-            f"window(s) ({cap.calibration_tokens:,} tokens) and **{cap.heldout_windows}** held-out window(s) "
-            f"({cap.heldout_tokens:,} tokens, never calibrated on; step 4 checks on them).")
+            f"window(s) ({cap.calibration_tokens:,} tokens; calibration and selection read them), "
+            f"**{cap.development_windows}** development window(s) ({cap.development_tokens:,} tokens; the trade-off "
+            f"sweep scores on them) and **{cap.report_windows}** report window(s) ({cap.report_tokens:,} tokens; "
+            "step 4 checks on them, and nothing is chosen on them).")
     try:
         cap.check(samples, step=SEQ_STEP, minimum=SEQ_MIN)
     except ValueError as exc:
@@ -196,7 +198,7 @@ class CalibrateHandlers:
     @user_errors
     def fit(self, session: Session, source, upload, hub_name, column, text, samples, seq_len):
         """Before calibrating: how many windows of the chosen length the chosen text holds (calibration and
-        held-out parts), and the length that fits when it does not. Reads the text, never the model."""
+        development and report parts), and the length that fits when it does not. Reads the text, never the model."""
         hidden = gr.update(visible=False)
         try:
             samples = whole_number(samples, "Samples (windows)")
@@ -258,7 +260,7 @@ class CalibrateHandlers:
         yield {self.tab.calib_status: "▶ Reading the calibration text…"}
         with model_job(session) as (loaded, job):
             def prepare():
-                # never fewer windows than asked, and always a disjoint held-out part for step 4
+                # never fewer windows than asked, and always a disjoint report part for step 4
                 window_capacity(loaded.tokenizer, load_corpus(**data), seq_len).check(
                     samples, step=SEQ_STEP, minimum=min(SEQ_MIN, seq_len))
                 return start_calibration(loaded, data, samples=samples, seq_len=seq_len, seed=seed,

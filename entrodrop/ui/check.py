@@ -1,4 +1,4 @@
-"""Step 4, check: dense vs pruned on held-out windows (perplexity, KL, top-1, latency) and side-by-side
+"""Step 4, check: dense vs pruned on report windows (perplexity, KL, top-1, latency) and side-by-side
 generations. The pruned model is a reversible preview of the shared model, never a copy.
 
 Every finished check ends with a verdict (:func:`entrodrop.checks.verdict`, thresholds shown) and stays
@@ -60,12 +60,13 @@ class CheckTab:
 def create_ui() -> CheckTab:
     """Lay out step 4 inside the current tab."""
     tab = CheckTab()
-    gr.Markdown("Dense vs pruned on the **held-out** part of the calibration text (never scored on). The pruned "
+    gr.Markdown("Dense vs pruned on the **report** part of the calibration text: no calibration, selection or "
+                "trade-off sweep reads it, so what it shows was not tuned on. The pruned "
                 "model is a reversible preview: the dropped blocks are skipped in the shared model for the "
                 "duration of the check, then restored; nothing is copied or changed.")
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
-            tab.check_windows = gr.Slider(1, 64, value=8, step=1, label="Held-out windows",
+            tab.check_windows = gr.Slider(1, 64, value=8, step=1, label="Report windows",
                                           elem_id="check-windows")
             tab.check_seq = gr.Slider(16, 2048, value=256, step=16, label="Tokens per window",
                                       elem_id="check-seqlen")
@@ -145,9 +146,9 @@ class CheckHandlers:
     @user_errors
     def run_check(self, session: Session, n_windows, seq_len, measure_speed, prefill, decode, prompt=None,
                   max_new=None):
-        """Dense vs pruned on held-out windows, then latency and a generation from ``prompt``; the shared
+        """Dense vs pruned on report windows, then latency and a generation from ``prompt``; the shared
         model is only previewed. Ends with a verdict and a new row in the session's history."""
-        n_windows = whole_number(n_windows, "Held-out windows")
+        n_windows = whole_number(n_windows, "Report windows")
         seq_len = whole_number(seq_len, "Tokens per window", minimum=2)
         measure_speed = bool(measure_speed)
         prefill = whole_number(prefill, "Prefill tokens") if measure_speed else 0
@@ -164,7 +165,7 @@ class CheckHandlers:
             raise error("No calibration text known: run a calibration in step 2 first.")
         for note in waiting_for_model(session):
             yield {self.tab.check_status: note}
-        yield {self.tab.check_status: "▶ Reading the held-out text…", self.tab.verdict: ""}
+        yield {self.tab.check_status: "▶ Reading the report part of the text…", self.tab.verdict: ""}
         with model_job(session) as (loaded, job):
             result = None
             stage, stage_started = None, time.monotonic()
@@ -184,7 +185,7 @@ class CheckHandlers:
         record = session.add_check(plan, result)
         timed = result.speed is not None
         updates = {self.tab.check_status: f"✓ Check #{record.number}: {plan.describe()} on "
-                                          f"{result.quality.num_windows} held-out windows"
+                                          f"{result.quality.num_windows} windows of the report part"
                                           f"{' and timed it' if timed else ''}. The dense model is unchanged.",
                    self.tab.verdict: verdict_markdown(record.verdict, record.number),
                    self.tab.check_table: checks_frame(result)}

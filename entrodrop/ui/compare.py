@@ -25,6 +25,7 @@ IN_THE_APP = {
     "second_scores": "calibrate the same model again on other text (e.g. gpqa after gsm8k) in this step; the panel "
                      "pairs the current calibration with the latest one of the same model on different text",
     "estimators": "calibrate with both bucket and knn ticked",
+    "complete_scores": "let the calibration run to its end in this step (Stop keeps a partial one)",
 }
 
 

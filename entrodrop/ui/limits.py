@@ -15,8 +15,8 @@ from dataclasses import dataclass
 # variable -> (default, what it bounds); README's "Running it in public" lists the same
 LIMITS = {
     "ENTRODROP_MAX_CALIB_TOKENS": (16384, "calibration samples x tokens per window"),
-    "ENTRODROP_MAX_CHECK_TOKENS": (16384, "check held-out windows x tokens per window"),
-    "ENTRODROP_MAX_SWEEP_TOKENS": (131072, "trade-off sweep: criteria x counts x held-out windows x tokens"),
+    "ENTRODROP_MAX_CHECK_TOKENS": (16384, "check: report windows x tokens per window"),
+    "ENTRODROP_MAX_SWEEP_TOKENS": (131072, "trade-off sweep: criteria x counts x development windows x tokens"),
     "ENTRODROP_MAX_SEARCH_TOKENS": (524288, "trade-off sweep: the most calibration tokens recommended's search "
                                             "and final comparison may read over all counts"),
     "ENTRODROP_MAX_PREFILL_TOKENS": (1024, "prefill tokens of the latency check"),

@@ -84,7 +84,7 @@ class Session:
     device: str = "auto"
     model_name: str = ""
     num_layers: int = 0
-    data: dict | None = None  # load_corpus kwargs of the last calibration (the check reads its held-out part)
+    data: dict | None = None  # load_corpus kwargs of the last calibration (the check reads its report part)
     scores: Scores | None = None
     costs: BlockCosts | None = None
     kind: str = "attn"

@@ -1,7 +1,11 @@
-"""Step 3's trade-off panel: one sweep of every criterion at every count, drawn as held-out perplexity
-against the expected speed-up (or the parameters removed); picking a point ticks that plan in step 3.
+"""Step 3's trade-off panel: one sweep of every criterion at every count, drawn as perplexity against the
+expected speed-up (or the parameters removed); picking a point ticks that plan in step 3.
 
-The sweep runs the model (held-out checks, and the measured criteria pick on calibration windows), so
+A visitor picks a plan by these numbers, so they are measured on the **development** part of the text
+(:mod:`entrodrop.split`): step 4's check then scores the picked plan on the report part, which the pick
+never saw. The measured criteria choose on the calibration part, as everywhere.
+
+The sweep runs the model (development-part checks, and the measured criteria pick on calibration windows), so
 it is a model job that takes turns on the shared model; Stop in step 3 ends it."""
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .limits import Budget, whole_number
 from .state import Session, error, model_events, model_job, need_scores, sharing_note, user_errors
 
 DEFAULT_CRITERIA = ("recommended", "entrodrop", "cosine", "angular")
+SWEEP_PART = "development"  # what the sweep scores: never the report part the check reads
 DEFAULT_COUNTS = "0,2,4,6,8"
 X_AXES = {"expected speed-up": "expected_speedup", "share of parameters removed": "params_removed_share"}
 
@@ -41,7 +46,7 @@ class TradeoffTab:
 def create_ui() -> TradeoffTab:
     """Lay out the panel (inside step 3, below the choice)."""
     tab = TradeoffTab()
-    with gr.Accordion("Trade-off: every criterion at every count, measured on held-out text", open=False):
+    with gr.Accordion("Trade-off: every criterion at every count, measured on the development part", open=False):
         with gr.Row():
             tab.criteria = gr.CheckboxGroup(
                 [(get_criterion(n).label, n) for n in (*model_criteria(), *ranked_criteria())],
@@ -49,13 +54,14 @@ def create_ui() -> TradeoffTab:
             with gr.Column(min_width=220):
                 tab.counts = gr.Textbox(DEFAULT_COUNTS, label="Blocks to drop (comma-separated)",
                                         elem_id="tradeoff-counts")
-                tab.windows = gr.Slider(1, 16, value=4, step=1, label="Held-out windows per plan",
+                tab.windows = gr.Slider(1, 16, value=4, step=1, label="Development windows per plan",
                                         elem_id="tradeoff-windows")
                 tab.x_axis = gr.Radio(list(X_AXES), value="expected speed-up", label="Savings axis",
                                       elem_id="tradeoff-x")
                 tab.run_btn = gr.Button("Run the sweep", variant="primary", elem_id="tradeoff-run")
-        tab.status = gr.Markdown("*One sweep scores every criterion at every count on the held-out part of "
-                                 "the calibration text (granularity and protection as set above).*",
+        tab.status = gr.Markdown("*One sweep scores every criterion at every count on the **development** part of "
+                                 "the calibration text (granularity and protection as set above), never on the "
+                                 "report part step 4 checks on, so the check of a picked point stays an honest test.*",
                                  elem_id="tradeoff-status")
         tab.plot = gr.Plot(plots.empty_figure("Run the sweep to draw the trade-off."), elem_id="tradeoff-plot")
         with gr.Row():
@@ -108,7 +114,7 @@ class TradeoffHandlers:
         for name in criteria:
             get_criterion(name)
         counts = parse_counts(counts, scores.num_layers)
-        windows = whole_number(windows, "Held-out windows per plan")
+        windows = whole_number(windows, "Development windows per plan")
         seq_len = int(scores.calibration.get("seq_len", 0))
         seed = int(scores.calibration.get("seed", 0) or 0)
         Budget("ENTRODROP_MAX_SWEEP_TOKENS", len(criteria) * len(counts) * windows * seq_len,
@@ -121,13 +127,13 @@ class TradeoffHandlers:
         session.stop_requested = False
         started = time.monotonic()
         with model_job(session) as (loaded, job):
-            heldout, _ = job.call(load_windows, loaded.tokenizer, session.data, num_samples=windows, seq_len=seq_len,
-                                  seed=seed, part="heldout", config=loaded.model.config)
+            scored, _ = job.call(load_windows, loaded.tokenizer, session.data, num_samples=windows, seq_len=seq_len,
+                                 seed=seed, part=SWEEP_PART, config=loaded.model.config)
             measured = any(get_criterion(c).needs_model for c in criteria)
             selection = job.call(load_windows, loaded.tokenizer, session.data, num_samples=SELECTION_WINDOWS,
                                  seq_len=seq_len, seed=seed, part="calibration",
                                  config=loaded.model.config)[0] if measured else None
-            events = job.steps(iter_sweep(loaded.model, scores, heldout, criteria=criteria, kind=session.kind,
+            events = job.steps(iter_sweep(loaded.model, scores, scored, criteria=criteria, kind=session.kind,
                                           counts=counts, protect=None if session.protect == "default" else session.protect,
                                           selection_windows=selection))
             rows: list[SweepRow] = []
@@ -147,9 +153,11 @@ class TradeoffHandlers:
                    for p in sorted(session.tradeoff, key=lambda p: (p["count"], p["pruned_perplexity"]))]
         best = min((p for p in session.tradeoff if p["count"]), key=lambda p: p["pruned_perplexity"] /
                    max(p["expected_speedup"], 1e-9), default=None)
-        yield {self.tab.status: f"✓ {len(rows)} plans scored on {heldout.shape[0]} held-out windows of {seq_len} "
-                                f"tokens (dense perplexity {rows[0].dense_perplexity:.4g}) in "
-                                f"{time.monotonic() - started:.0f} s. Pick a point to tick its blocks.",
+        yield {self.tab.status: f"✓ {len(rows)} plans scored on {scored.shape[0]} windows of {seq_len} tokens of the "
+                                f"**{SWEEP_PART}** part (dense perplexity {rows[0].dense_perplexity:.4g}) in "
+                                f"{time.monotonic() - started:.0f} s; the measured criteria chose on the calibration "
+                                "part. Pick a point to tick its blocks; step 4 checks it on the report part, which "
+                                "no point was chosen on.",
                self.tab.plot: self._figure(session, x_axis),
                self.tab.point: gr.update(choices=choices, value=f"{best['criterion']}|{best['count']}" if best else None)}
 
