@@ -1,14 +1,16 @@
 """Held-out quality of every criterion at every drop count on the bundled model, from one calibration.
 
     .venv/bin/python benchmarks/bench_sweep.py --kind attn --counts 0-12 [--calib-data gsm8k] \
-        [--eval-data gsm8k] [--calib-samples 32] [--eval-samples 16] [--seq-len 256] [--threads 1] [--json out.json]
+        [--eval-data gsm8k] [--eval-part report] [--calib-samples 32] [--eval-samples 16] [--seq-len 256] \
+        [--threads 1] [--json out.json]
     .venv/bin/python benchmarks/bench_sweep.py --table out.json   # the by-count table of a saved run
 
 One calibration (bucket and knn entropy, the app's and CLI's defaults: 32 windows of 256 tokens) on the
 calibration part of ``--calib-data``; the measured criteria (recommended, ablation) pick on the first
-windows of that same calibration part. Every plan is then scored on the held-out part of
-``--eval-data`` (a different set of documents; another data set for a cross-dataset run): perplexity,
-KL(dense || pruned), top-1 agreement.
+windows of that same calibration part. Every plan is then scored on ``--eval-part`` of ``--eval-data``
+(default the **report** part, which no default-choosing run reads: the headline tables; ``development``
+for a run that tunes something): perplexity, KL(dense || pruned), top-1 agreement, and each window's loss
+for the paired errors.
 
 Criteria, each with its own default protection unless named:
   recommended (ours), ablation (ours), entrodrop as released (knn; layers 0, 1, L-1 protected),
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--counts", type=parse_counts, default=list(range(13)))
     parser.add_argument("--calib-data", default="gsm8k")
     parser.add_argument("--eval-data", default="gsm8k")
+    parser.add_argument("--eval-part", default="report", choices=("report", "development"))
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -104,7 +107,7 @@ def main() -> None:
     calib = make_windows(loaded.tokenizer, load_corpus(args.calib_data), num_samples=args.calib_samples,
                          seq_len=args.seq_len, seed=0)
     heldout = make_windows(loaded.tokenizer, load_corpus(args.eval_data), num_samples=args.eval_samples,
-                           seq_len=args.seq_len, seed=0, part="heldout")
+                           seq_len=args.seq_len, seed=0, part=args.eval_part)
     start = time.perf_counter()
     scores = run_to_end(iter_calibration(loaded.model, calib, spec=loaded.arch))
     calib_s = time.perf_counter() - start
@@ -113,7 +116,7 @@ def main() -> None:
                  selection_windows=calib)
     sweep_s = time.perf_counter() - start
     print(f"{loaded.name}, {args.kind} blocks; calibration {args.calib_data} {calib.shape[0]} x {args.seq_len} "
-          f"({calib_s:.0f} s); held-out {args.eval_data} {heldout.shape[0]} x {args.seq_len} "
+          f"({calib_s:.0f} s); scored on the {args.eval_part} part of {args.eval_data}, {heldout.shape[0]} x {args.seq_len} "
           f"({heldout.numel() - heldout.shape[0]} predicted tokens); sweep {sweep_s:.0f} s")
     print(f"stage boundary (sink-free): {scores.stage_boundary}")
     print(format_sweep_table(rows))
@@ -122,7 +125,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"model": loaded.name, "kind": args.kind, "calib_data": args.calib_data,
-                       "eval_data": args.eval_data, "calib_windows": list(calib.shape),
+                       "eval_data": args.eval_data, "eval_part": args.eval_part, "calib_windows": list(calib.shape),
                        "heldout_windows": list(heldout.shape), "calibration_seconds": calib_s,
                        "sweep_seconds": sweep_s, "stage_boundary": scores.stage_boundary,
                        "rows": [r.to_dict() for r in rows]}, fh, indent=1)

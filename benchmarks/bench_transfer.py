@@ -7,11 +7,12 @@
 For each sweep (its model is the bundled one; its calibration data set is read from the JSON) and each
 count, every distinct plan of the named criteria is measured against the dense model on
 
-* the calibration windows ``recommended``'s final comparison reads (the first ``SELECTION_WINDOWS`` of
-  the sweep's calibration part): mean loss and mean KL(dense || pruned), the two signals a choice made
-  on that text could use;
-* the held-out part of every ``--eval-data`` set: perplexity, and recommended's loss minus every other
-  plan's with the paired standard error over windows, so a gap within noise reads as such.
+* the calibration windows ``recommended``'s race reads (windows 2-17 of the sweep's calibration part, after
+  the search's): mean loss and mean KL(dense || pruned), the two signals a choice made on that text
+  could use;
+* ``--eval-part`` (default the report part) of every ``--eval-data`` set: perplexity, and recommended's
+  loss minus every other plan's with the paired standard error over windows, so a gap within noise
+  reads as such.
 
 A plan that wins on held-out text of another data set while it loses on both calibration signals cannot
 be found from the calibration text: that is a limit of the text, not of the search.
@@ -31,7 +32,7 @@ from entrodrop.evaluate import gap_verdict, iter_compare_many, paired_difference
 from entrodrop.loading import load_model
 from entrodrop.plan import DropPlan
 from entrodrop.progress import run_to_end
-from entrodrop.search import SELECTION_WINDOWS
+from entrodrop.search import MEASURE_WINDOWS, SELECTION_WINDOWS
 
 DEFAULT_CRITERIA = "recommended,ablation,cosine,angular,angular-last"
 
@@ -66,7 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="+", help="JSON files written by bench_sweep.py --json")
     parser.add_argument("--counts", default=None, help="comma-separated counts (default: every count > 0)")
-    parser.add_argument("--eval-data", default="gsm8k,gpqa", help="held-out data sets to score on")
+    parser.add_argument("--eval-data", default="gsm8k,gpqa", help="data sets to score on")
+    parser.add_argument("--eval-part", default="report", choices=("report", "development"))
     parser.add_argument("--criteria", default=DEFAULT_CRITERIA, help="comma-separated sweep labels, or all")
     parser.add_argument("--eval-samples", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -85,9 +87,9 @@ def main() -> None:
             saved = json.load(fh)
         seq_len = saved["calib_windows"][1]
         calib = make_windows(loaded.tokenizer, load_corpus(saved["calib_data"]), num_samples=saved["calib_windows"][0],
-                             seq_len=seq_len, seed=0)[:SELECTION_WINDOWS]
+                             seq_len=seq_len, seed=0)[MEASURE_WINDOWS:SELECTION_WINDOWS]
         heldout = {d: make_windows(loaded.tokenizer, load_corpus(d), num_samples=args.eval_samples, seq_len=seq_len,
-                                   seed=0, part="heldout") for d in eval_sets}
+                                   seed=0, part=args.eval_part) for d in eval_sets}
         counts = ([int(c) for c in args.counts.split(",")] if args.counts
                   else sorted({r["count"] for r in saved["rows"] if r["count"] > 0}))
         for count in counts:
@@ -100,9 +102,10 @@ def main() -> None:
                       "heldout": {d: measure(loaded.model, plans, w, args.batch_size) for d, w in heldout.items()}}
             out.append(result)
             print(f"\n{saved['kind']} x {count}, chosen on {saved['calib_data']} "
-                  f"(calibration: first {calib.shape[0]} windows; held-out: {args.eval_samples} x {seq_len})")
+                  f"(calibration: the race's {calib.shape[0]} windows; {args.eval_part} part: {args.eval_samples} x "
+                  f"{seq_len})")
             width = max(len(label) for label in plans)
-            head = "  ".join(f"{d + ' ppl':>10}" for d in eval_sets)
+            head = "  ".join(f"{d + ' ppl':>10}" for d in eval_sets)  # on the eval part
             print(f"  {'plan':{width}}  {'calib loss':>10}  {'calib KL':>8}  {head}  blocks")
             for label, plan in plans.items():
                 c = result["calibration"][label]
@@ -111,7 +114,7 @@ def main() -> None:
             first, others = next(iter(plans)), list(plans)[1:]
             for d in eval_sets:
                 for line in versus(result["heldout"][d], first, others):
-                    print(f"  held-out {d}: {first} {line}")
+                    print(f"  {args.eval_part} {d}: {first} {line}")
     print(f"\n{time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as fh:

@@ -204,9 +204,9 @@ def test_other_data_sources_and_their_errors(app_url, tiny_dir, tmp_path):
     load(client, tiny_dir)
     with pytest.raises(AppError, match="pasted text is empty"):
         calibrate(client, source="text", text="   ")
-    with pytest.raises(AppError, match="The text does not fit: .* held-out part has \\d+ tokens"):
+    with pytest.raises(AppError, match="The text does not fit: .* report part has \\d+ tokens"):
         calibrate(client, source="text", text="Too short.")
-    with pytest.raises(AppError, match="Could not load 'wikitext:wikitext-2-raw-v1'"):
+    with pytest.raises(AppError, match="Could not load the Hugging Face data set 'wikitext:wikitext-2-raw-v1'"):
         calibrate(client, source="hub", hub_name="wikitext:wikitext-2-raw-v1")
     with pytest.raises(AppError, match="at least one entropy estimator"):
         calibrate(client, estimators=[])
@@ -295,7 +295,7 @@ def test_stop_search_is_answered_at_once(ready):
 def test_tradeoff_sweep_draws_every_criterion_and_a_picked_point_ticks_its_plan(ready, monkeypatch):
     status, plot, point = ready.predict(criteria=["recommended", "cosine"], counts="0,1,2", windows=2,
                                         x_axis="expected speed-up", api_name="/tradeoff")
-    assert "6 plans scored" in status and "held-out windows" in status
+    assert "6 plans scored" in status and "of the **development** part" in status
     names = [t.get("name") for t in json.loads(plot["plot"])["data"]]
     assert "recommended" in names and "cosine" in names
     labels = {value: label for label, value in point["choices"]}
@@ -317,6 +317,34 @@ def test_tradeoff_sweep_draws_every_criterion_and_a_picked_point_ticks_its_plan(
     status, *_ = ready.predict(criteria=["cosine"], counts="0,1", windows=1, x_axis="expected speed-up",
                                api_name="/tradeoff")  # other criteria do not search
     assert "plans scored" in status
+
+
+def test_no_window_is_both_in_the_tradeoff_sweep_and_in_the_check(ready, monkeypatch):
+    """The sweep a visitor picks a plan from and the check that reports on the pick read disjoint windows:
+    record every window each reads through the app, and no window (nor any 16-token run) is in both."""
+    import entrodrop.checks as checks
+    import entrodrop.ui.tradeoff as tradeoff
+
+    read: dict[str, list] = {"sweep": [], "check": []}
+    real = checks.load_windows
+
+    def spying(who):
+        def load(*args, **kwargs):
+            windows, described = real(*args, **kwargs)
+            if described["part"] != "calibration":  # what the measured criteria choose on is read apart
+                read[who].append((windows.clone(), described["part"]))
+            return windows, described
+        return load
+
+    monkeypatch.setattr(tradeoff, "load_windows", spying("sweep"))
+    monkeypatch.setattr(checks, "load_windows", spying("check"))
+    ready.predict(criteria=["cosine"], counts="0,1", windows=8, x_axis="expected speed-up", api_name="/tradeoff")
+    select(ready, criterion="cosine", kind="attn", count=1, estimator="default", protect="default")
+    ready.predict(n_windows=8, seq_len=64, measure_speed=False, api_name="/run_check")
+    assert {p for _, p in read["sweep"]} == {"development"} and {p for _, p in read["check"]} == {"report"}
+    runs = [{tuple(w[i:i + 16].tolist()) for windows, _ in read[who] for w in windows for i in range(0, 48, 16)}
+            for who in ("sweep", "check")]
+    assert runs[0] and runs[1] and not runs[0] & runs[1]
 
 
 def test_selection_ticks_tables_and_disagreement(ready):
@@ -394,7 +422,7 @@ def test_check_and_generation_leave_the_shared_model_unchanged(ready, tiny_dir):
     assert sum("Quality: window" in str(out[0]) for out in job.outputs()) == 3
     assert any("s left" in str(out[0]) or "almost done" in str(out[0]) for out in job.outputs())
     rows = {r["measure"]: r for r in table_rows(table)}
-    assert float(rows["perplexity (held-out)"]["dense"]) > 1
+    assert float(rows["perplexity (report part)"]["dense"]) > 1
     assert rows["top-1 agreement with dense"]["dense"] == "100%"
     assert rows["prefill latency, 32 tokens"]["pruned"].endswith(" ms")
     dense, pruned = ready.predict(prompt="What is 12 + 30?", max_new=5, api_name="/generate")
@@ -496,7 +524,7 @@ def test_bundled_model_flow(app_url):
     status, _verdict, table, *_ = client.predict(n_windows=2, seq_len=64, measure_speed=True, prefill=32, decode=4,
                                    api_name="/run_check")
     rows = {r["measure"]: r for r in table_rows(table)}
-    assert 1 < float(rows["perplexity (held-out)"]["dense"]) < 1000
+    assert 1 < float(rows["perplexity (report part)"]["dense"]) < 1000
     assert rows["parameters"]["change"].startswith("−")
     dense, pruned = client.predict(prompt="What is 2 + 2?", max_new=6, api_name="/generate")
     assert dense.strip()
@@ -522,7 +550,7 @@ def test_gemma_flow_selects_checks_and_exports(app_url, tmp_path):
     assert len(ticks) == 2 and "**Plan: drop 2 blocks**" in out[4] and "recommended" in out[4]
     status, _verdict, table, *_ = client.predict(n_windows=2, seq_len=64, measure_speed=False, api_name="/run_check")
     rows = {r["measure"]: r for r in table_rows(table)}
-    dense, pruned = float(rows["perplexity (held-out)"]["dense"]), float(rows["perplexity (held-out)"]["pruned"])
+    dense, pruned = float(rows["perplexity (report part)"]["dense"]), float(rows["perplexity (report part)"]["pruned"])
     assert 1 < dense < 1000 and dense <= pruned * 1.5  # two attention blocks of 18 cost something, not everything
     status, card, _ = client.predict(name="gemma", api_name="/export")
     assert "Verification PASSED" in status and "gemma-3-270m" in card
@@ -564,7 +592,7 @@ def test_text_that_does_not_fit_is_refused_with_the_length_that_fits(app_url, ti
     assert "**8**" in info or "calibration window(s)" in info
     status, *_ = calibrate(client, **{**text_args, "seq_len": seq_len, "estimators": ["bucket"]})
     assert status.startswith("✓ Done: 8 batches")  # never silently fewer
-    with pytest.raises(AppError, match="held-out part has \\d+ tokens, less than one window"):
+    with pytest.raises(AppError, match="report part has \\d+ tokens, less than one window"):
         calibrate(client, source="text", text="One two three four five six seven eight nine ten. " * 3, samples=1,
                   seq_len=32)
 
