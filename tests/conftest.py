@@ -26,9 +26,10 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained on a few sentences (covers any text), with an eos token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tiny_tokenizer(vocab_size: int = 384, bos: str | None = None):
+    """A byte-level BPE tokenizer trained on a few sentences (covers any text), with an eos token; with
+    ``bos``, also that BOS token, put before every text it encodes (as Gemma's tokenizer does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
@@ -36,12 +37,15 @@ def build_tiny_tokenizer(vocab_size: int = 384):
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[TINY_EOS],
+        special_tokens=[TINY_EOS] + ([bos] if bos else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(_TINY_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS)
+    if bos is None:
+        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS)
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS, bos_token=bos)
 
 
 @pytest.fixture(scope="session")

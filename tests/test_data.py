@@ -443,3 +443,24 @@ def test_window_capacity_counts_each_part_and_offers_a_length_that_fits(tiny_tok
         short.check(1, minimum=8)
     with pytest.raises(ValueError, match="at least 2"):
         window_capacity(tiny_tokenizer, corpus, 1)
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(tiny_tokenizer):
+    """Gemma's tokenizer puts BOS before every text and the model is far off without it (dense perplexity
+    ~400 on gsm8k): its windows start with BOS; a tokenizer that adds none gets none."""
+    from conftest import build_tiny_tokenizer
+
+    from entrodrop.data import window_capacity, window_prefix
+
+    with_bos = build_tiny_tokenizer(bos="<bos>")
+    bos = with_bos.bos_token_id
+    assert window_prefix(with_bos) == [bos] and window_prefix(tiny_tokenizer) == []
+    corpus = load_corpus("gpqa")
+    windows = make_windows(with_bos, corpus, num_samples=6, seq_len=32, part="report")
+    assert windows.shape == (6, 32) and (windows[:, 0] == bos).all() and not (windows[:, 1:] == bos).any()
+    plain = make_windows(tiny_tokenizer, corpus, num_samples=6, seq_len=32, part="report")
+    assert not (plain[:, 0] == bos).all()
+    # the capacity counts what make_windows takes: seq_len - 1 text tokens per window
+    cap = window_capacity(with_bos, corpus, 32)
+    assert cap.prefix == 1 and cap.windows("report") == cap.report_tokens // 31
+    assert make_windows(with_bos, corpus, num_samples=10 ** 6, seq_len=32, part="report").shape[0] == cap.report_windows
