@@ -381,16 +381,10 @@ def _token_stream(tokenizer, corpus: TextCorpus, part: str) -> torch.Tensor:
 
 
 def window_prefix(tokenizer) -> list[int]:
-    """The token ids a window starts with: ``[bos]`` when the tokenizer puts a BOS token before every text
-    it encodes (Gemma: without it the model is far outside what it was trained on, and a dense Gemma
-    3 270M scored perplexity ~400 on gsm8k), else nothing (SmolLM2, GPT-2 style tokenizers)."""
+    """The ids each window starts with: ``[bos]`` where the tokenizer puts BOS before every text (Gemma, far
+    off without it: dense perplexity ~400 on gsm8k), else none (SmolLM2, GPT-2 style tokenizers)."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    try:
-        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    except Exception:  # a tokenizer that cannot encode a probe adds nothing we can see
-        return []
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"] if bos is not None else []
     return [int(bos)] if probe and probe[0] == bos else []
 
 
@@ -501,7 +495,5 @@ def window_capacity(tokenizer, corpus: TextCorpus, seq_len: int) -> WindowCapaci
     instead of using fewer windows than asked."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 tokens (got {seq_len}).")
-    prefix = len(window_prefix(tokenizer))
-    if seq_len <= prefix:
-        raise ValueError(f"seq_len must be more than the {prefix} token(s) each window starts with (got {seq_len}).")
-    return WindowCapacity(seq_len, *(_token_stream(tokenizer, corpus, part).numel() for part in PARTS), prefix=prefix)
+    return WindowCapacity(seq_len, *(_token_stream(tokenizer, corpus, part).numel() for part in PARTS),
+                          prefix=len(window_prefix(tokenizer)))  # seq_len >= 2 > the prefix of at most one BOS
