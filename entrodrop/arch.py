@@ -12,7 +12,10 @@ chains elsewhere. A spec says, relative to the ``*ForCausalLM`` model:
   attention sub-block. The capture hooks use it to reconstruct
   ``Y_l = X_l + attn_residual(...)`` exactly, for sequential and parallel residuals alike;
 * ``num_layers_key`` and ``per_layer_keys``: the config fields that must change when
-  whole layers are removed.
+  whole layers are removed;
+* ``attn_out`` / ``mlp_out``: the linear layer whose output *is* the sub-block's residual term (nothing
+  between it and the residual add), where a linear map can be folded into its weights (the linear
+  heal, :mod:`entrodrop.heal`); ``None`` where a norm stands between (Gemma 2/3).
 
 Block definitions (see docs/method.md): for a sequential pre-norm layer the attention block
 maps X_l -> Y_l and the MLP block Y_l -> X_{l+1}. For a *parallel* residual
@@ -62,6 +65,8 @@ class ArchSpec:
     # the decoder layer returns a tuple (hidden_states, ...) instead of a tensor (transformers < 5 style)
     layer_output_tuple: bool = False
     parallel_residual_key: str | None = None  # config flag that switches on a parallel residual
+    attn_out: str | None = None  # Linear (or GPT-2 Conv1D) whose output is the attention's residual term
+    mlp_out: str | None = None  # the same for the MLP
     model_types: tuple[str, ...] = field(default=())
     note: str = ""
 
@@ -74,6 +79,8 @@ _LLAMA_LIKE = dict(
     attn=("self_attn", "input_layernorm"),
     mlp=("post_attention_layernorm", "mlp"),
     attn_residual="self_attn",
+    attn_out="self_attn.o_proj",
+    mlp_out="mlp.down_proj",
 )
 _GEMMA2_LIKE = dict(
     layers="model.layers",
@@ -100,6 +107,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         mlp=("ln_2", "mlp"),
         attn_residual="attn",
         num_layers_key="n_layer",
+        attn_out="attn.c_proj",
+        mlp_out="mlp.c_proj",
     ),
     ArchSpec(
         "gpt_neox",
@@ -109,6 +118,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         mlp=("post_attention_layernorm", "mlp"),
         attn_residual="attention",
         parallel_residual_key="use_parallel_residual",
+        attn_out="attention.dense",
+        mlp_out="mlp.dense_4h_to_h",
         note="parallel residual: Y_l is defined as X_l + Attn(LN1(X_l))",
     ),
     ArchSpec(
@@ -119,6 +130,8 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         attn=("self_attn", "self_attn_layer_norm"),
         mlp=("final_layer_norm", "fc1", "fc2"),
         attn_residual="self_attn",
+        attn_out="self_attn.out_proj",
+        mlp_out="fc2",
         note="pre-norm OPT only (do_layer_norm_before=True); OPT-350m's post-norm is refused",
     ),
 )

@@ -70,16 +70,21 @@ def capture_residuals(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Iterator[ResidualCapture]:
-    """Register the capture hooks for the duration of the ``with`` block; always remove them."""
+    """Register the capture hooks for the duration of the ``with`` block; always remove them.
+
+    Works under :func:`~entrodrop.prune.preview_plan` too (enter the preview first): a skipped layer's
+    X_{l+1} and Y_l are its X_l, a skipped sub-block adds nothing."""
     spec = spec or get_arch(model)
     layers = get_layers(model, spec)
     cap = ResidualCapture(num_layers=len(layers), device=torch.device(device), dtype=dtype)
     handles = []
 
-    def on_layer_input(idx: int):
+    def on_layer_input(idx: int, skipped: bool):
         def hook(_module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             cap.x[idx] = cap._store(hidden)
+            if skipped:  # a whole layer skipped by a preview adds nothing: Y_l = X_l
+                cap.y[idx] = cap.x[idx]
 
         return hook
 
@@ -100,10 +105,14 @@ def capture_residuals(
 
     try:
         for idx, layer in enumerate(layers):
-            handles.append(layer.register_forward_pre_hook(on_layer_input(idx), with_kwargs=True))
+            try:
+                attn_out = get_module(layer, spec.attn_residual)
+            except AttributeError:  # the stand-in of a whole layer a preview skips
+                attn_out = None
+            handles.append(layer.register_forward_pre_hook(on_layer_input(idx, attn_out is None), with_kwargs=True))
             handles.append(layer.register_forward_hook(on_layer_output(idx)))
-            attn_out = get_module(layer, spec.attn_residual)
-            handles.append(attn_out.register_forward_hook(on_attn_contribution(idx)))
+            if attn_out is not None:
+                handles.append(attn_out.register_forward_hook(on_attn_contribution(idx)))
         yield cap
     finally:
         for handle in handles:

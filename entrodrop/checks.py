@@ -299,8 +299,10 @@ def iter_checks(
     warmup: int = 1,
     prompts: Sequence[str] = (),
     max_new_tokens: int = 32,
+    pruned_model: nn.Module | None = None,
 ) -> Iterator[ProgressEvent]:
-    """Run the checks of ``plan`` against the dense ``model``, streaming progress.
+    """Run the checks of ``plan`` against the dense ``model``, streaming progress. The pruned model is
+    ``model`` under a preview of ``plan``, or ``pruned_model`` (physically pruned, e.g. healed) when given.
 
     Quality runs on ``windows``, or on ``eval_samples`` held-out windows of ``seq_len`` tokens read
     from ``data`` (``load_corpus`` keyword arguments; stage ``read`` comes first); neither, or
@@ -315,20 +317,22 @@ def iter_checks(
         yield ProgressEvent("read", 1, 1, dataclasses.replace(result))
     ran = False
     if windows is not None:
-        for event in iter_compare(model, plan, windows, batch_size=batch_size):
+        for event in iter_compare(model, plan, windows, batch_size=batch_size, pruned_model=pruned_model):
             result.quality = event.partial
             yield ProgressEvent(event.stage, event.done, event.total, dataclasses.replace(result))
         ran = True
     if speed:
         for event in iter_measure_speed(model, plan, tokenizer, prefill_tokens=prefill_tokens,
-                                        decode_tokens=decode_tokens, repeats=repeats, warmup=warmup):
+                                        decode_tokens=decode_tokens, repeats=repeats, warmup=warmup,
+                                        pruned_model=pruned_model):
             if event.partial is not None:
                 result.speed = event.partial
             yield ProgressEvent(event.stage, event.done, event.total, dataclasses.replace(result))
         ran = True
     prompts = list(prompts)
     if prompts and max_new_tokens > 0:
-        for event in iter_side_by_side(model, plan, tokenizer, prompts, max_new_tokens=max_new_tokens):
+        for event in iter_side_by_side(model, plan, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                       pruned_model=pruned_model):
             result.generations = [_from_fields(Generation, row) for row in event.partial]
             yield ProgressEvent(event.stage, event.done, event.total, dataclasses.replace(result))
         ran = True
@@ -337,7 +341,7 @@ def iter_checks(
 
 
 # -- history ---------------------------------------------------------------------------------------
-HISTORY_COLUMNS = ("#", "plan", "criterion", "count", "perplexity", "KL", "top-1", "speed-up", "verdict")
+HISTORY_COLUMNS = ("#", "plan", "criterion", "count", "healed", "perplexity", "KL", "top-1", "speed-up", "verdict")
 
 
 def plan_key(plan: DropPlan) -> str:
@@ -354,6 +358,7 @@ class CheckRecord:
     plan: DropPlan
     result: ChecksResult
     criterion_label: str = ""
+    healed: str = ""  # "" for the plan as dropped; else how it was healed ("lora, 40 steps"), checked apart
 
     @property
     def verdict(self) -> Verdict | None:
@@ -361,20 +366,22 @@ class CheckRecord:
 
     @property
     def key(self) -> str:
-        return plan_key(self.plan)
+        """The plan's blocks, and for a healed model how it was healed: checks of one key compare alike."""
+        return plan_key(self.plan) + (f"|healed: {self.healed}" if self.healed else "")
 
     def title(self) -> str:
-        return f"#{self.number} {self.plan.criterion}, {len(self.plan.blocks)} blocks"
+        healed = f", healed ({self.healed})" if self.healed else ""
+        return f"#{self.number} {self.plan.criterion}, {len(self.plan.blocks)} blocks{healed}"
 
     def to_dict(self) -> dict:
         return {"number": self.number, "plan": self.plan.to_dict(), "result": self.result.to_dict(),
-                "criterion_label": self.criterion_label}
+                "criterion_label": self.criterion_label, "healed": self.healed}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> CheckRecord:
         return cls(number=int(data["number"]), plan=DropPlan.from_dict(data["plan"]),
                    result=ChecksResult.from_dict(data.get("result")),
-                   criterion_label=str(data.get("criterion_label", "")))
+                   criterion_label=str(data.get("criterion_label", "")), healed=str(data.get("healed", "")))
 
 
 def _short_plan(plan: DropPlan, limit: int = 60) -> str:
@@ -389,6 +396,7 @@ def history_frame(records: Sequence[CheckRecord]) -> pd.DataFrame:
         q, s, v = r.result.quality, r.result.speed, r.verdict
         rows.append({
             "#": r.number, "plan": _short_plan(r.plan), "criterion": r.plan.criterion, "count": len(r.plan.blocks),
+            "healed": r.healed or "—",
             "perplexity": f"{_fmt(q.pruned_perplexity)} ({_times(q.perplexity_ratio, 2)})" if q else "—",
             "KL": _fmt(q.kl_mean, 3) if q else "—",
             "top-1": f"{100 * q.top1_agreement:.1f}%" if q else "—",
@@ -402,7 +410,7 @@ def side_by_side_frame(a: CheckRecord, b: CheckRecord) -> pd.DataFrame:
     """Two checks measure by measure (quality, speed and generations), with the verdicts on top."""
     def cells(record: CheckRecord) -> dict[str, str]:
         out = {"verdict": record.verdict.text if record.verdict else "—",
-               "plan": f"{record.plan.criterion}: {_short_plan(record.plan, 200)}"}
+               "plan": f"{record.plan.criterion}: {_short_plan(record.plan, 200)}", "healed": record.healed or "no"}
         out.update({row.measure: f"{row.pruned} {row.change}".strip() for row in check_rows(record.result)})
         return out
 

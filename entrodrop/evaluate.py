@@ -325,9 +325,11 @@ def iter_measure_speed(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    pruned_model: nn.Module | None = None,
 ) -> Iterator[ProgressEvent]:
     """Time dense and pruned alternately (warm-up rounds discarded); the last event's ``partial`` is
-    the :class:`SpeedReport` with medians over ``repeats`` rounds."""
+    the :class:`SpeedReport` with medians over ``repeats`` rounds. The pruned model is ``model`` under a
+    preview of ``plan``, or ``pruned_model`` (a physically pruned copy, e.g. a healed one) when given."""
     if repeats < 1 or prefill_tokens < 1 or decode_tokens < 1:
         raise ValueError("repeats, prefill_tokens and decode_tokens must all be at least 1.")
     config = model.config
@@ -345,8 +347,11 @@ def iter_measure_speed(
     for r in range(rounds):
         with torch.inference_mode():  # per round, never across a yield (grad modes are thread-local)
             dense = time_prefill_and_decode(model, ids, decode_tokens)
-            with preview_plan(model, plan):
-                pruned = time_prefill_and_decode(model, ids, decode_tokens)
+            if pruned_model is not None:
+                pruned = time_prefill_and_decode(pruned_model, ids.to(input_device(pruned_model)), decode_tokens)
+            else:
+                with preview_plan(model, plan):
+                    pruned = time_prefill_and_decode(model, ids, decode_tokens)
         if r >= warmup:
             dense_runs.append(dense)
             pruned_runs.append(pruned)

@@ -373,3 +373,27 @@ def check_history_figure(records: Sequence) -> go.Figure:
                       xaxis_title="blocks dropped", yaxis_title="perplexity ÷ dense (log)", yaxis_type="log",
                       legend={"orientation": "h", "y": -0.3, "title": {"text": "verdict"}})
     return fig
+
+
+def heal_figure(history: Sequence[Mapping], *, method: str = "lora", best_step: int | None = None) -> go.Figure:
+    """A heal as it runs: the training loss per step and the validation KL where it was measured (nats per
+    token, step 0 being the model as dropped), the kept step marked."""
+    fig = go.Figure()
+    train = [(h["step"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
+    val = [(h["step"], h["val_kl"]) for h in history if h.get("val_kl") is not None]
+    if train:
+        fig.add_trace(go.Scatter(x=[s for s, _ in train], y=[v for _, v in train], mode="lines", name="training loss",
+                                 line={"color": "#9aa5b1"}))
+    if val:
+        fig.add_trace(go.Scatter(x=[s for s, _ in val], y=[v for _, v in val], mode="lines+markers",
+                                 name="validation KL (dense ‖ model)", line={"color": "#1f77b4"}))
+    if best_step is not None and val:
+        kept = [v for s, v in val if s == best_step]
+        if kept:
+            fig.add_trace(go.Scatter(x=[best_step], y=kept, mode="markers", name="kept",
+                                     marker={"size": 13, "color": "#2a9d4b", "symbol": "star"}))
+    fig.update_layout(template="plotly_white", height=300, margin={"l": 55, "r": 15, "t": 40, "b": 45},
+                      title={"text": f"{method} heal: nats per token on calibration windows", "font": {"size": 14}},
+                      xaxis_title="step (0: as dropped)", yaxis_title="nats per token",
+                      legend={"orientation": "h", "y": -0.3})
+    return fig

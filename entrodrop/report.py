@@ -25,8 +25,8 @@ import pandas as pd
 
 from . import costs
 from .arch import BLOCK_KINDS, kind_label
-from .evidence import spearman
 from .criteria import get_criterion, ranked_criteria, resolve_estimator
+from .evidence import spearman
 from .plan import DropPlan
 from .race import COMPARE_WINDOWS, race_lines
 from .scores import Scores

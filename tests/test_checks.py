@@ -140,8 +140,9 @@ def test_history_and_side_by_side(measured, plan):
     other = DropPlan(LAYERS, plan.blocks, criterion="cosine")
     records = [CheckRecord(1, plan, measured), CheckRecord(2, other, damaged)]
     table = history_frame(records)
-    assert list(table.columns) == ["#", "plan", "criterion", "count", "perplexity", "KL", "top-1", "speed-up",
-                                   "verdict"]
+    assert list(table.columns) == ["#", "plan", "criterion", "count", "healed", "perplexity", "KL", "top-1",
+                                   "speed-up", "verdict"]
+    assert table["healed"].tolist() == ["—", "—"]
     assert table["criterion"].tolist() == ["manual", "cosine"] and table["count"].tolist() == [1, 1]
     assert table["verdict"][1].startswith("damaged: perplexity ×12.2")
     assert table["speed-up"][1] == "—" and table["speed-up"][0].startswith("×")
@@ -153,3 +154,16 @@ def test_history_and_side_by_side(measured, plan):
     assert dict(zip(both["measure"], both["#1 manual, 1 blocks"], strict=True))["generation: p"] == "—"
     again = CheckRecord.from_dict(records[1].to_dict())
     assert again.verdict == records[1].verdict and again.plan.criterion == "cosine"
+
+
+def test_a_healed_check_is_kept_apart_from_the_plan_as_dropped(measured, plan):
+    from entrodrop.checks import CheckRecord, history_frame, side_by_side_frame
+
+    dropped, healed = CheckRecord(1, plan, measured), CheckRecord(2, plan, measured, healed="lora, 40 step(s)")
+    assert dropped.key != healed.key and healed.key.startswith(dropped.key)  # a heal never stands for the drop
+    assert healed.title() == "#2 manual, 1 blocks, healed (lora, 40 step(s))"
+    assert history_frame([dropped, healed])["healed"].tolist() == ["—", "lora, 40 step(s)"]
+    both = side_by_side_frame(dropped, healed)
+    assert dict(zip(both["measure"], both[healed.title()], strict=True))["healed"] == "lora, 40 step(s)"
+    assert CheckRecord.from_dict(healed.to_dict()).healed == "lora, 40 step(s)"
+    assert CheckRecord.from_dict({k: v for k, v in dropped.to_dict().items() if k != "healed"}).healed == ""

@@ -63,3 +63,24 @@ def test_cli_errors_are_one_clear_line(scan_json, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert main(["select", str(tmp_path / "none.json"), "--count", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["linear", "lora"])
+def test_heal_checks_both_models_and_exports_the_healed_one(tiny_dir, tmp_path, capsys, method):
+    from transformers import AutoModelForCausalLM
+
+    out, report = tmp_path / "healed", tmp_path / "heal.json"
+    code = main(["heal", tiny_dir, "--plan", "layer:2", "--data", "gsm8k", "--seq-len", "40", "--method", method,
+                 "--steps", "3", "--train-windows", "6", "--val-windows", "2", "--batch-windows", "2",
+                 "--eval-samples", "2", "--max-new-tokens", "0", "--out", str(out), "--json", str(report)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "Verification PASSED" in printed
+    assert f"{method} heal:" in printed and "the plan as dropped:" in printed and f"healed ({method}):" in printed
+    record = json.loads(report.read_text())["heal"]
+    assert record["method"] == method and record["train_windows"] == 6 and record["val_windows"] == 2
+    assert record["before"]["num_windows"] == record["after"]["num_windows"] == 2  # the same report windows
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3  # vanilla reload, no peft
+    assert "## Healing" in (out / "README.md").read_text()
+    # a bad setting fails before the model loads, with the option's name
+    assert main(["heal", tiny_dir, "--plan", "layer:2", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "steps" in capsys.readouterr().err

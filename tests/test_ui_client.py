@@ -458,7 +458,58 @@ def test_checks_stay_in_history_and_a_failed_one_erases_nothing(ready):
     assert first[0].startswith("✓ Check #1")
 
 
-# -- 5. export -----------------------------------------------------------------------------------------
+# -- 5. heal -------------------------------------------------------------------------------------------
+HEAL = dict(method="lora", steps=4, minutes=2, rank=4, lr=3e-3, targets="all", loss="kl", windows=4)
+
+
+def test_heal_works_on_a_copy_checks_beside_the_drop_and_exports_the_healed_model(ready, tiny_dir, tmp_path):
+    select(ready, criterion="entrodrop", kind="layer", count=1, estimator="bucket", protect="none")
+    before, module_types, model = shared_model_state(tiny_dir)
+    job = ready.submit(**HEAL, api_name="/heal")
+    status, curve, result, table, note, history, *_ = job.result(timeout=300)
+    assert status.startswith("✓ Healed in") and "lora heal: 4 step(s) on 4 calibration windows" in result
+    assert any("▶ lora step 2/4" in str(out[0]) for out in job.outputs())  # progress streamed per step
+    assert any("lora heal" in plot_title(out[1]) for out in job.outputs() if "plot" in out[1])  # the live curve
+    rows = {r["measure"]: r for r in table_rows(table)}
+    assert list(rows["perplexity"]) == ["measure", "dense", "dropped", "healed"]
+    checks = table_rows(history)
+    assert [r["healed"] for r in checks[-2:]] == ["—", "lora, 4 step(s)"]  # the drop and its heal, side by side
+    assert rows["perplexity"]["dropped"] in checks[-2]["perplexity"] and rows["perplexity"]["healed"] in checks[-1]["perplexity"]
+    assert "A healed model of these blocks is kept" in note
+    after = model.state_dict()  # the shared model is only read
+    assert all(torch.equal(before[k], after[k]) for k in before) and [type(m).__name__ for m in model.modules()] == module_types
+    status, card, _ = ready.predict(name="healed", api_name="/export")
+    assert status.startswith("✓ Exported the model healed with lora as 'healed'") and "Verification PASSED" in status
+    assert "healed with lora" in card and "## Healing" in card and "won back" in card
+    status, card, _ = ready.predict(name="plain", healed=False, api_name="/export")
+    assert status.startswith("✓ Exported the pruned model as 'plain'") and "## Healing" not in card
+    # another plan: the healed model is of other blocks, so the export is the plain drop
+    select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="none")
+    status, card, _ = ready.predict(name="other", api_name="/export")
+    assert status.startswith("✓ Exported the pruned model") and "## Healing" not in card
+
+
+def test_linear_heal_and_bad_heal_requests(ready, monkeypatch):
+    select(ready, criterion="entrodrop", kind="layer", count=1, estimator="bucket", protect="none")
+    status, _curve, result, *_ = ready.predict(**{**HEAL, "method": "linear"}, api_name="/heal")
+    assert status.startswith("✓ Healed") and "linear heal: one closed-form fit per span" in result
+    monkeypatch.setenv("ENTRODROP_MAX_HEAL_STEPS", "3")  # the operator's limits, read per request
+    with pytest.raises(AppError, match=r"4 steps = 4, over its limit of 3 .*ENTRODROP_MAX_HEAL_STEPS"):
+        ready.predict(**HEAL, api_name="/heal")
+    monkeypatch.setenv("ENTRODROP_MAX_HEAL_RANK", "2")
+    with pytest.raises(AppError, match="ENTRODROP_MAX_HEAL_RANK"):
+        ready.predict(**{**HEAL, "steps": 2}, api_name="/heal")
+    monkeypatch.delenv("ENTRODROP_MAX_HEAL_STEPS")
+    monkeypatch.delenv("ENTRODROP_MAX_HEAL_RANK")
+    with pytest.raises(AppError, match="not in the list of choices"):  # gradio refuses it before the handler
+        ready.predict(**{**HEAL, "method": "magic"}, api_name="/heal")
+    monkeypatch.setenv("ENTRODROP_MAX_HEAL_MINUTES", "1")
+    with pytest.raises(AppError, match="2 minutes = 2, over its limit of 1 .*ENTRODROP_MAX_HEAL_MINUTES"):
+        ready.predict(**HEAL, api_name="/heal")
+    assert ready.predict(api_name="/stop_heal").startswith("■ Stopping")
+
+
+# -- 6. export -----------------------------------------------------------------------------------------
 def test_export_verifies_zips_and_reloads(ready, tiny_dir, tmp_path):
     select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="none")
     ready.predict(n_windows=2, seq_len=32, measure_speed=False, api_name="/run_check")

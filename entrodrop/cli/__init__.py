@@ -1,6 +1,6 @@
 """The ``entrodrop`` command line: one module per command over the library API.
 
-:mod:`.scan`, :mod:`.select`, :mod:`.prune`, :mod:`.evaluate` (``eval``), :mod:`.sweep` and
+:mod:`.scan`, :mod:`.select`, :mod:`.prune`, :mod:`.heal`, :mod:`.evaluate` (``eval``), :mod:`.sweep` and
 :mod:`.claims` each register their subcommand; :mod:`.common` holds the shared options, loading, calibration and the
 tqdm adapter fed by the same events the web app streams; :mod:`.checks` the checks ``prune`` and
 ``eval`` run. Imports only go from a command to ``common``/``checks``/``select``, never back.
@@ -12,12 +12,12 @@ import argparse
 import logging
 import sys
 
-from . import claims, evaluate, prune, scan, select, sweep
+from . import claims, evaluate, heal, prune, scan, select, sweep
 from .common import check_args
 
 logger = logging.getLogger("entrodrop")
 
-_COMMANDS = (scan, select, prune, evaluate, sweep, claims)  # the order `entrodrop --help` lists them in
+_COMMANDS = (scan, select, prune, heal, evaluate, sweep, claims)  # the order `entrodrop --help` lists them in
 
 
 def build_parser() -> argparse.ArgumentParser:

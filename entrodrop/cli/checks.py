@@ -28,14 +28,15 @@ def add_check_args(p: argparse.ArgumentParser, *, speed_default: bool) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timing rounds (median reported)")
 
 
-def run_checks(args, loaded, plan):
-    """Quality on held-out windows, optional speed, greedy generations: the
-    :class:`~entrodrop.checks.ChecksResult` the table and the card show."""
+def run_checks(args, loaded, plan, pruned_model=None):
+    """Quality on the report part, optional speed, greedy generations: the
+    :class:`~entrodrop.checks.ChecksResult` the table and the card show (of ``pruned_model``, a physically
+    pruned copy such as a healed one, when given; else of the plan's preview)."""
     from ..checks import iter_checks
 
     events = iter_checks(
         loaded.model, plan, loaded.tokenizer, data=data_from_args(args), eval_samples=args.eval_samples,
         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, speed=args.speed,
         prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats,
-        prompts=args.prompt or DEFAULT_PROMPTS, max_new_tokens=args.max_new_tokens)
+        prompts=args.prompt or DEFAULT_PROMPTS, max_new_tokens=args.max_new_tokens, pruned_model=pruned_model)
     return progress_bar(events, "checks").partial

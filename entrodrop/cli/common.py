@@ -77,7 +77,8 @@ def add_selection_args(p: argparse.ArgumentParser, *, count_required: bool = Fal
 # option -> smallest value it takes (argparse checks types; these are the ranges)
 _MINIMUM = {"samples": 1, "seq_len": 2, "batch_size": 1, "bins": 2, "knn_k": 1, "skip_first": 0, "seed": 0,
             "eval_samples": 0, "max_new_tokens": 0, "prefill_tokens": 1, "decode_tokens": 1, "repeats": 1,
-            "count": 0}
+            "count": 0, "steps": 1, "rank": 1, "train_windows": 1, "val_windows": 1, "batch_windows": 1,
+            "validate_every": 1}
 
 
 def check_args(args) -> None:
@@ -174,7 +175,7 @@ def progress_bar(events, desc: str, *, keep_partial: bool = False, postfix=None)
 
     last = None
     stage = None
-    with tqdm(desc=desc, file=sys.stderr) as bar:
+    with tqdm(desc=desc, file=sys.stderr, disable=None) as bar:  # a bar on a terminal, quiet in scripts
         try:
             for last in events:
                 if last.stage != stage:

@@ -41,6 +41,40 @@ def reload_hint(subblocks: bool, remote_code: bool) -> str:
     return hint
 
 
+def heal_lines(heal: dict) -> list[str]:
+    """The card's healing section: method, what it taught on, steps and time, before and after."""
+    settings = heal.get("settings") or {}
+    data = heal.get("data") or {}
+    where = f"the {data.get('part', 'calibration')} part of {data['data']}" if data.get("data") else "calibration text"
+    if heal["method"] == "lora":
+        how = (f"LoRA distillation (rank {settings.get('rank')}, targets {settings.get('targets')}, lr "
+               f"{settings.get('lr')}, loss {settings.get('loss')}), {heal['steps_done']} step(s) of "
+               f"{settings.get('batch_windows')} window(s), adapters merged into the weights (no peft needed)")
+    else:
+        how = ("a linear map per removed span, fitted by ridge least squares and folded into the output projection "
+               "of the kept block before it (same architecture as the pruned model)")
+    lines = [f"- Method: **{heal['method']}**: {how}.",
+             f"- Taught on {heal['train_windows']} windows of {heal['seq_len']} tokens from {where}; the state kept is "
+             f"the best on {heal['val_windows']} other calibration windows (step {heal['best_step']}).",
+             f"- Time: {heal['seconds']:.0f} s" + (" (stopped early)" if heal.get("stopped") else "") + ".",
+             f"- Validation KL(dense ‖ model): {heal['val_kl_before']:.4f} before, {heal['val_kl_after']:.4f} after "
+             "(nats per token)."]
+    before, after = heal.get("before") or {}, heal.get("after") or {}
+    if before and after:
+        lines += ["", f"Checked on {heal.get('checked_on', 'held-out text')}, which the heal never read:", "",
+                  "| measure | dense | dropped | healed |", "|---|---:|---:|---:|",
+                  f"| perplexity | {before['dense_perplexity']:.4g} | {before['pruned_perplexity']:.4g} | "
+                  f"{after['pruned_perplexity']:.4g} |",
+                  f"| KL(dense ‖ model), nats/token | 0 | {before['kl_mean']:.3g} | {after['kl_mean']:.3g} |",
+                  f"| top-1 agreement with dense | 100% | {100 * before['top1_agreement']:.1f}% | "
+                  f"{100 * after['top1_agreement']:.1f}% |"]
+        if heal.get("recovered") is not None:
+            lines += ["", f"Share of the lost nats won back: {100 * heal['recovered']:.0f}%"
+                          + (f" ± {100 * heal['recovered_error']:.0f}%" if heal.get("recovered_error") else "") + "."]
+    lines += [f"- Note: {note}." for note in heal.get("notes") or []]
+    return lines
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -64,7 +98,10 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
     if source.get("name") and source.get("source") == "hub":
         lines.append(f"base_model: {source['name']}")
     label = meta.get("criterion_label") or meta["criterion"]
-    lines += ["---", "", f"# {source.get('name') or 'model'} — {len(plan['blocks'])} block(s) dropped with {label}", ""]
+    heal = meta.get("heal") or {}
+    healed = f", healed with {heal['method']}" if heal else ""
+    lines += ["---", "", f"# {source.get('name') or 'model'} — {len(plan['blocks'])} block(s) dropped with {label}"
+                         f"{healed}", ""]
     lines.append(
         f"Pruned from **{source.get('name') or 'an unnamed model'}** ({source.get('family')}, "
         f"{plan['num_layers']} layers) by dropping {len(plan['blocks'])} block(s) chosen with the "
@@ -96,9 +133,11 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
     if calibration:
         lines += ["", "## Calibration", ""]
         lines += [f"- {k}: {_fmt(v)}" for k, v in calibration.items() if not isinstance(v, (dict, list))]
+    if heal:
+        lines += ["", "## Healing", "", *heal_lines(heal)]
     checks = meta.get("checks") or {}
     if checks:
-        lines += ["", "## Measured checks", ""]
+        lines += ["", "## Measured checks" + (" (of the healed model)" if heal else ""), ""]
         lines.append(checks_markdown(ChecksResult.from_dict(checks)))
     lines += ["", "## Verification", "", verdict, "",
               "The folder was reloaded from disk after writing; its logits on a fixed input were compared with "

@@ -116,6 +116,7 @@ def export_pruned(
     verify: bool = True,
     atol: float | None = None,
     dtype: str | None = None,
+    heal: dict | None = None,
 ) -> ExportResult:
     """Prune ``plan`` out of a copy of ``model``, write it to ``out_dir`` atomically and verify it.
 
@@ -126,6 +127,8 @@ def export_pruned(
     (``ModelSource.of(loaded)`` for a :class:`~entrodrop.loading.LoadedModel`) names the dense model.
     ``write_remote_code`` adds ``modeling_entrodrop.py`` for sub-block plans. ``dtype`` (one of
     :data:`EXPORT_DTYPES`) is what the weights are written in; None means :func:`default_export_dtype`.
+    For a healed model pass ``model=result.model`` (the healed copy, dense layout) and ``heal`` (what the heal
+    measured, :func:`entrodrop.heal.heal_record`): it goes into ``entrodrop.json`` and the card.
 
     Raises before heavy work: TypeError/ValueError for bad arguments, :class:`.TargetNotEmptyError`
     (a ValueError) for a non-empty ``out_dir`` without ``overwrite=True``, PermissionError for an
@@ -148,7 +151,7 @@ def export_pruned(
     with atomic_folder(target) as tmp:
         result = _write_export(model, tokenizer, plan, spec, tmp, target, scores=scores, checks=checks,
                                source=source, write_remote_code=write_remote_code, verify=verify, atol=atol,
-                               dense_params=dense_params, dtype=dtype)
+                               dense_params=dense_params, dtype=dtype, heal=heal)
     result.files = sorted(p.name for p in target.iterdir())
     logger.info("Exported %s to %s: %s", plan.describe(), target, result.verdict)
     return result
@@ -156,7 +159,7 @@ def export_pruned(
 
 def _write_export(model, tokenizer, plan: DropPlan, spec, tmp: Path, target: Path, *, scores, checks,
                   source: ModelSource, write_remote_code: bool, verify: bool, atol, dense_params: int,
-                  dtype: str) -> ExportResult:
+                  dtype: str, heal: dict | None = None) -> ExportResult:
     pruned = prune_model(model, plan)
     pruned.eval()
     gguf = source.is_gguf(pruned)
@@ -225,6 +228,7 @@ def _write_export(model, tokenizer, plan: DropPlan, spec, tmp: Path, target: Pat
         "scores": scores,
         "calibration": scores.get("calibration") if scores else None,
         "checks": checks.to_dict() if checks else None,
+        "heal": heal,
         "verification": {**verification, "verdict": verdict},
         "reload": hint,
         "remote_code": remote_code,

@@ -1,6 +1,6 @@
 """EntroDrop Studio, the Gradio web app: layout and thin handlers over the library.
 
-This package is the only place that imports gradio. Five steps, one tab and one module each, in
+This package is the only place that imports gradio. Six steps, one tab and one module each, in
 the two phases of text-generation-webui: every step's ``create_ui()`` lays out its components
 (returned as a small typed holder), then every step's ``create_event_handlers()`` wires them,
 receiving the other steps' components it writes as arguments:
@@ -14,7 +14,9 @@ receiving the other steps' components it writes as arguments:
 * :mod:`.calibrate` — 2, stream the curves while calibration runs;
 * :mod:`.choose` — 3, automatic selection and ticks;
 * :mod:`.check` — 4, dense vs pruned, side-by-side generations;
-* :mod:`.export` — 5, export and verify, zip, score files, push to the Hub;
+* :mod:`.heal` — 5, win back what the drop cost (linear or LoRA) on a copy, then check it beside the drop
+  (:mod:`.healed` keeps the sessions' healed models, bounded);
+* :mod:`.export` — 6, export and verify (the healed model, when asked), zip, score files, push to the Hub;
 * :mod:`.restore` — a page reload brings the session's results back (per-browser token).
 """
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..loading import DEFAULT_MODEL
-from . import calibrate, check, choose, export, model, restore, storage
+from . import calibrate, check, choose, export, heal, model, restore, storage
 from .access import UploadGate
 from .state import MODEL_CACHE, Session, delete_session, start_preload
 
@@ -53,17 +55,18 @@ CSS = """
 
 @dataclass
 class Steps:
-    """The components of the five steps, as their ``create_ui()`` returned them."""
+    """The components of the six steps, as their ``create_ui()`` returned them."""
 
     model: model.ModelTab
     calibrate: calibrate.CalibrateTab
     choose: choose.ChooseTab
     check: check.CheckTab
+    heal: heal.HealTab
     export: export.ExportTab
 
 
 def create_steps(default_model: str = DEFAULT_MODEL) -> Steps:
-    """Lay out the five tabs (inside an open ``gr.Blocks``); nothing is wired yet."""
+    """Lay out the six tabs (inside an open ``gr.Blocks``); nothing is wired yet."""
     with gr.Tabs(overflow_behavior="wrap"):  # at 400 px every step stays reachable, on two rows
         with gr.Tab("1 · Model", id="tab-model"):
             model_tab = model.create_ui(default_model)
@@ -73,10 +76,12 @@ def create_steps(default_model: str = DEFAULT_MODEL) -> Steps:
             choose_tab = choose.create_ui()
         with gr.Tab("4 · Check", id="tab-check"):
             check_tab = check.create_ui()
-        with gr.Tab("5 · Export", id="tab-export") as export_page:
+        with gr.Tab("5 · Heal", id="tab-heal") as heal_page:
+            heal_tab = heal.create_ui()
+        with gr.Tab("6 · Export", id="tab-export") as export_page:
             export_tab = export.create_ui()
-    export_tab.page = export_page
-    return Steps(model_tab, calibrate_tab, choose_tab, check_tab, export_tab)
+    heal_tab.page, export_tab.page = heal_page, export_page
+    return Steps(model_tab, calibrate_tab, choose_tab, check_tab, heal_tab, export_tab)
 
 
 def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
@@ -89,13 +94,14 @@ def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
         gr.Markdown(INTRO)
         steps = create_steps(default_model)
         page_load = model.create_event_handlers(demo, session, steps.model, steps.calibrate, steps.choose,
-                                                steps.check, steps.export)
+                                                steps.check, steps.export, steps.heal)
         restoring = restore.RestoreHandlers(token, steps)
         page_load.then(restoring.restore, [session, token], restoring.outputs(), api_visibility="private",
                        concurrency_limit=None, show_progress="hidden")
         calibrating = calibrate.create_event_handlers(session, steps.calibrate, steps.check, uploads)
         choose.create_event_handlers(session, steps.choose, steps.calibrate, calibrating)
         check.create_event_handlers(session, steps.check)
+        heal.create_event_handlers(session, steps.heal, steps.check, check.history_updates)
         export.create_event_handlers(session, steps.export)
     uploads.attach(demo)
     demo.queue(default_concurrency_limit=1)

@@ -1,4 +1,4 @@
-"""Step 5, export: write, reload-verify and zip the pruned model and show its card; scores and plots
+"""Step 6, export: write, reload-verify and zip the pruned model and show its card; scores and plots
 as files; push the export to the Hugging Face Hub.
 
 A visitor names the export, never a path: it goes to ``exports/NAME`` in the session's private
@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import plots, report
+from ..checks import ChecksResult
 from ..costs import summarize_plan
 from ..criteria import resolve_estimator
 from ..devices import format_bytes
@@ -32,6 +33,7 @@ from ..export import (
 from ..progress import time_left
 from ..select import plan_from_ticks
 from . import storage
+from .healed import HEALED
 from .state import (
     Session,
     error,
@@ -54,13 +56,14 @@ ZIP_GROUP = "zip"  # zipping reads only the session's files: off the model's gro
 
 
 class ExportTab:
-    """Step 5's components."""
+    """Step 6's components."""
 
     page: gr.Tab  # the step's tab (set by the app): selecting it refreshes plan_note
     plan_note: gr.Markdown
     name: gr.Textbox
     dtype: gr.Dropdown
     overwrite: gr.Checkbox
+    healed: gr.Checkbox
     export_btn: gr.Button
     export_status: gr.Markdown
     download: gr.DownloadButton
@@ -75,7 +78,7 @@ class ExportTab:
 
 
 def create_ui() -> ExportTab:
-    """Lay out step 5 inside the current tab."""
+    """Lay out step 6 inside the current tab."""
     tab = ExportTab()
     tab.plan_note = gr.Markdown("", elem_id="export-plan")
     with gr.Row():
@@ -87,6 +90,8 @@ def create_ui() -> ExportTab:
                                     info="bfloat16/float16 halve the size of float32; the export is verified "
                                          "in the dtype it is written in.")
             tab.overwrite = gr.Checkbox(False, label="Replace my export of the same name", elem_id="export-overwrite")
+            tab.healed = gr.Checkbox(True, label="Export the healed model when step 5 healed these blocks",
+                                     elem_id="export-healed")
             tab.export_btn = gr.Button("Export and verify", variant="primary", elem_id="export-btn")
             tab.export_status = gr.Markdown("", elem_id="export-status")
             tab.download = gr.DownloadButton(DOWNLOAD_LABEL, value=None, interactive=False,
@@ -163,6 +168,10 @@ def plan_note(session: Session, dtype=AUTO_DTYPE) -> str:
     except gr.Error as exc:
         return f"*{exc.message}*"
     lines = [f"**To export:** {plan.describe()} ({plan.criterion}); {size_estimate(session, plan, dtype)}."]
+    kept = HEALED.get(session.healed_key)
+    if kept is not None and kept[0] == _key(plan):
+        lines.append(f"**Healed in step 5:** {kept[1].summary()}. Tick 'Export the healed model' to write it "
+                     "(its card states the method, the data, the steps and the numbers before and after).")
     verdict = verdict_for(session, plan)
     if verdict is not None and verdict.damaged:
         lines.append(f'<div class="status-error" id="export-damaged">⚠ A check found this plan <b>damaged</b> '
@@ -181,10 +190,13 @@ class ExportHandlers:
         self.tab = export_tab
 
     @user_errors
-    def export(self, session: Session, name: str, overwrite: bool, dtype=AUTO_DTYPE):
-        """Write and reload-verify the pruned model under ``name`` in the session's folder; show its card."""
+    def export(self, session: Session, name: str, overwrite: bool, dtype=AUTO_DTYPE, healed=True):
+        """Write and reload-verify the pruned model (the healed one when step 5 healed these blocks and
+        ``healed``) under ``name`` in the session's folder; show its card."""
         plan = plan_to_run(session)
         dtype = resolve_dtype(session, dtype)
+        kept = HEALED.get(session.healed_key) if healed else None
+        heal_entry = kept if kept is not None and kept[0] == _key(plan) else None
         if name is not None and not isinstance(name, str):
             raise error("The export name must be text, e.g. 'my-model-pruned'.")
         name = storage.export_name(name, f"{slug(session.model_name)}-{plan.criterion}-{len(plan.blocks)}{session.kind}")
@@ -206,13 +218,19 @@ class ExportHandlers:
                    self.tab.download: gr.update(value=None, interactive=False, label=DOWNLOAD_LABEL)}
             checked = session.history[-1].result if session.history and session.history[-1].key == _key(plan) \
                 else None  # the card quotes the checks of these blocks only
-            result = job.call(export_pruned, loaded.model, loaded.tokenizer, plan, target, scores=session.scores,
-                              checks=checked, source=ModelSource.of(loaded), overwrite=bool(overwrite), dtype=dtype)
+            source_model, heal = loaded.model, None
+            if heal_entry is not None:  # the healed copy of these blocks, its card quoting the healed checks
+                source_model, heal = heal_entry[1].model, dict(heal_entry[2])
+                checked = ChecksResult.from_dict(heal.pop("checks", None))
+            result = job.call(export_pruned, source_model, loaded.tokenizer, plan, target, scores=session.scores,
+                              checks=checked, source=ModelSource.of(loaded), overwrite=bool(overwrite), dtype=dtype,
+                              heal=heal)
         session.export_dir = result.path
         card = card_for_display((result.path / "README.md").read_text(encoding="utf-8"))
         icon = "✓" if result.ok else "✗"
         hint = result.reload_hint.replace(str(result.path), name)
-        status = (f"{icon} Exported '{name}' ({result.pruned_params:,} of {result.dense_params:,} parameters kept; "
+        what = f"the model healed with {heal_entry[1].method}" if heal_entry is not None else "the pruned model"
+        status = (f"{icon} Exported {what} as '{name}' ({result.pruned_params:,} of {result.dense_params:,} parameters kept; "
                   f"{format_bytes(result.weights_bytes)} in {result.dtype}, ×{result.weights_bytes / result.source_bytes:.2f} "
                   f"the source). {result.verdict}\n\nThe download button below turns on when the zip is ready. After "
                   f"unzipping, reload with:\n```python\n{hint}\n```")
@@ -281,11 +299,11 @@ class ExportHandlers:
 
 
 def create_event_handlers(session: gr.State, export_tab: ExportTab) -> None:
-    """Wire step 5."""
+    """Wire step 6."""
     tab = export_tab
     handlers = ExportHandlers(export_tab)
     light = {"concurrency_limit": None}
-    exporting = tab.export_btn.click(handlers.export, [session, tab.name, tab.overwrite, tab.dtype],
+    exporting = tab.export_btn.click(handlers.export, [session, tab.name, tab.overwrite, tab.dtype, tab.healed],
                                      [tab.export_status, tab.card, tab.download], api_name="export",
                                      show_progress_on=[tab.export_status], **model_events())
     keep_errors(exporting, session, tab.export_status)

@@ -24,6 +24,11 @@ LIMITS = {
     "ENTRODROP_MAX_NEW_TOKENS": (128, "new tokens per side-by-side generation"),
     "ENTRODROP_MAX_TEXT_CHARS": (2_000_000, "characters of pasted text"),
     "ENTRODROP_MODEL_JOBS": (4, "model jobs admitted at once (they take turns on the model between batches)"),
+    "ENTRODROP_MAX_HEAL_STEPS": (60, "training steps of one LoRA heal"),
+    "ENTRODROP_MAX_HEAL_MINUTES": (10, "minutes one heal may run"),
+    "ENTRODROP_MAX_HEAL_RANK": (32, "LoRA rank of a heal"),
+    "ENTRODROP_MAX_HEAL_TOKENS": (16384, "heal: calibration windows taught on x tokens per window"),
+    "ENTRODROP_HEALED_MODELS": (2, "healed models kept in memory for all sessions (the oldest goes first)"),
 }
 
 
@@ -93,6 +98,14 @@ def check_check(windows: int, seq_len: int, *, prefill: int = 0, decode: int = 0
 def check_generation(max_new_tokens: int) -> None:
     """Refuse more new tokens than ``ENTRODROP_MAX_NEW_TOKENS``."""
     Budget("ENTRODROP_MAX_NEW_TOKENS", max_new_tokens, f"{max_new_tokens} new tokens").check()
+
+
+def check_heal(steps: int, minutes: float, rank: int, windows: int, seq_len: int) -> None:
+    """Refuse a heal over its limits (steps, minutes, rank, training tokens)."""
+    Budget("ENTRODROP_MAX_HEAL_STEPS", steps, f"{steps} steps").check()
+    Budget("ENTRODROP_MAX_HEAL_MINUTES", int(minutes + 0.999), f"{minutes:g} minutes").check()
+    Budget("ENTRODROP_MAX_HEAL_RANK", rank, f"rank {rank}").check()
+    Budget("ENTRODROP_MAX_HEAL_TOKENS", windows * seq_len, f"{windows} windows x {seq_len} tokens").check()
 
 
 def check_text(text: str | None) -> None:

@@ -86,9 +86,10 @@ def device_choices() -> list[str]:
 class ModelHandlers:
     """Loading a model, and binding a new page to the preloaded one; both reset every later step."""
 
-    def __init__(self, model_tab, calibrate_tab, choose_tab, check_tab, export_tab):
+    def __init__(self, model_tab, calibrate_tab, choose_tab, check_tab, export_tab, heal_tab=None):
         self.tab, self.calibrate, self.choose, self.check, self.export = (model_tab, calibrate_tab, choose_tab,
                                                                           check_tab, export_tab)
+        self.heal = heal_tab
 
     def outputs(self) -> list:
         """What loading writes, in the order of the ``load_model`` API's outputs."""
@@ -96,7 +97,7 @@ class ModelHandlers:
                 self.calibrate.blocks_plot, self.calibrate.explainer, self.calibrate.calib_status, self.choose.ticks,
                 self.choose.summary, self.choose.table, self.check.check_status, self.check.check_table,
                 self.export.export_status, self.export.card, self.export.download, self.calibrate.norms_plot,
-                self.calibrate.fit_info]
+                self.calibrate.fit_info] + ([self.heal.status, self.heal.result] if self.heal is not None else [])
 
     def bind_model(self, session: Session, spec: str, dtype: str, device: str, facts: dict) -> dict:
         """Point the session at a model and clear every step's results (the updates that say so)."""
@@ -121,6 +122,7 @@ class ModelHandlers:
             self.export.export_status: "",
             self.export.card: "*The model card appears here after the export.*",
             self.export.download: gr.update(value=None, interactive=False),
+            **({self.heal.status: "", self.heal.result: ""} if self.heal is not None else {}),
         }
 
     @user_errors
@@ -194,10 +196,10 @@ class ModelHandlers:
 
 
 def create_event_handlers(demo: gr.Blocks, session: gr.State, model_tab: ModelTab, calibrate_tab, choose_tab,
-                          check_tab, export_tab):
+                          check_tab, export_tab, heal_tab=None):
     """Wire step 1: the Load button and the page load; they write every step's components. Returns the
     page-load event (the app restores a reloaded session after it)."""
-    handlers = ModelHandlers(model_tab, calibrate_tab, choose_tab, check_tab, export_tab)
+    handlers = ModelHandlers(model_tab, calibrate_tab, choose_tab, check_tab, export_tab, heal_tab)
     loading = model_tab.load_btn.click(handlers.load_model, [session, model_tab.bundled, model_tab.model_spec, model_tab.dtype,
                                                    model_tab.device],
                              handlers.outputs(), api_name="load_model", concurrency_id=LOAD_GROUP,

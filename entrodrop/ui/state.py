@@ -49,6 +49,7 @@ from ..plan import DropPlan
 from ..scores import Scores
 from ..select import plan_from_ticks, protected_layers
 from . import storage
+from .healed import HEALED
 from .limits import limit
 from .turns import MODEL_TURNS, ModelJob
 
@@ -111,6 +112,7 @@ class Session:
     history_model: str | None = None  # the model the history was measured on
     last_error: str = ""  # the last message user_errors showed; keep_errors writes it into the step's status
     browser_token: str | None = None  # this browser's key in the reload store (set on page load)
+    healed_key: str | None = None  # this session's entry in the healed-model store (step 5), never shared
     # gr.State deep-copies the default Session for every new session, so nothing here may hold a lock
 
     def reset_results(self) -> None:
@@ -120,20 +122,23 @@ class Session:
         self.checks = ChecksResult()
         self.tradeoff = []
         self.export_dir = None
+        HEALED.discard(self.healed_key)  # healed for the previous model or calibration: nothing to export now
+        self.healed_key = None
         if self.history_model != self.model_spec:  # checks of another model compare nothing with this one
             self.history, self.verdicts = [], {}
             self.history_model = self.model_spec
 
-    def add_check(self, plan: DropPlan, result: ChecksResult) -> CheckRecord:
-        """Keep a finished check in the history and its verdict under the plan's blocks."""
+    def add_check(self, plan: DropPlan, result: ChecksResult, healed: str = "") -> CheckRecord:
+        """Keep a finished check in the history, and its verdict under the plan's blocks (a healed model's
+        check is kept beside them, under its own key: it never stands for the plan as dropped)."""
         number = (self.history[-1].number + 1) if self.history else 1
         record = CheckRecord(number, plan, result, criterion_label=get_criterion(plan.criterion).label_for(plan.blocks[0].kind)
-                             if plan.blocks else get_criterion(plan.criterion).label)
+                             if plan.blocks else get_criterion(plan.criterion).label, healed=healed)
         self.history.append(record)
         del self.history[:-MAX_HISTORY]
         self.history_model = self.model_spec
         if record.verdict is not None:
-            self.verdicts[plan_key(plan)] = record.verdict
+            self.verdicts[record.key] = record.verdict
         return record
 
     def work_path(self) -> Path:
@@ -203,6 +208,7 @@ def delete_session(session: Session) -> None:
     """``gr.State``'s delete callback: remove the session's private folder."""
     if isinstance(session, Session):
         storage.remove_session_folder(session.workdir)
+        HEALED.discard(session.healed_key)
 
 
 def model_events() -> dict:

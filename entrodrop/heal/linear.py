@@ -1,0 +1,193 @@
+"""The linear heal (training-free; ours, after ReplaceMe): a least-squares map folded into the kept weights.
+
+Number the residual writers of a decoder in depth order: the attention of layer l is writer 2l (it takes
+the stream X_l to Y_l), its MLP writer 2l + 1 (Y_l to X_{l+1}); stream S_w enters writer w, so
+S_{2l} = X_l, S_{2l+1} = Y_l and S_{2L} = X_L. A plan removes writers (a whole layer removes two), and
+consecutive removed writers a..b form a *span*: the dense model carries the stream from S_a to S_{b+1}
+through them; the pruned one hands S_a on unchanged.
+
+For each span, the kept writer just before it (w = a - 1) adds its residual term m to S_w, giving S_a.
+We fit a d x d map T so that S_w + T m is as close as possible to the dense model's S_{b+1}:
+
+    T = argmin sum_t || (S_{b+1} - S_w)_t - T m_t ||^2 + lam ||T||^2 = B (A + lam I)^-1,
+    A = sum_t m_t m_t^T,  B = sum_t (S_{b+1} - S_w)_t m_t^T,   lam = ridge * trace(A) / d,
+
+accumulated in float64 over the training windows' tokens (massive-activation tokens left out: one such
+token's norm would outweigh all others). Because m is the output of a linear layer (``o_proj`` or
+``down_proj``, :attr:`~entrodrop.arch.ArchSpec.attn_out` / ``mlp_out``), T folds into its weights:
+W <- T W, b <- T b. The healed model has the pruned model's architecture and reloads in vanilla
+transformers. The map is applied to the writer's *term*, not to the whole stream, because the term is
+what a kept weight produces; the stream itself also carries every earlier writer and the embeddings.
+
+Spans are fitted in depth order on the student with every earlier span already healed, so each fit
+sees the inputs it will get. A span that starts at writer 0 has no writer before it and is left as it
+is (said in the notes). If the fitted maps raise the KL on the validation slice, the unhealed weights
+are kept and the notes say so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..arch import get_arch, get_layers, get_module
+from ..capture import capture_residuals
+from ..devices import input_device
+from ..plan import DropPlan
+from ..progress import ProgressEvent
+from ..prune import preview_plan
+from .core import HealProgress, HealResult, HealSettings, student_copy, validation_kl
+
+logger = logging.getLogger(__name__)
+
+
+def removed_writers(plan: DropPlan) -> set[int]:
+    """The residual writers a plan removes (attention of layer l: 2l, its MLP: 2l + 1)."""
+    removed = set()
+    for b in plan.blocks:
+        if b.kind in ("layer", "attn"):
+            removed.add(2 * b.layer)
+        if b.kind in ("layer", "mlp"):
+            removed.add(2 * b.layer + 1)
+    return removed
+
+
+def spans_of(plan: DropPlan) -> list[tuple[int, int]]:
+    """Maximal runs (first, last) of consecutive removed writers, in depth order."""
+    spans: list[tuple[int, int]] = []
+    for w in sorted(removed_writers(plan)):
+        if spans and spans[-1][1] == w - 1:
+            spans[-1] = (spans[-1][0], w)
+        else:
+            spans.append((w, w))
+    return spans
+
+
+def _writer_linear(model: nn.Module, writer: int) -> nn.Module:
+    spec = get_arch(model)
+    layer, kind = divmod(writer, 2)
+    name = spec.mlp_out if kind else spec.attn_out
+    return get_module(get_layers(model, spec)[layer], name)
+
+
+def _stream(cap, index: int) -> torch.Tensor:
+    """S_index from a capture: X_l for even, Y_l for odd indexes."""
+    layer, odd = divmod(index, 2)
+    return cap.y[layer] if odd else cap.x[layer]
+
+
+def check_linear(model: nn.Module, plan: DropPlan) -> None:
+    """ValueError unless every foldable span's writer is a linear layer whose output is its residual term."""
+    spec = get_arch(model)
+    if spec.attn_out is None or spec.mlp_out is None:
+        raise ValueError(
+            f"The linear heal folds its map into the output projection of the block before each removed span, but "
+            f"in {spec.family} a norm stands between that projection and the residual add (Gemma's post-attention "
+            "and post-feedforward norms), so no kept weight can carry the map. Heal with method='lora'.")
+    spans = spans_of(plan)
+    if all(first == 0 for first, _ in spans):
+        raise ValueError("The plan's only removed span starts at the first attention block, so there is no kept "
+                         "block before it to fold a map into. Heal with method='lora'.")
+    for first, _ in spans:
+        if first == 0:
+            continue
+        try:
+            module = _writer_linear(model, first - 1)
+        except AttributeError:
+            module = None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise ValueError(f"The linear heal needs a linear output projection in every kept block; "
+                             f"{spec.family} has none where the adapter says ({spec.attn_out}, {spec.mlp_out}). "
+                             "Heal with method='lora'.")
+
+
+def _fold(module: nn.Module, T: torch.Tensor) -> None:
+    """Make ``module``'s output ``T`` times what it was: W <- T W (Linear) or W <- W T^T (GPT-2's Conv1D)."""
+    weight = module.weight
+    T = T.to(device=weight.device, dtype=torch.float64)
+    with torch.no_grad():
+        if isinstance(module, nn.Linear):
+            weight.copy_((T @ weight.double()).to(weight.dtype))
+        else:  # transformers' Conv1D keeps (in, out): y = x W + b
+            weight.copy_((weight.double() @ T.T).to(weight.dtype))
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_((T @ bias.double()).to(bias.dtype))
+
+
+def _keep(before: torch.Tensor, after: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(T,) mask of tokens whose norm is within ``ratio`` x the median in both streams (sinks left out)."""
+    keep = torch.ones(before.shape[0], dtype=torch.bool, device=before.device)
+    for stream in (before, after):
+        norms = stream.norm(dim=-1)
+        keep &= norms <= ratio * norms.median()
+    return keep
+
+
+def fit_map(m: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The ridge least-squares T (d x d, float64) with ``target_t ~ T m_t`` over rows of ``m`` and ``target`` (N, d)."""
+    m, target = m.double(), target.double()
+    gram = m.T @ m  # (d, d) A
+    cross = target.T @ m  # (d, d) B
+    lam = ridge * float(torch.trace(gram)) / gram.shape[0]
+    gram += lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram, cross.T).T  # B A^-1 (A symmetric)
+
+
+def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torch.Tensor,
+                settings: HealSettings) -> Iterator[ProgressEvent]:
+    """Fit and fold one map per span (see the module docstring); the last event carries the :class:`HealResult`."""
+    started = time.monotonic()
+    spans = spans_of(plan)
+    foldable = [(a, b) for a, b in spans if a > 0]
+    notes = [f"writers {a}-{b} start at the first attention block: nothing before them to fold into, left as "
+             "they are" for a, b in spans if a == 0]
+    total = len(foldable) + 2
+    device = input_device(model)
+    student = student_copy(model)
+    before = validation_kl(model, student, plan, val)
+
+    def progress(done: int) -> ProgressEvent:
+        return ProgressEvent("heal", done, total, HealProgress("linear", done, total, None, before, before, 0,
+                                                               time.monotonic() - started, None))
+
+    # the dense model's stream after every span, once (float32, on the CPU)
+    targets: dict[tuple[int, int], list[torch.Tensor]] = {span: [] for span in foldable}
+    for i in range(train.shape[0]):
+        with torch.inference_mode(), capture_residuals(model) as cap:
+            model(input_ids=train[i:i + 1].to(device), use_cache=False)
+            for span in foldable:
+                targets[span].append(_stream(cap, span[1] + 1)[0])  # (T, d)
+    yield progress(1)
+    for k, (a, b) in enumerate(foldable):
+        ms, ds = [], []
+        for i in range(train.shape[0]):
+            with torch.inference_mode(), preview_plan(student, plan), capture_residuals(student) as cap:
+                student(input_ids=train[i:i + 1].to(device), use_cache=False)
+                s_before, s_after = _stream(cap, a - 1)[0], _stream(cap, a)[0]  # (T, d)
+            target = targets[(a, b)][i]
+            keep = _keep(s_before, target, settings.massive_ratio)
+            ms.append((s_after - s_before)[keep])  # the writer's residual term m
+            ds.append((target - s_before)[keep])  # what the term should be to land on the dense stream
+        T = fit_map(torch.cat(ms), torch.cat(ds), settings.ridge)
+        _fold(_writer_linear(student, a - 1), T)
+        logger.info("linear heal: writers %d-%d folded into writer %d (||T - I||_F = %.3f, %d tokens)", a, b, a - 1,
+                    float((T - torch.eye(T.shape[0], dtype=T.dtype)).norm()), sum(x.shape[0] for x in ms))
+        yield progress(k + 2)
+    after = validation_kl(model, student, plan, val)
+    if after >= before:
+        notes.append(f"the fitted maps raised the validation KL ({before:.4f} -> {after:.4f} nats), so the unhealed "
+                     "weights were kept")
+        student, after = student_copy(model), before
+    history = [{"step": 0, "train_loss": None, "val_kl": before, "seconds": 0.0},
+               {"step": 1, "train_loss": None, "val_kl": after, "seconds": time.monotonic() - started}]
+    result = HealResult("linear", plan, student, settings.to_dict(), history, before, after,
+                        best_step=1 if after < before else 0, steps_done=len(foldable), seconds=0.0, stopped=False,
+                        train_windows=int(train.shape[0]), val_windows=int(val.shape[0]),
+                        seq_len=int(train.shape[1]), notes=notes)
+    yield ProgressEvent("heal", total, total, result)
