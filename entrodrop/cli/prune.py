@@ -1,4 +1,5 @@
-"""``entrodrop prune``: drop blocks, check the result and export a reloadable, verified folder."""
+"""``entrodrop prune``: drop blocks, check the result and export a reloadable, verified folder (safetensors,
+or GGUF for llama.cpp / Ollama)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,28 @@ def cmd_prune(args) -> int:
     if not plan.blocks:
         raise ValueError("The plan drops no block, so the export would be the dense model. Give blocks to drop "
                          "with --plan or --count.")
+    if args.format == "gguf":
+        from ..export.gguf_export import check_gguf_export
+
+        try:  # refused before the checks run: what GGUF cannot express, a source that is not GGUF
+            check_gguf_export(loaded.model, plan, ModelSource.of(loaded))
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("format='safetensors'", "--format safetensors")) from exc
     print(format_plan(plan))
     checks = run_checks(args, loaded, plan)
     if checks:
         print(checks_text(checks))
     # export_pruned takes the criterion from the plan and the calibration settings from the scores;
     # an OSError (disk full, permission) reaches main(), which says it in one line with exit 1
+    if args.format == "gguf":
+        from ..export.gguf_export import export_gguf
+
+        result = export_gguf(loaded.model, loaded.tokenizer, plan, args.out, scores=scores, checks=checks,
+                             source=ModelSource.of(loaded), overwrite=args.overwrite)
+        print(result.verdict)
+        print(f"written to {result.path} ({result.weights_bytes / 2**20:.1f} MiB, x{result.weights_bytes / result.source_bytes:.3f} "
+              f"the source); run it with:\n{result.reload_hint}")
+        return 0 if result.ok else 1
     result = export_pruned(loaded.model, loaded.tokenizer, plan, args.out, scores=scores, checks=checks,
                            source=ModelSource.of(loaded), overwrite=args.overwrite,
                            write_remote_code=args.remote_code)
@@ -45,6 +62,9 @@ def register(subparsers) -> None:
     add_check_args(prune, speed_default=False)
     prune.add_argument("--out", required=True, help="folder to write (must be empty unless --overwrite)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    prune.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
+                       help="gguf: a file for llama.cpp / Ollama, the source's quantised tensors copied as stored "
+                            "(needs a .gguf source; whole layers, or attention blocks of Llama-family models)")
     prune.add_argument("--remote-code", action="store_true",
                        help="sub-block plans: also write modeling_entrodrop.py so from_pretrained(DIR, "
                             "trust_remote_code=True) reloads without EntroDrop")

@@ -87,9 +87,10 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
     scores = meta.get("scores") or {}
     by_key = {(b["layer"], b["kind"]): b for b in scores.get("blocks", [])}
     source = meta["source"]
+    gguf_file = meta.get("format") == "gguf"
     lines = [
         "---",
-        "library_name: transformers",
+        f"library_name: {'gguf' if gguf_file else 'transformers'}",
         "tags:",
         "- entrodrop",
         "- pruned",
@@ -139,10 +140,19 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
     if checks:
         lines += ["", "## Measured checks" + (" (of the healed model)" if heal else ""), ""]
         lines.append(checks_markdown(ChecksResult.from_dict(checks)))
-    lines += ["", "## Verification", "", verdict, "",
-              "The folder was reloaded from disk after writing; its logits on a fixed input were compared with "
-              "the in-memory pruned model and a few tokens were generated greedily.", "",
-              "## How to reload", "", "```python", hint, "```", "",
+    if gguf_file:
+        how = ["The file was read back after writing: its architecture, layer count, per-layer arrays and tensor "
+               "set were checked against the plan and every kept tensor against the source, byte for byte"
+               + ("; transformers reloaded it and its logits on a fixed input were compared with the in-memory "
+                  "pruned model." if meta.get("gguf_architecture") != "deci" else
+                  ". It uses llama.cpp's `deci` architecture (per-layer head counts and FFN widths, 0 where a "
+                  "sub-block was dropped: no attention and no KV cache there), which llama.cpp runs and "
+                  "transformers does not read."), "", "## How to run", "", "```bash", hint, "```", ""]
+    else:
+        how = ["The folder was reloaded from disk after writing; its logits on a fixed input were compared with "
+               "the in-memory pruned model and a few tokens were generated greedily.", "",
+               "## How to reload", "", "```python", hint, "```", ""]
+    lines += ["", "## Verification", "", verdict, "", *how,
               "Written by EntroDrop Studio (entropy-based block pruning; Yang et al., arXiv 2504.03794). "
               "Full plan, scores and settings: `entrodrop.json`.", ""]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ through them; the pruned one hands S_a on unchanged.
 For each span, the kept writer just before it (w = a - 1) adds its residual term m to S_w, giving S_a.
 We fit a d x d map T so that S_w + T m is as close as possible to the dense model's S_{b+1}:
 
-    T = argmin sum_t || (S_{b+1} - S_w)_t - T m_t ||^2 + lam ||T||^2 = B (A + lam I)^-1,
+    T = argmin sum_t || (S_{b+1} - S_w)_t - T m_t ||^2 + lam ||T - I||^2 = (B + lam I) (A + lam I)^-1,
     A = sum_t m_t m_t^T,  B = sum_t (S_{b+1} - S_w)_t m_t^T,   lam = ridge * trace(A) / d,
 
 accumulated in float64 over the training windows' tokens (massive-activation tokens left out: one such
@@ -19,10 +19,12 @@ W <- T W, b <- T b. The healed model has the pruned model's architecture and rel
 transformers. The map is applied to the writer's *term*, not to the whole stream, because the term is
 what a kept weight produces; the stream itself also carries every earlier writer and the embeddings.
 
-Spans are fitted in depth order on the student with every earlier span already healed, so each fit
-sees the inputs it will get. A span that starts at writer 0 has no writer before it and is left as it
-is (said in the notes). If the fitted maps raise the KL on the validation slice, the unhealed weights
-are kept and the notes say so.
+The ridge term pulls T towards the identity, i.e. towards the pruned model as it is, not towards zero
+(which would silence the kept writer): a weak fit changes little. Spans are fitted in depth order on
+the student with every earlier span already healed, so each fit sees the inputs it will get, and a
+span's map is kept only if it lowers the KL(dense || student) on the validation slice; otherwise that
+writer is restored and the notes say so. A span that starts at writer 0 has no writer before it and is
+left as it is (said in the notes too).
 """
 
 from __future__ import annotations
@@ -130,13 +132,14 @@ def _keep(before: torch.Tensor, after: torch.Tensor, ratio: float) -> torch.Tens
 
 
 def fit_map(m: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
-    """The ridge least-squares T (d x d, float64) with ``target_t ~ T m_t`` over rows of ``m`` and ``target`` (N, d)."""
+    """The least-squares T (d x d, float64) with ``target_t ~ T m_t`` over rows of ``m`` and ``target`` (N, d),
+    its ridge term pulling T towards the identity: ``(B + lam I)(A + lam I)^-1``."""
     m, target = m.double(), target.double()
     gram = m.T @ m  # (d, d) A
     cross = target.T @ m  # (d, d) B
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     lam = ridge * float(torch.trace(gram)) / gram.shape[0]
-    gram += lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram, cross.T).T  # B A^-1 (A symmetric)
+    return torch.linalg.solve(gram + lam * eye, (cross + lam * eye).T).T  # (B + lam I)(A + lam I)^-1, A symmetric
 
 
 def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torch.Tensor,
@@ -151,6 +154,7 @@ def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torc
     device = input_device(model)
     student = student_copy(model)
     before = validation_kl(model, student, plan, val)
+    current = before
 
     def progress(done: int) -> ProgressEvent:
         return ProgressEvent("heal", done, total, HealProgress("linear", done, total, None, before, before, 0,
@@ -175,15 +179,24 @@ def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torc
             ms.append((s_after - s_before)[keep])  # the writer's residual term m
             ds.append((target - s_before)[keep])  # what the term should be to land on the dense stream
         T = fit_map(torch.cat(ms), torch.cat(ds), settings.ridge)
-        _fold(_writer_linear(student, a - 1), T)
-        logger.info("linear heal: writers %d-%d folded into writer %d (||T - I||_F = %.3f, %d tokens)", a, b, a - 1,
-                    float((T - torch.eye(T.shape[0], dtype=T.dtype)).norm()), sum(x.shape[0] for x in ms))
+        writer = _writer_linear(student, a - 1)
+        saved = {name: p.detach().clone() for name, p in writer.named_parameters(recurse=False)}
+        _fold(writer, T)
+        now = validation_kl(model, student, plan, val)
+        kept = now < current
+        logger.info("linear heal: writers %d-%d into writer %d (||T - I||_F = %.3f, %d tokens): validation KL "
+                    "%.4f -> %.4f, %s", a, b, a - 1, float((T - torch.eye(T.shape[0], dtype=T.dtype)).norm()),
+                    sum(x.shape[0] for x in ms), current, now, "kept" if kept else "undone")
+        if kept:
+            current = now
+        else:
+            with torch.no_grad():
+                for name, p in writer.named_parameters(recurse=False):
+                    p.copy_(saved[name])
+            notes.append(f"the map for writers {a}-{b} raised the validation KL ({current:.4f} -> {now:.4f} nats), "
+                         "so it was undone")
         yield progress(k + 2)
-    after = validation_kl(model, student, plan, val)
-    if after >= before:
-        notes.append(f"the fitted maps raised the validation KL ({before:.4f} -> {after:.4f} nats), so the unhealed "
-                     "weights were kept")
-        student, after = student_copy(model), before
+    after = current
     history = [{"step": 0, "train_loss": None, "val_kl": before, "seconds": 0.0},
                {"step": 1, "train_loss": None, "val_kl": after, "seconds": time.monotonic() - started}]
     result = HealResult("linear", plan, student, settings.to_dict(), history, before, after,

@@ -21,10 +21,13 @@ from ..criteria import resolve_estimator
 from ..devices import format_bytes
 from ..export import (
     EXPORT_DTYPES,
+    METADATA_FILE,
     ModelSource,
     TargetNotEmptyError,
+    check_gguf_export,
     check_target,
     export_dtype_for,
+    export_gguf,
     export_pruned,
     iter_zip_export,
     push_folder_to_hub,
@@ -34,6 +37,7 @@ from ..progress import time_left
 from ..select import plan_from_ticks
 from . import storage
 from .healed import HEALED
+from .limits import limit
 from .state import (
     Session,
     error,
@@ -52,6 +56,7 @@ from .state import (
 AUTO_DTYPE = "auto"
 DTYPE_CHOICES = [("the model's own (bfloat16 for a GGUF source)", AUTO_DTYPE), *[(d, d) for d in EXPORT_DTYPES]]
 
+FORMATS = [("safetensors (transformers)", "safetensors"), ("GGUF (llama.cpp, Ollama, LM Studio)", "gguf")]
 ZIP_GROUP = "zip"  # zipping reads only the session's files: off the model's group, one at a time
 
 
@@ -62,6 +67,7 @@ class ExportTab:
     plan_note: gr.Markdown
     name: gr.Textbox
     dtype: gr.Dropdown
+    file_format: gr.Radio
     overwrite: gr.Checkbox
     healed: gr.Checkbox
     export_btn: gr.Button
@@ -89,6 +95,9 @@ def create_ui() -> ExportTab:
             tab.dtype = gr.Dropdown(DTYPE_CHOICES, value=AUTO_DTYPE, label="Weights dtype", elem_id="export-dtype",
                                     info="bfloat16/float16 halve the size of float32; the export is verified "
                                          "in the dtype it is written in.")
+            tab.file_format = gr.Radio(FORMATS, value="safetensors", label="Format", elem_id="export-format",
+                                       info="GGUF copies the source's quantised tensors as stored (GGUF sources; "
+                                            "whole layers, or attention blocks of Llama-family models).")
             tab.overwrite = gr.Checkbox(False, label="Replace my export of the same name", elem_id="export-overwrite")
             tab.healed = gr.Checkbox(True, label="Export the healed model when step 5 healed these blocks",
                                      elem_id="export-healed")
@@ -190,13 +199,17 @@ class ExportHandlers:
         self.tab = export_tab
 
     @user_errors
-    def export(self, session: Session, name: str, overwrite: bool, dtype=AUTO_DTYPE, healed=True):
+    def export(self, session: Session, name: str, overwrite: bool, dtype=AUTO_DTYPE, healed=True,
+               file_format="safetensors"):
         """Write and reload-verify the pruned model (the healed one when step 5 healed these blocks and
-        ``healed``) under ``name`` in the session's folder; show its card."""
+        ``healed``) under ``name`` in the session's folder, as safetensors or GGUF; show its card."""
         plan = plan_to_run(session)
+        if file_format not in ("safetensors", "gguf"):
+            raise error("Choose the export format: safetensors or gguf.")
         dtype = resolve_dtype(session, dtype)
         kept = HEALED.get(session.healed_key) if healed else None
         heal_entry = kept if kept is not None and kept[0] == _key(plan) else None
+
         if name is not None and not isinstance(name, str):
             raise error("The export name must be text, e.g. 'my-model-pruned'.")
         name = storage.export_name(name, f"{slug(session.model_name)}-{plan.criterion}-{len(plan.blocks)}{session.kind}")
@@ -212,7 +225,14 @@ class ExportHandlers:
             except TargetNotEmptyError as exc:  # the library says overwrite=True; here it is a tick box
                 raise error(f"You already have an export named '{name}'. Tick 'Replace my export of the same "
                             "name' to replace it, or choose another name.") from exc
-            size = size_estimate(session, plan, dtype)
+            if file_format == "gguf":  # what GGUF cannot express is refused before anything is written
+                try:
+                    check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=heal_entry is not None)
+                except ValueError as exc:
+                    raise error(str(exc).replace("(format='safetensors')", "(Format: safetensors)")
+                                .replace("Export the healed model as safetensors.", "Export the healed model as "
+                                         "safetensors, or untick 'Export the healed model'.")) from exc
+            size = size_estimate(session, plan, dtype) if file_format != "gguf" else "GGUF, quantised as stored"
             yield {self.tab.export_status: f"▶ Writing {plan.describe()} as '{name}' ({size or dtype}) and reloading "
                                            f"it to verify{sharing_note(job)}…",
                    self.tab.download: gr.update(value=None, interactive=False, label=DOWNLOAD_LABEL)}
@@ -222,18 +242,31 @@ class ExportHandlers:
             if heal_entry is not None:  # the healed copy of these blocks, its card quoting the healed checks
                 source_model, heal = heal_entry[1].model, dict(heal_entry[2])
                 checked = ChecksResult.from_dict(heal.pop("checks", None))
-            result = job.call(export_pruned, source_model, loaded.tokenizer, plan, target, scores=session.scores,
-                              checks=checked, source=ModelSource.of(loaded), overwrite=bool(overwrite), dtype=dtype,
-                              heal=heal)
+            if file_format == "gguf":
+                result = job.call(export_gguf, loaded.model, loaded.tokenizer, plan, target, scores=session.scores,
+                                  checks=checked, source=ModelSource.of(loaded), overwrite=bool(overwrite))
+            else:
+                result = job.call(export_pruned, source_model, loaded.tokenizer, plan, target,
+                                  scores=session.scores, checks=checked, source=ModelSource.of(loaded),
+                                  overwrite=bool(overwrite), dtype=dtype, heal=heal)
         session.export_dir = result.path
         card = card_for_display((result.path / "README.md").read_text(encoding="utf-8"))
         icon = "✓" if result.ok else "✗"
         hint = result.reload_hint.replace(str(result.path), name)
-        what = f"the model healed with {heal_entry[1].method}" if heal_entry is not None else "the pruned model"
+        if file_format == "gguf":
+            what, stored = "the pruned model as GGUF", "GGUF in the source's quantisation"
+            then = f"run it with:\n```bash\n{hint}\n```"
+        else:
+            what = f"the model healed with {heal_entry[1].method}" if heal_entry is not None else "the pruned model"
+            stored, then = f"in {result.dtype}", f"reload with:\n```python\n{hint}\n```"
         status = (f"{icon} Exported {what} as '{name}' ({result.pruned_params:,} of {result.dense_params:,} parameters kept; "
-                  f"{format_bytes(result.weights_bytes)} in {result.dtype}, ×{result.weights_bytes / result.source_bytes:.2f} "
+                  f"{format_bytes(result.weights_bytes)} {stored}, ×{result.weights_bytes / result.source_bytes:.2f} "
                   f"the source). {result.verdict}\n\nThe download button below turns on when the zip is ready. After "
-                  f"unzipping, reload with:\n```python\n{hint}\n```")
+                  f"unzipping, {then}")
+        if healed and session.healed_key and kept is None and file_format != "gguf":  # healed, then evicted by later heals of other sessions
+            status += ("\n\n⚠ The model healed in step 5 is no longer in memory (this server keeps "
+                       f"{limit('ENTRODROP_HEALED_MODELS')} healed models for all visitors), so this is the model as "
+                       "dropped. Heal again in step 5 to export the healed one.")
         yield {self.tab.export_status: status, self.tab.card: card}
 
     @user_errors
@@ -241,7 +274,7 @@ class ExportHandlers:
         """Zip the session's last export (stored, not deflated) and offer it for download; the button shows
         the bytes written and the time left meanwhile."""
         export_dir = session.export_dir
-        if export_dir is None or not (export_dir / "config.json").is_file():
+        if export_dir is None or not (export_dir / METADATA_FILE).is_file():
             raise error("Export the pruned model first (the button above), then download it.")
         folder = session.work_path()
         dest = folder / "zips" / f"{export_dir.name}.zip"
@@ -303,7 +336,8 @@ def create_event_handlers(session: gr.State, export_tab: ExportTab) -> None:
     tab = export_tab
     handlers = ExportHandlers(export_tab)
     light = {"concurrency_limit": None}
-    exporting = tab.export_btn.click(handlers.export, [session, tab.name, tab.overwrite, tab.dtype, tab.healed],
+    exporting = tab.export_btn.click(handlers.export, [session, tab.name, tab.overwrite, tab.dtype, tab.healed,
+                                                       tab.file_format],
                                      [tab.export_status, tab.card, tab.download], api_name="export",
                                      show_progress_on=[tab.export_status], **model_events())
     keep_errors(exporting, session, tab.export_status)

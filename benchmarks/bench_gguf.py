@@ -1,0 +1,122 @@
+"""GGUF exports against the pruned model and against llama.cpp: size, agreement, KV cache.
+
+    npm install --prefix /tmp/llamacpp node-llama-cpp@3.21.1      # once: a prebuilt llama.cpp (~730 MB)
+    .venv/bin/python benchmarks/bench_gguf.py [--counts layer=4,attn=8] [--plan BLOCKS ...] \
+        [--prompts 8] [--new-tokens 8] [--llama-cpp /tmp/llamacpp] [--json out.json]
+
+For each plan (``--counts``: ``recommended`` for that many blocks of that kind, chosen on the calibration
+part of gsm8k as the app does; ``--plan``: blocks given), on the bundled SmolLM2 (Q4_1 GGUF):
+
+* ``export_gguf``: the file's size against the source's and against (kept layers / 30) x the source's, and
+  its own verification verdict;
+* agreement on ``--prompts`` prompts, each the first 32 tokens of a window of the **report** part of
+  gsm8k: the greedy continuation (``--new-tokens``) of the pruned model in transformers (de-quantised
+  weights, the plan's preview) against llama.cpp running the exported GGUF. The same comparison of the
+  dense float model with llama.cpp running the source GGUF is the baseline: llama.cpp computes with the
+  quantised weights, so even the dense model's continuations can part from the float model's;
+* llama.cpp's KV cache for 512 cells, dense and pruned, with flash attention off and on (llama.cpp pads
+  the V cache of layers of different widths to the widest without flash attention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_heal import recommended_plans  # noqa: E402
+
+from entrodrop.checks import load_windows  # noqa: E402
+from entrodrop.evaluate import greedy_generate  # noqa: E402
+from entrodrop.export import ModelSource, export_gguf  # noqa: E402
+from entrodrop.loading import load_model  # noqa: E402
+from entrodrop.plan import DropPlan  # noqa: E402
+from entrodrop.prune import preview_plan  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parent / "llama_cpp_greedy.mjs"
+
+
+def llama_cpp(prefix: Path, model: Path, ids: list[int], n: int, flash: bool = False) -> dict:
+    """llama.cpp's greedy continuation of ``ids`` and its KV-cache line (the script runs inside ``prefix``)."""
+    script = prefix / SCRIPT.name
+    script.write_text(SCRIPT.read_text())
+    out = subprocess.run(["node", str(script), str(model), json.dumps(ids), str(n), "1" if flash else "0"],
+                         cwd=prefix, capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def float_greedy(model, ids: list[int], n: int, plan: DropPlan | None) -> list[int]:
+    with preview_plan(model, plan) if plan is not None else torch.no_grad():
+        tokens = greedy_generate(model, None, torch.tensor([ids]), n, pad_token_id=0, min_new_tokens=n)
+    return tokens.tolist()
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Prompts whose continuations are identical, and the mean length of the common prefix."""
+    prefixes = []
+    for x, y in zip(a, b, strict=True):
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        prefixes.append(k)
+    return {"identical": sum(k == len(x) for k, x in zip(prefixes, a, strict=True)), "prompts": len(a),
+            "mean_common_prefix": sum(prefixes) / len(prefixes)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", default="layer=4,attn=8")
+    parser.add_argument("--plan", action="append", default=[])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--llama-cpp", default="/tmp/llamacpp", help="folder where node-llama-cpp is installed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    prefix = Path(args.llama_cpp)
+    loaded = load_model("smollm2")
+    source = ModelSource.of(loaded)
+    counts = [(k.split("=")[0], int(k.split("=")[1])) for k in args.counts.split(",") if k.strip()]
+    plans = recommended_plans(loaded, counts, 32, 256)
+    plans.update({f"given {p}": DropPlan.parse(p, loaded.num_layers) for p in args.plan})
+    windows, described = load_windows(loaded.tokenizer, {"source": "gsm8k"}, num_samples=args.prompts, seq_len=256,
+                                      part="report", config=loaded.model.config)
+    prompts = [w[:32].tolist() for w in windows]
+    n = args.new_tokens
+    dense_float = [float_greedy(loaded.model, p, n, None) for p in prompts]
+    dense_cpp = [llama_cpp(prefix, Path(loaded.gguf_file), p, n)["tokens"] for p in prompts]
+    kv_dense = {fa: llama_cpp(prefix, Path(loaded.gguf_file), prompts[0], 1, fa)["kv"] for fa in (False, True)}
+    results = {"prompts": described, "new_tokens": n, "baseline": agreement(dense_float, dense_cpp),
+               "kv_dense": kv_dense, "plans": {}}
+    print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}")
+    print(f"dense KV cache: {kv_dense}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, plan in plans.items():
+            out = export_gguf(loaded.model, loaded.tokenizer, plan, Path(tmp) / label.replace(" ", "-"), source=source)
+            path = next(out.path.glob("*.gguf"))
+            kept = plan.num_layers - len(plan.layers_of("layer"))
+            row = {"blocks": plan.compact(), "ok": out.ok, "verdict": out.verdict, "bytes": out.weights_bytes,
+                   "source_bytes": out.source_bytes, "ratio": out.weights_bytes / out.source_bytes,
+                   "ideal_ratio": kept / plan.num_layers}
+            pruned_float = [float_greedy(loaded.model, p, n, plan) for p in prompts]
+            pruned_cpp = [llama_cpp(prefix, path, p, n)["tokens"] for p in prompts]
+            row["agreement"] = agreement(pruned_float, pruned_cpp)
+            row["kv"] = {fa: llama_cpp(prefix, path, prompts[0], 1, fa)["kv"] for fa in (False, True)}
+            results["plans"][label] = row
+            print(f"\n{label}: {plan.compact()}\n  {out.verdict}\n  size {out.weights_bytes / 2**20:.1f} MiB, "
+                  f"x{row['ratio']:.4f} the source (kept layers: x{row['ideal_ratio']:.4f}, goal <= x"
+                  f"{row['ideal_ratio'] * 1.05:.4f})\n  llama.cpp (pruned GGUF) vs transformers (pruned, float): "
+                  f"{row['agreement']}\n  KV cache: {row['kv']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Export a plan as a verified GGUF folder: :func:`export_gguf` (the writer is :mod:`.gguf_write`).
+
+The folder holds ``<name>.gguf``, an Ollama ``Modelfile``, ``entrodrop.json`` and a model card that says how
+to run it. Verification reads the written file back:
+
+* **structure** (every export): architecture, ``block_count``, every per-layer array's length, the tensor
+  set expected from the plan, and every kept tensor's type, shape and bytes equal to the source's;
+* **logits** (architectures transformers reads from GGUF, i.e. all but ``deci``): the file reloaded with
+  ``from_pretrained(..., gguf_file=...)`` against the in-memory model under the plan's preview, on a fixed
+  input: largest logit difference and greedy tokens. ``deci`` files (sub-block plans) are run by llama.cpp,
+  not transformers: ``benchmarks/bench_gguf.py`` compares them with the pruned model there.
+
+A file that fails is still reported (``ok`` False), never left half-written: writing is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checks import ChecksResult
+from ..costs import plan_parameter_counts
+from ..criteria import get_criterion
+from ..plan import DropPlan
+from ..prune import check_plan, preview_plan
+from .card import model_card
+from .gguf_write import ATTN_TENSORS, FFN_TENSORS, GGUFPlan, _layer_of, plan_gguf, write_gguf
+from .metadata import EXPORT_FORMAT_VERSION, METADATA_FILE, ModelSource, jsonable, package_versions
+from .target import atomic_folder, check_target
+from .verification import _default_atol, _fixed_input, _greedy
+from .write import ExportResult
+
+logger = logging.getLogger(__name__)
+
+
+def gguf_source_file(model: nn.Module, source: ModelSource | None) -> Path:
+    """The GGUF file ``model`` was loaded from; ValueError saying what to do when there is none."""
+    path = (source or ModelSource()).gguf_file
+    if not path or not Path(path).is_file():
+        raise ValueError("A GGUF export copies the source's quantised tensors as stored, so it needs a model loaded "
+                         "from a .gguf file (a bundled model, or a local .gguf); this one came from safetensors. "
+                         "Export safetensors instead (format='safetensors'), or convert that export with "
+                         "llama.cpp's convert_hf_to_gguf.py.")
+    return Path(path)
+
+
+def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | None, *, healed: bool = False) -> GGUFPlan:
+    """Refuse, before any work, a GGUF export that cannot be written faithfully; the layout otherwise."""
+    from gguf import GGUFReader
+
+    check_plan(model, plan)
+    if not plan.blocks:
+        raise ValueError("The plan drops no block, so the export would be the dense model: give blocks to drop.")
+    if healed:
+        raise ValueError("A healed model has new float weights, while a GGUF export copies the source's quantised "
+                         "tensors as stored, so it would lose the heal. Export the healed model as safetensors.")
+    path = gguf_source_file(model, source)
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # a truncated or corrupted file: numpy's and gguf's own errors
+        raise ValueError(f"The GGUF source '{path.name}' cannot be read ({type(exc).__name__}: {exc}); it may be "
+                         "truncated or corrupted. Download it again.") from exc
+    return plan_gguf(reader, plan)
+
+
+def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.PathLike, *, scores=None,
+                checks: ChecksResult | dict | None = None, source: ModelSource | None = None,
+                overwrite: bool = False, verify: bool = True, name: str | None = None) -> ExportResult:
+    """Write ``plan`` applied to the GGUF file ``model`` was loaded from into the folder ``out_dir`` and verify it.
+
+    ``model`` is the de-quantised dense model (the reference the written file is compared with, under the
+    plan's preview; it is not changed). Raises before writing: ValueError for what GGUF cannot express
+    (sub-block plans outside the Llama family, Gemma 3 plans that move a layer's attention kind, a safetensors
+    source), TargetNotEmptyError, PermissionError, OSError (ENOSPC for a full disk)."""
+    source = source or ModelSource()
+    layout = check_gguf_export(model, plan, source)
+    src_path = gguf_source_file(model, source)
+    stem = name or f"{Path(src_path).stem}-{len(plan.blocks)}{plan.blocks[0].kind}-pruned"
+    target = check_target(out_dir, overwrite, needed_bytes=src_path.stat().st_size)
+    if isinstance(checks, dict):
+        checks = ChecksResult.from_dict(checks)
+    label = get_criterion(plan.criterion)
+    data = (scores.calibration if scores is not None and not isinstance(scores, dict)
+            else (scores or {}).get("calibration")) or {}
+    provenance = {"dropped": plan.compact(), "criterion": plan.criterion, "source_file": src_path.name,
+                  "data": data.get("data"), "source_block_count": plan.num_layers,
+                  "version": package_versions()["entrodrop"]}
+    with atomic_folder(target) as tmp:
+        out_file = tmp / f"{stem}.gguf"
+        write_gguf(src_path, plan, out_file, provenance)
+        verification = verify_gguf(out_file, src_path, layout, model, plan, tokenizer) if verify else \
+            {"ok": False, "skipped": True, "loaders": {}}
+        verdict = gguf_verdict(verification)
+        size = out_file.stat().st_size
+        dense_params, _, pruned_params, _ = plan_parameter_counts(model, plan)
+        hint = run_hint(out_file.name, layout)
+        meta = jsonable({
+            "format_version": EXPORT_FORMAT_VERSION, "format": "gguf", "gguf_architecture": layout.arch,
+            "source": {"name": source.name, "source": source.source, "gguf_file": str(src_path),
+                       "family": layout.source_arch, "model_type": getattr(model.config, "model_type", None)},
+            "plan": plan.to_dict(), "criterion": plan.criterion,
+            "criterion_label": label.label_for(plan.blocks[0].kind),
+            "dtype": "the source's quantisation (tensors copied byte for byte)",
+            "size": {"weights_bytes": size, "source_bytes": src_path.stat().st_size,
+                     "source": f"GGUF file {src_path.name}"},
+            "num_layers": {"dense": plan.num_layers, "pruned": len(layout.kept_layers)},
+            "parameters": {"dense": dense_params, "pruned": pruned_params, "removed": dense_params - pruned_params},
+            "scores": scores.to_dict() if scores is not None and not isinstance(scores, dict) else scores,
+            "calibration": data or None, "checks": checks.to_dict() if checks else None,
+            "verification": {**verification, "verdict": verdict}, "reload": hint, "versions": package_versions()})
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
+        (tmp / "Modelfile").write_text(f"FROM ./{out_file.name}\n")
+        (tmp / "README.md").write_text(model_card(meta, verdict, hint))
+    return ExportResult(path=target, ok=bool(verification["ok"]), verdict=verdict, verification=verification,
+                        plan=plan.to_dict(), remote_code=False, reload_hint=hint,
+                        files=sorted(p.name for p in target.iterdir()), dense_params=dense_params,
+                        pruned_params=pruned_params, dtype="gguf", weights_bytes=size,
+                        source_bytes=src_path.stat().st_size)
+
+
+def run_hint(file_name: str, layout: GGUFPlan) -> str:
+    """Shell lines that run the file with llama.cpp and Ollama."""
+    note = ("# a 'deci' file (layers without attention or MLP): llama.cpp and runtimes built on it load it\n"
+            if layout.arch == "deci" else "")
+    return (f"{note}llama-cli -m {file_name} -p \"What is 12 + 30?\" -n 64\n"
+            f"ollama create pruned -f Modelfile   # the Modelfile beside it: FROM ./{file_name}\n"
+            "ollama run pruned")
+
+
+def expected_tensors(source_reader, layout: GGUFPlan) -> dict[str, str]:
+    """New tensor name -> source tensor name, as :func:`~.gguf_write.write_gguf` maps them."""
+    new_index = {old: new for new, old in enumerate(layout.kept_layers)}
+    out = {}
+    for tensor in source_reader.tensors:
+        located = _layer_of(tensor.name)
+        if located is None:
+            out[tensor.name] = tensor.name
+            continue
+        old, rest = located
+        if old not in new_index:
+            continue
+        new, part = new_index[old], rest.split(".")[0]
+        if (new in layout.no_attn and part in ATTN_TENSORS) or (new in layout.no_ffn and part in FFN_TENSORS):
+            continue
+        out[f"blk.{new}.{rest}"] = tensor.name
+    return out
+
+
+def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Module, plan: DropPlan, tokenizer) -> dict:
+    """Read ``path`` back (structure, and logits where transformers can load it); see the module docstring."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType
+
+    loaders: dict[str, dict] = {}
+    entry: dict = {}
+    try:
+        written, src = GGUFReader(str(path)), GGUFReader(str(source_path))
+        problems = []
+        arch = written.fields["general.architecture"].contents()
+        n_new = len(layout.kept_layers)
+        if arch != layout.arch:
+            problems.append(f"architecture {arch!r}, expected {layout.arch!r}")
+        if written.fields[f"{arch}.block_count"].contents() != n_new:
+            problems.append(f"block_count is not {n_new}")
+        for key, field_ in written.fields.items():
+            if key.startswith(f"{arch}.") and field_.types[0] == GGUFValueType.ARRAY and len(field_.data) != n_new:
+                problems.append(f"{key} has {len(field_.data)} values for {n_new} layers")
+        if layout.arch == "deci":
+            heads = written.fields["deci.attention.head_count"].contents()
+            ffn = written.fields["deci.feed_forward_length"].contents()
+            problems += [f"layer {i} has {heads[i]} heads, expected {'0' if i in layout.no_attn else 'some'}"
+                         for i in range(n_new) if (heads[i] == 0) != (i in layout.no_attn)]
+            problems += [f"layer {i} has FFN width {ffn[i]}" for i in range(n_new) if (ffn[i] == 0) != (i in layout.no_ffn)]
+        expected = expected_tensors(src, layout)
+        by_name = {t.name: t for t in src.tensors}
+        got = {t.name: t for t in written.tensors}
+        if set(got) != set(expected):
+            problems.append(f"{len(set(expected) - set(got))} tensor(s) missing, {len(set(got) - set(expected))} "
+                            "unexpected")
+        differing = [n for n, t in got.items() if n in expected and (
+            t.tensor_type != by_name[expected[n]].tensor_type or not np.array_equal(t.data, by_name[expected[n]].data))]
+        if differing:
+            problems.append(f"{len(differing)} tensor(s) differ from the source, e.g. {differing[0]}")
+        entry = {"ok": not problems, "problems": problems, "tensors": len(got), "layers": n_new}
+    except Exception as exc:  # an unreadable file is a verdict, not a crash
+        entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    loaders["gguf reader (structure, bytes)"] = entry
+    if layout.arch != "deci":
+        loaders["transformers from_pretrained(gguf_file=...)"] = _logits_check(path, model, plan, tokenizer)
+    ok = all(r.get("ok") for r in loaders.values())
+    return {"ok": ok, "loaders": loaders, "runtime": "llama.cpp" if layout.arch == "deci" else "llama.cpp, transformers"}
+
+
+def _logits_check(path: Path, model: nn.Module, plan: DropPlan, tokenizer) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(model.parameters()).dtype
+    atol = _default_atol(dtype)
+    ids = _fixed_input(tokenizer, model.config.vocab_size)
+    pad_id = next((t for t in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                   if isinstance(t, int)), 0)
+    try:
+        with torch.inference_mode(), preview_plan(model, plan):
+            reference = model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
+        with preview_plan(model, plan):
+            reference_tokens = _greedy(model, ids.to(next(model.parameters()).device), pad_id).cpu()
+        reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+        with torch.inference_mode():
+            logits = reloaded(input_ids=ids).logits.float()
+        diff = float((logits - reference).abs().max()) if logits.shape == reference.shape else float("inf")
+        same = bool(torch.equal(_greedy(reloaded, ids, pad_id), reference_tokens))
+        return {"ok": diff <= atol and same, "max_abs_diff": diff, "atol": atol, "generation_matches": same}
+    except Exception as exc:
+        logger.warning("Reloading %s with transformers failed: %s", path, exc)
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def gguf_verdict(verification: dict) -> str:
+    """One line: PASSED/FAILED, and what each check found."""
+    if verification.get("skipped"):
+        return "Verification SKIPPED: the file was not read back after writing."
+    parts = []
+    for name, r in verification["loaders"].items():
+        if "error" in r:
+            parts.append(f"{name}: FAILED ({r['error']})")
+        elif "problems" in r:
+            parts.append(f"{name}: " + ("ok ({} tensors, {} layers, kept tensors byte-identical to the source)".format(
+                r["tensors"], r["layers"]) if r["ok"] else "FAILED (" + "; ".join(r["problems"][:3]) + ")"))
+        else:
+            parts.append(f"{name}: {'ok' if r['ok'] else 'FAILED'} (max |logit diff| {r['max_abs_diff']:.2e}, "
+                         f"generation {'identical' if r['generation_matches'] else 'DIFFERENT'})")
+    return f"Verification {'PASSED' if verification['ok'] else 'FAILED'}: " + "; ".join(parts)
