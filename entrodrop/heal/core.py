@@ -45,7 +45,7 @@ class HealSettings:
     validate_every: int = 5  # steps between validations
     seed: int = 0
     # linear
-    ridge: float = 1e-3  # Tikhonov term, relative to the mean diagonal of the regression's Gram matrix
+    ridge: float = 0.1  # pull towards no change, relative to the Gram matrix's mean diagonal (results.md, section 6)
     massive_ratio: float = 20.0  # tokens over this multiple of the median norm are left out of the fit
 
     def check(self) -> None:
