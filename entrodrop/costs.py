@@ -56,16 +56,25 @@ def speedup_from_share(share: float) -> float:
 
 
 # -- per block -----------------------------------------------------------------------------------
-def _attention_context(config, layer_idx: int, seq_len: int) -> int:
-    """Sum over the T query positions of how many keys each attends to (causal, sliding if any)."""
+def _sliding_window(config, layer_idx: int) -> int | None:
+    """The layer's attention window in tokens, or None where it attends to every earlier token."""
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     sliding = isinstance(window, int) and window > 0 and (
         layer_types[layer_idx] == "sliding_attention" if layer_types else bool(getattr(config, "use_sliding_window", True))
     )
-    if sliding:
+    return window if sliding else None
+
+
+def _attention_context(config, layer_idx: int, seq_len: int) -> int:
+    """Sum over the T query positions of how many keys each attends to (causal, sliding if any)."""
+    window = _sliding_window(config, layer_idx)
+    if window:
         return sum(min(t, window) for t in range(1, seq_len + 1))
     return seq_len * (seq_len + 1) // 2
+
+
+KV_CONTEXTS = (2048, 4096, 8192)  # contexts the plan summary gives the KV cache at
 
 
 @dataclass
@@ -80,6 +89,15 @@ class BlockCosts:
     params: dict[tuple[int, str], int] = field(default_factory=dict)  # (layer, kind) -> parameters
     flops: dict[tuple[int, str], float] = field(default_factory=dict)  # (layer, kind) -> FLOPs
     bytes: dict[tuple[int, str], int] = field(default_factory=dict)  # (layer, kind) -> bytes of its weights
+    # layer -> bytes its K and V cache take per token (2 x kv heads x head dim x the weights' element size),
+    # and the layer's sliding window (None: full attention, the cache grows with the context)
+    kv_per_token: dict[int, int] = field(default_factory=dict)
+    kv_window: dict[int, int | None] = field(default_factory=dict)
+
+    def kv_cache_bytes(self, context: int, without: set[int] = frozenset()) -> int:
+        """Bytes of the KV cache at ``context`` tokens, the layers in ``without`` having no attention."""
+        return sum(per * min(context, self.kv_window.get(i) or context)
+                   for i, per in self.kv_per_token.items() if i not in without)
 
 
 def measure_block_costs(model: nn.Module, seq_len: int) -> BlockCosts:
@@ -98,7 +116,12 @@ def measure_block_costs(model: nn.Module, seq_len: int) -> BlockCosts:
     dense_params, dense_bytes = count_parameters(model)
     costs = BlockCosts(num_layers=len(layers), seq_len=seq_len, dense_params=dense_params, dense_flops=head_flops,
                        dense_bytes=dense_bytes)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    element = next(model.parameters()).element_size()
     for i, layer in enumerate(layers):
+        if not isinstance(block_modules(layer, spec, "attn")[spec.attn[0]], SkippedAttention):
+            costs.kv_per_token[i] = 2 * kv_heads * head_dim * element
+            costs.kv_window[i] = _sliding_window(config, i)
         for kind in BLOCK_KINDS:
             params = _block_parameters(layer, spec, kind)
             costs.params[(i, kind)] = sum(p.numel() for p in params)
@@ -129,6 +152,9 @@ class PlanSummary:
     flops_removed: float = 0.0
     dense_bytes: int = 0
     bytes_removed: int = 0
+    kv_per_token_dense: int = 0  # bytes of K and V cache per token (full-attention layers; sliding ones cap)
+    kv_per_token_removed: int = 0
+    kv_at: dict[int, tuple[int, int]] = field(default_factory=dict)  # context -> (dense, pruned) KV cache bytes
 
     @property
     def params_share(self) -> float:
@@ -152,10 +178,13 @@ def summarize_plan(plan: DropPlan, costs: BlockCosts) -> PlanSummary:
         params += costs.params[b.key]
         size += costs.bytes.get(b.key, 0)
         flops += costs.flops[b.key]
+    no_attn = {b.layer for b in plan.blocks if b.kind in ("attn", "layer")}
     return PlanSummary(num_blocks=len(plan.blocks), kinds=kinds, params_removed=params, dense_params=costs.dense_params,
                        flops_share=flops / costs.dense_flops if costs.dense_flops else 0.0, seq_len=costs.seq_len,
                        dense_flops=costs.dense_flops, flops_removed=flops, dense_bytes=costs.dense_bytes,
-                       bytes_removed=size)
+                       bytes_removed=size, kv_per_token_dense=sum(costs.kv_per_token.values()),
+                       kv_per_token_removed=sum(v for i, v in costs.kv_per_token.items() if i in no_attn),
+                       kv_at={c: (costs.kv_cache_bytes(c), costs.kv_cache_bytes(c, no_attn)) for c in KV_CONTEXTS})
 
 
 def plan_parameter_counts(model: nn.Module, plan: DropPlan) -> tuple[int, int, int, int]:

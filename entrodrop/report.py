@@ -26,6 +26,7 @@ import pandas as pd
 from . import costs
 from .arch import BLOCK_KINDS, kind_label
 from .criteria import get_criterion, ranked_criteria, resolve_estimator
+from .devices import format_bytes
 from .evidence import spearman
 from .plan import DropPlan
 from .race import COMPARE_WINDOWS, race_lines
@@ -148,6 +149,11 @@ def plan_summary_markdown(plan: DropPlan, summary: costs.PlanSummary, protected:
         f"- Forward compute removed: {100 * summary.flops_share:.1f}% of the FLOPs at {summary.seq_len} tokens, "
         f"so an **ideal speed-up of ×{summary.ideal_speedup:.2f}**; measure the real one in step 4.",
     ]
+    if summary.kv_per_token_removed:
+        at = ", ".join(f"{c // 1024}k: {format_bytes(d)} → **{format_bytes(p)}**" for c, (d, p) in summary.kv_at.items())
+        lines.append(f"- KV cache: −{format_bytes(summary.kv_per_token_removed)} per token "
+                     f"({100 * summary.kv_per_token_removed / summary.kv_per_token_dense:.0f}% of "
+                     f"{format_bytes(summary.kv_per_token_dense)}); per sequence at {at} (in the model's dtype).")
     risky = sorted({b.layer for b in plan.blocks if b.layer in protected})
     if risky:
         reasons = "; ".join(f"layer {i}: {protected[i]}" for i in risky)

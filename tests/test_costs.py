@@ -99,3 +99,29 @@ def test_costs_of_a_pruned_model_count_no_attention_for_a_dropped_attention(tiny
     assert costs.params[(1, "attn")] == 0 and costs.flops[(1, "attn")] == 0
     assert costs.flops[(0, "attn")] > 0
     assert summarize_plan(DropPlan(LAYERS, [DroppedBlock(1, "mlp")]), costs).bytes_removed > 0
+
+
+def test_kv_cache_per_token_and_at_long_context():
+    """What an attention drop saves at long context: the layer's K and V cache, per token and at 2k/4k/8k;
+    sliding-window layers (Gemma 3) cache at most their window."""
+    from entrodrop.costs import measure_block_costs, summarize_plan
+    from entrodrop.report import plan_summary_markdown
+
+    model = sharp_model("llama")
+    config = model.config
+    per_layer = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4  # float32
+    costs = measure_block_costs(model, seq_len=16)
+    summary = summarize_plan(DropPlan.parse("attn:1,layer:2,mlp:3", LAYERS), costs)
+    assert summary.kv_per_token_dense == LAYERS * per_layer and summary.kv_per_token_removed == 2 * per_layer
+    assert summary.kv_at[8192] == (8192 * LAYERS * per_layer, 8192 * (LAYERS - 2) * per_layer)
+    text = plan_summary_markdown(DropPlan.parse("attn:1,layer:2,mlp:3", LAYERS), summary)
+    assert "KV cache: −" in text and "(50% of" in text and "8k:" in text
+    assert "KV cache" not in plan_summary_markdown(DropPlan.parse("mlp:1", LAYERS),
+                                                   summarize_plan(DropPlan.parse("mlp:1", LAYERS), costs))
+    gemma = sharp_model("gemma3")
+    g = measure_block_costs(gemma, seq_len=16)
+    windows = {i: w for i, w in g.kv_window.items() if w}
+    assert windows and len(windows) < len(g.kv_window)  # some layers slide, some attend to everything
+    full = [i for i, w in g.kv_window.items() if not w]
+    assert g.kv_cache_bytes(8192) == sum(g.kv_per_token[i] * 8192 for i in full) + sum(
+        g.kv_per_token[i] * min(8192, w) for i, w in windows.items())
