@@ -196,11 +196,11 @@ def test_full_flow_in_the_browser(page: Page, tmp_path):
     shot(page, "check")
 
     # -- 5. export, download the zip, reload it -------------------------------------------------------
-    tab(page, "5 · Export")
+    tab(page, "6 · Export")
     expect(page.locator("#export-damaged")).to_contain_text("found this plan damaged")
     expect(page.locator("#export-plan")).to_contain_text("of weights in bfloat16")
     page.locator("#export-btn").click()
-    expect(page.locator("#export-status")).to_contain_text("Exported '", timeout=300_000)
+    expect(page.locator("#export-status")).to_contain_text("Exported the pruned model as '", timeout=300_000)
     expect(page.locator("#export-status")).to_contain_text("Verification PASSED")
     expect(page.locator("#model-card")).to_contain_text("8 block(s) dropped with entropy increase (EntroDrop")
     expect(page.locator("#model-card")).to_contain_text("A check found this plan damaged")
@@ -226,7 +226,7 @@ def test_gemma_curves_on_a_narrow_screen(app_url, browser):
         narrow = context.new_page()
         narrow.set_default_timeout(60_000)
         narrow.goto(app_url)
-        for name in ("1 · Model", "2 · Calibrate", "3 · Choose", "4 · Check", "5 · Export"):
+        for name in ("1 · Model", "2 · Calibrate", "3 · Choose", "4 · Check", "5 · Heal", "6 · Export"):
             expect(narrow.get_by_role("tab", name=name)).to_be_visible()
         narrow.locator("#model-bundled input").click()
         narrow.get_by_role("option", name=re.compile("^gemma3-270m")).click()
@@ -244,7 +244,7 @@ def test_gemma_curves_on_a_narrow_screen(app_url, browser):
         expect(narrow.locator("#norms-plot .gtitle")).to_contain_text("Token norms per layer")
         expect(narrow.locator("#explainer")).to_contain_text("This model (gemma-3-270m")
         shot(narrow, "calibrate-gemma-400px")
-        tab(narrow, "5 · Export")
+        tab(narrow, "6 · Export")
         expect(narrow.locator("#export-btn")).to_be_visible()
     finally:
         context.close()
@@ -340,7 +340,7 @@ def test_verdicts_history_errors_and_reload(tiny_app, browser):
     checkbox(page, 1).check()
     expect(page.locator("#plan-summary")).to_contain_text("Damaged")
     expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 2 blocks")
-    tab(page, "5 · Export")
+    tab(page, "6 · Export")
     expect(page.locator("#export-plan")).to_contain_text("found this plan damaged")
     expect(page.locator("#export-plan .status-error")).to_be_visible()
     shot(page, "export-flag")
@@ -367,9 +367,43 @@ def test_verdicts_history_errors_and_reload(tiny_app, browser):
 def test_narrow_screen_reaches_export(tiny_app, browser):
     url, _ = tiny_app
     page = new_page(browser, url, width=400)
-    export_tab = page.get_by_role("tab", name="5 · Export")
+    export_tab = page.get_by_role("tab", name="6 · Export")
     expect(export_tab).to_be_visible()
     export_tab.click()
     expect(page.locator("#export-btn")).to_be_visible()
     shot(page, "narrow-export")
+    page.context.close()
+
+
+def test_heal_streams_its_curve_and_exports_the_healed_model(tiny_app, browser):
+    url, model_dir = tiny_app
+    page = new_page(browser, url)
+    page.locator("#model-spec textarea").fill(model_dir)
+    page.locator("#load-btn").click()
+    expect(page.locator("#model-status")).to_contain_text("is ready", timeout=120_000)
+    tab(page, "2 · Calibrate")
+    set_number(page, "calib-samples", 4)
+    set_number(page, "calib-seqlen", 32)
+    page.locator("#start-btn").click()
+    expect(page.locator("#calib-status")).to_contain_text("Done: 4 batches", timeout=120_000)
+    tab(page, "3 · Choose")
+    expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 1 block", timeout=120_000)
+
+    tab(page, "5 · Heal")
+    expect(page.locator("#heal-plan")).to_contain_text("To heal:")
+    set_number(page, "heal-steps", 4)
+    set_number(page, "heal-windows", 4)
+    page.locator("#heal-btn").click()
+    expect(page.locator("#heal-status")).to_contain_text("✓ Healed in", timeout=180_000)
+    expect(page.locator("#heal-result")).to_contain_text("lora heal: 4 step(s) on 4 calibration windows")
+    expect(page.locator("#heal-table")).to_contain_text("healed")
+    expect(page.locator("#heal-curve .js-plotly-plot")).to_be_visible()  # the loss curve was drawn
+    shot(page, "heal")
+    tab(page, "4 · Check")
+    expect(page.locator("#check-history")).to_contain_text("lora, 4 step(s)")  # beside the plan as dropped
+    tab(page, "6 · Export")
+    expect(page.locator("#export-plan")).to_contain_text("Healed in step 5")
+    page.locator("#export-name input").fill("healed")
+    page.locator("#export-btn").click()
+    expect(page.locator("#export-status")).to_contain_text("Exported the model healed with lora", timeout=120_000)
     page.context.close()

@@ -525,7 +525,7 @@ def test_export_verifies_zips_and_reloads(ready, tiny_dir, tmp_path):
     ready.predict(n_windows=2, seq_len=32, measure_speed=False, api_name="/run_check")
     before, _, model = shared_model_state(tiny_dir)
     status, card, download = ready.predict(name="out", api_name="/export")
-    assert status.startswith("✓ Exported 'out'") and "Verification PASSED" in status
+    assert status.startswith("✓ Exported the pruned model as 'out'") and "Verification PASSED" in status
     assert "# tiny-llama — 1 block(s) dropped with entropy increase (EntroDrop" in card
     assert "## Measured checks" in card and "Check verdict:" in card or "damaged" in card
     assert "MB of weights in float32" in status or "in float32" in status

@@ -118,10 +118,13 @@ def register(subparsers) -> None:
     add_check_args(heal, speed_default=False)
     heal.add_argument("--method", default="lora", choices=("lora", "linear"),
                       help="lora: distil the dense model into adapters on the kept blocks (minutes); linear: a "
-                           "least-squares map per removed span folded into the kept weights (seconds)")
+                           "least-squares map per removed span folded into the kept weights (no training; it can "
+                           "hurt text unlike the calibration text)")
     defaults = HealSettings()  # one owner for the defaults (placed by benchmarks/bench_heal.py)
     heal.add_argument("--steps", type=int, default=defaults.steps, help=f"lora: training steps (default {defaults.steps})")
-    heal.add_argument("--minutes", type=float, default=None, help="lora: stop after this many minutes (best state kept)")
+    heal.add_argument("--minutes", type=float, default=defaults.max_seconds / 60,
+                      help=f"lora: stop after this many minutes, the best state kept (default {defaults.max_seconds / 60:g}; "
+                           "0: only --steps bounds it)")
     heal.add_argument("--rank", type=int, default=defaults.rank, help=f"lora: adapter rank (default {defaults.rank})")
     heal.add_argument("--alpha", type=float, default=None, help="lora: adapter scale numerator (default 2 x rank)")
     heal.add_argument("--lr", type=float, default=defaults.lr, help=f"lora: learning rate (default {defaults.lr:g})")

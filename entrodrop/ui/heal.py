@@ -32,8 +32,9 @@ from .state import (
     waiting_for_model,
 )
 
-METHODS = [("LoRA distillation (minutes; trains adapters on the kept blocks)", "lora"),
-           ("linear map (seconds; training-free, fitted and folded into the kept weights)", "linear")]
+METHODS = [("LoRA distillation (minutes; trains adapters on the kept blocks, merged afterwards)", "lora"),
+           ("linear map (training-free: one least-squares fit per removed span, folded into the kept weights; "
+            "it can make text unlike the calibration text worse)", "linear")]
 VAL_WINDOWS = 4  # calibration windows after the training ones: the validation slice
 CHECK_WINDOWS = 8  # report windows of the before/after check
 DEFAULTS = HealSettings()  # the library's defaults (benchmarked) are the page's
@@ -73,7 +74,8 @@ def create_ui() -> HealTab:
             most_steps, most_rank = limit("ENTRODROP_MAX_HEAL_STEPS"), limit("ENTRODROP_MAX_HEAL_RANK")
             tab.steps = gr.Slider(1, most_steps, value=min(DEFAULTS.steps, most_steps), step=1, label="Steps (LoRA)",
                                   elem_id="heal-steps")
-            tab.minutes = gr.Number(min(5, limit("ENTRODROP_MAX_HEAL_MINUTES")), minimum=0.1, label="At most minutes",
+            tab.minutes = gr.Number(min(DEFAULTS.max_seconds / 60, limit("ENTRODROP_MAX_HEAL_MINUTES")), minimum=0.1,
+                                    label="At most minutes",
                                     elem_id="heal-minutes")
             ranks = [r for r in (4, 8, 16, 32, 64) if r <= most_rank] or [most_rank]
             tab.rank = gr.Dropdown(ranks, value=DEFAULTS.rank if DEFAULTS.rank in ranks else ranks[-1], label="LoRA rank",
