@@ -388,14 +388,14 @@ def test_heal_streams_its_curve_and_exports_the_healed_model(tiny_app, browser):
     expect(page.locator("#calib-status")).to_contain_text("Done: 4 batches", timeout=120_000)
     tab(page, "3 · Choose")
     expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 1 block", timeout=120_000)
+    expect(page.locator("#plan-summary")).not_to_contain_text("Measuring", timeout=120_000)  # the race's final plan
 
     tab(page, "5 · Heal")
     expect(page.locator("#heal-plan")).to_contain_text("To heal:")
     set_number(page, "heal-steps", 4)
-    set_number(page, "heal-windows", 4)
     page.locator("#heal-btn").click()
     expect(page.locator("#heal-status")).to_contain_text("✓ Healed in", timeout=180_000)
-    expect(page.locator("#heal-result")).to_contain_text("lora heal: 4 step(s) on 4 calibration windows")
+    expect(page.locator("#heal-result")).to_contain_text("lora heal: 4 step(s) on 32 calibration windows")
     expect(page.locator("#heal-table")).to_contain_text("healed")
     expect(page.locator("#heal-curve .js-plotly-plot")).to_be_visible()  # the loss curve was drawn
     shot(page, "heal")
@@ -403,7 +403,7 @@ def test_heal_streams_its_curve_and_exports_the_healed_model(tiny_app, browser):
     expect(page.locator("#check-history")).to_contain_text("lora, 4 step(s)")  # beside the plan as dropped
     tab(page, "6 · Export")
     expect(page.locator("#export-plan")).to_contain_text("Healed in step 5")
-    page.locator("#export-name input").fill("healed")
+    page.locator("#export-name textarea").fill("healed")
     page.locator("#export-btn").click()
     expect(page.locator("#export-status")).to_contain_text("Exported the model healed with lora", timeout=120_000)
     page.context.close()

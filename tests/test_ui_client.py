@@ -502,7 +502,9 @@ def test_linear_heal_and_bad_heal_requests(ready, monkeypatch):
     status, _curve, result, *_ = ready.predict(**{**HEAL, "method": "linear"}, api_name="/heal")
     assert status.startswith("✓ Healed") and "linear heal: one closed-form fit per span" in result
     with pytest.raises(AppError, match=r"needs a model loaded from a .gguf file.*\(Format: safetensors\)"):
-        ready.predict(name="tiny-gguf", file_format="gguf", api_name="/export")  # a safetensors source
+        ready.predict(name="tiny-gguf", file_format="gguf", healed=False, api_name="/export")  # a safetensors source
+    with pytest.raises(AppError, match="would lose the heal.*untick 'Export the healed model'"):
+        ready.predict(name="tiny-gguf", file_format="gguf", api_name="/export")  # the linear heal above
     monkeypatch.setenv("ENTRODROP_MAX_HEAL_STEPS", "3")  # the operator's limits, read per request
     with pytest.raises(AppError, match=r"4 steps = 4, over its limit of 3 .*ENTRODROP_MAX_HEAL_STEPS"):
         ready.predict(**HEAL, api_name="/heal")

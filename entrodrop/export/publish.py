@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..progress import ProgressEvent, run_to_end
+from .metadata import METADATA_FILE
 
 ZIP_CHUNK = 8 * 2**20  # bytes copied between two progress events
 
@@ -21,8 +22,8 @@ def iter_zip_export(out_dir: str | os.PathLike, dest: str | os.PathLike | None =
     costs about a minute of CPU for a 135M model. Written under a temporary name, then renamed,
     so a stopped or failed zip leaves nothing behind."""
     folder = Path(out_dir).expanduser().absolute()
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not an export folder (no config.json).")
+    if not (folder / METADATA_FILE).is_file():  # safetensors and GGUF exports both write it
+        raise ValueError(f"{folder} is not an export folder (no {METADATA_FILE}).")
     dest = Path(dest).expanduser().absolute() if dest is not None else folder.parent / f"{folder.name}.zip"
     files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
     total = sum(p.stat().st_size for p in files)
@@ -60,8 +61,8 @@ def push_folder_to_hub(folder: str | Path, repo_id: str, token: str, *, private:
     folder = Path(folder)
     repo_id = (repo_id or "").strip()
     token = (token or "").strip()
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"Export the pruned model first, then push it ({folder} has no config.json).")
+    if not (folder / METADATA_FILE).is_file():
+        raise ValueError(f"Export the pruned model first, then push it ({folder} has no {METADATA_FILE}).")
     if not repo_id or repo_id.count("/") > 1:
         raise ValueError("Give a repository id such as your-name/smollm2-pruned.")
     if not token:

@@ -101,7 +101,7 @@ def build_app(default_model: str = DEFAULT_MODEL) -> gr.Blocks:
         calibrating = calibrate.create_event_handlers(session, steps.calibrate, steps.check, uploads)
         choose.create_event_handlers(session, steps.choose, steps.calibrate, calibrating)
         check.create_event_handlers(session, steps.check)
-        heal.create_event_handlers(session, steps.heal, steps.check, check.history_updates)
+        heal.create_event_handlers(session, steps.heal, steps.check, check.history_updates, steps.export.plan_note)
         export.create_event_handlers(session, steps.export)
     uploads.attach(demo)
     demo.queue(default_concurrency_limit=1)
