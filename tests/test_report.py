@@ -157,7 +157,7 @@ def test_explainer_without_compression_stage_and_before_calibration():
 def test_push_needs_an_export_repo_and_token(tmp_path):
     with pytest.raises(ValueError, match="Export the pruned model first"):
         push_folder_to_hub(tmp_path, "me/x", "tok")
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "entrodrop.json").write_text("{}")  # what every export (safetensors or GGUF) writes
     with pytest.raises(ValueError, match="repository id"):
         push_folder_to_hub(tmp_path, "", "tok")
     with pytest.raises(ValueError, match="access token"):
@@ -165,7 +165,7 @@ def test_push_needs_an_export_repo_and_token(tmp_path):
 
 
 def test_push_offline_says_the_hub_is_unreachable(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "entrodrop.json").write_text("{}")  # what every export (safetensors or GGUF) writes
     with pytest.raises(ValueError, match="Could not reach the Hugging Face Hub"):
         push_folder_to_hub(tmp_path, "me/x", "hf_token")
 
@@ -187,7 +187,7 @@ def test_push_uploads_the_folder(tmp_path, monkeypatch):
             calls["upload"] = (folder_path, repo_id)
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "entrodrop.json").write_text("{}")  # what every export (safetensors or GGUF) writes
     url = push_folder_to_hub(tmp_path, "me/pruned", "hf_abc", private=True)
     assert url == "https://huggingface.co/me/pruned"
     assert calls == {"token": "hf_abc", "create": ("me/pruned", True, True), "upload": (str(tmp_path), "me/pruned")}

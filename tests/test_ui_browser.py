@@ -289,12 +289,27 @@ def check_with(page: Page, number: int) -> None:
     expect(page.locator("#check-status")).to_contain_text(f"Check #{number}:", timeout=120_000)
 
 
-def test_verdicts_history_errors_and_reload(tiny_app, browser):
-    url, model_dir = tiny_app
+def load_tiny(browser, url: str, model_dir: str) -> Page:
+    """A new visitor's page with the tiny test model loaded."""
     page = new_page(browser, url)
     page.locator("#model-spec textarea").fill(model_dir)
     page.locator("#load-btn").click()
     expect(page.locator("#model-status")).to_contain_text("is ready", timeout=120_000)
+    return page
+
+
+def calibrate_tiny(page: Page) -> None:
+    """Step 2 on the tiny model: 4 windows of 32 tokens."""
+    tab(page, "2 · Calibrate")
+    set_number(page, "calib-samples", 4)
+    set_number(page, "calib-seqlen", 32)
+    page.locator("#start-btn").click()
+    expect(page.locator("#calib-status")).to_contain_text("Done: 4 batches", timeout=120_000)
+
+
+def test_verdicts_history_errors_and_reload(tiny_app, browser):
+    url, model_dir = tiny_app
+    page = load_tiny(browser, url, model_dir)
 
     # an error stays in the step's status, red, after the toast has gone, until the next action
     tab(page, "4 · Check")
@@ -306,11 +321,7 @@ def test_verdicts_history_errors_and_reload(tiny_app, browser):
     expect(error).to_be_visible()
     shot(page, "error-stays")
 
-    tab(page, "2 · Calibrate")
-    set_number(page, "calib-samples", 4)
-    set_number(page, "calib-seqlen", 32)
-    page.locator("#start-btn").click()
-    expect(page.locator("#calib-status")).to_contain_text("Done: 4 batches", timeout=120_000)
+    calibrate_tiny(page)
     tab(page, "3 · Choose")
     expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 1 block")
     checkbox(page, 1).check()  # a protected block ticked by hand: a bad plan
@@ -377,15 +388,8 @@ def test_narrow_screen_reaches_export(tiny_app, browser):
 
 def test_heal_streams_its_curve_and_exports_the_healed_model(tiny_app, browser):
     url, model_dir = tiny_app
-    page = new_page(browser, url)
-    page.locator("#model-spec textarea").fill(model_dir)
-    page.locator("#load-btn").click()
-    expect(page.locator("#model-status")).to_contain_text("is ready", timeout=120_000)
-    tab(page, "2 · Calibrate")
-    set_number(page, "calib-samples", 4)
-    set_number(page, "calib-seqlen", 32)
-    page.locator("#start-btn").click()
-    expect(page.locator("#calib-status")).to_contain_text("Done: 4 batches", timeout=120_000)
+    page = load_tiny(browser, url, model_dir)
+    calibrate_tiny(page)
     tab(page, "3 · Choose")
     expect(page.locator("#plan-summary")).to_contain_text("Plan: drop 1 block", timeout=120_000)
     expect(page.locator("#plan-summary")).not_to_contain_text("Measuring", timeout=120_000)  # the race's final plan
