@@ -125,7 +125,7 @@ def comparison_frame(before, after) -> pd.DataFrame:
 class HealHandlers:
     """The heal, its stop, and the before/after check that follows it."""
 
-    def __init__(self, tab: HealTab, check_tab, history_updates, export_note: gr.Markdown | None = None):
+    def __init__(self, tab: HealTab, check_tab, history_updates, export_note: gr.Markdown):
         self.tab, self.check, self.history_updates = tab, check_tab, history_updates
         self.export_note = export_note  # step 6's note on what it will write, told of the healed model
 
@@ -212,8 +212,7 @@ class HealHandlers:
         history[self.check.compare_table] = _side_by_side(session, first.number, second.number)
         yield {self.tab.status: f"✓ Healed in {time.monotonic() - started:.0f} s. Step 6 exports the healed model.",
                self.tab.result: summary, self.tab.table: comparison_frame(before.quality, after.quality),
-               self.tab.plan_note: plan_note(session), **history,
-               **({self.export_note: export_plan_note(session)} if self.export_note is not None else {})}
+               self.tab.plan_note: plan_note(session), self.export_note: export_plan_note(session), **history}
 
     def _progress(self, event, progress: HealProgress, started: float, job) -> dict:
         elapsed = time.monotonic() - started
@@ -251,13 +250,12 @@ def _side_by_side(session: Session, a: int, b: int):
 
 
 def create_event_handlers(session: gr.State, tab: HealTab, check_tab, history_updates,
-                          export_note: gr.Markdown | None = None) -> None:
+                          export_note: gr.Markdown) -> None:
     """Wire step 5; ``history_updates`` (step 4's) redraws the check history the heal adds to, and
     ``export_note`` (step 6's plan note) learns of the healed model as soon as the heal ends."""
     handlers = HealHandlers(tab, check_tab, history_updates, export_note)
     outputs = [tab.status, tab.curve, tab.result, tab.table, tab.plan_note, check_tab.history_table,
-               check_tab.history_plot, check_tab.compare_a, check_tab.compare_b, check_tab.compare_table,
-               *([export_note] if export_note is not None else [])]
+               check_tab.history_plot, check_tab.compare_a, check_tab.compare_b, check_tab.compare_table, export_note]
     healing = tab.start_btn.click(
         handlers.heal, [session, tab.method, tab.steps, tab.minutes, tab.rank, tab.lr, tab.targets, tab.loss,
                         tab.windows, check_tab.prompt], outputs, api_name="heal", show_progress_on=[tab.status],
