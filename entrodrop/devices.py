@@ -24,9 +24,11 @@ def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def parse_device(device: str | torch.device) -> torch.device:
-    """``"auto"``: CUDA if available, else CPU."""
+    """``"auto"``: CUDA if available (this process's own GPU under a multi-process launch), else CPU."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .distributed import process_device
+
+        return process_device()
     try:
         parsed = torch.device(device)
     except RuntimeError as err:

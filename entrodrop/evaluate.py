@@ -29,6 +29,7 @@ from torch import nn
 
 from .costs import count_parameters, flops_share_removed, plan_parameter_counts, speedup_from_share
 from .devices import input_device
+from .distributed import World, concat_across, shard, sum_across, world
 from .plan import DropPlan
 from .progress import ProgressEvent, run_to_end
 from .prune import preview_plan
@@ -169,6 +170,15 @@ class _Tally:
         self.agree += int((pruned.argmax(-1) == dense_top1).sum())
         self.tokens += dense_top1.numel()
 
+    def reduce_across_processes(self) -> None:
+        """Sum every process's tallies into each (a data-parallel run); the per-window losses are joined in
+        window order."""
+        total = sum_across({"nats": torch.tensor([self.dense, self.pruned, self.kl], dtype=torch.float64),
+                            "counts": torch.tensor([self.agree, self.tokens], dtype=torch.int64)})
+        self.dense, self.pruned, self.kl = total["nats"].tolist()
+        self.agree, self.tokens = total["counts"].tolist()
+        self.windows = concat_across(self.windows)
+
     def report(self, done: int, total: int, counts: tuple[int, int, int, int], plan: DropPlan) -> QualityReport:
         n = max(self.tokens, 1)
         return QualityReport(
@@ -203,7 +213,9 @@ def iter_compare_many(
             counts[name] = plan_parameter_counts(model, plan)
     tallies = {name: _Tally() for name in plans}
     total = windows.shape[0]
-    for start in range(0, total, batch_size):
+    processes = world()
+    mine = _my_windows(total, batch_size, processes)  # all of them when there is one process
+    for start in range(mine.start, mine.stop, batch_size):
         # inference mode per batch, never across a yield: grad modes are thread-local (see iter_calibration)
         with torch.inference_mode():
             ids = windows[start : start + batch_size].to(device)
@@ -221,9 +233,14 @@ def iter_compare_many(
                         pruned = _logits(model, ids)
                 tallies[name].add(dense_logp, dense_top1, dense_nll, pruned, ids)
                 del pruned
-        done = min(start + batch_size, total)
-        yield ProgressEvent("compare", done, total,
-                            {name: t.report(done, total, counts[name], plans[name]) for name, t in tallies.items()})
+        done = min(start + batch_size, mine.stop) - mine.start
+        yield ProgressEvent("compare", done, len(mine),
+                            {name: t.report(done, len(mine), counts[name], plans[name]) for name, t in tallies.items()})
+    if processes.size > 1:  # a last event over every process's windows
+        for tally in tallies.values():
+            tally.reduce_across_processes()
+        yield ProgressEvent("compare", total, total,
+                            {name: t.report(total, total, counts[name], plans[name]) for name, t in tallies.items()})
 
 
 def iter_compare(
@@ -249,17 +266,27 @@ def compare(model: nn.Module, plan: DropPlan, windows: torch.Tensor, *, batch_si
     return run_to_end(iter_compare(model, plan, windows, batch_size=batch_size, pruned_model=pruned_model))
 
 
+def _my_windows(num_windows: int, batch_size: int, processes: World) -> range:
+    """The windows this process reads: a contiguous share of whole batches (every window in one process)."""
+    batches = shard((num_windows + batch_size - 1) // batch_size, processes)
+    return range(batches.start * batch_size, min(batches.stop * batch_size, num_windows))
+
+
 def window_losses(model: nn.Module, windows: torch.Tensor, plan: DropPlan | None = None, *,
                   batch_size: int = 1) -> list[float]:
-    """Mean next-token cross-entropy (nats) of ``model`` on each window, under a preview of ``plan``."""
+    """Mean next-token cross-entropy (nats) of ``model`` on each window, under a preview of ``plan``.
+
+    Under a multi-process launch each process reads its share of the windows and every process gets the
+    whole list, in window order (:mod:`entrodrop.distributed`)."""
     windows = _check_windows(windows)
     device = input_device(model)
+    mine = _my_windows(windows.shape[0], batch_size, world())
     losses: list[float] = []
     with torch.inference_mode(), (preview_plan(model, plan) if plan is not None else nullcontext()):
-        for start in range(0, windows.shape[0], batch_size):
-            ids = windows[start : start + batch_size].to(device)
+        for start in range(mine.start, mine.stop, batch_size):
+            ids = windows[start : min(start + batch_size, mine.stop)].to(device)
             losses.extend(token_nll(_logits(model, ids).float(), ids).mean(dim=1).tolist())
-    return losses
+    return concat_across(losses)
 
 
 def paired_difference(losses: Sequence[float], others: Sequence[float]) -> tuple[float, float]:

@@ -40,6 +40,7 @@ def start_calibration(
     skip_first: int = 0,
     calibration: Mapping | None = None,
     costs: bool = False,
+    overlap: bool | None = None,
 ) -> Calibration:
     """Read ``samples`` windows of ``seq_len`` tokens from the calibration part of the text ``data``
     names (``load_corpus`` keyword arguments: ``source``, and ``column`` / ``text`` where they apply)
@@ -47,6 +48,7 @@ def start_calibration(
 
     The scores record ``{"data": <the text's name>, "seed": seed}`` updated with ``calibration``.
     ``costs=True`` also measures the model's per-block costs, now, while no preview is active.
+    ``overlap``: statistics on a second thread beside the next forward (see :func:`iter_calibration`).
     Bad text, sizes or settings raise a ValueError here or at the first event."""
     if "source" not in data:
         raise ValueError("data needs a 'source' (a bundled set, a file, a hub set or 'text'), as for load_corpus.")
@@ -57,6 +59,6 @@ def start_calibration(
     events = iter_calibration(
         loaded.model, windows, settings=settings, batch_size=batch_size, model_name=loaded.name,
         calibration={"data": corpus.name, "seed": seed, **(calibration or {})}, spec=loaded.arch,
-        skip_first=skip_first,
+        skip_first=skip_first, overlap=overlap,
     )
     return Calibration(windows=windows, data_name=corpus.name, events=events, costs=block_costs)

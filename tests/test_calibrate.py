@@ -342,3 +342,56 @@ def test_calibration_resumed_on_other_threads_leaves_no_grad_mode_behind():
     single = run_calibration(model, windows, settings=settings)
     for est in ("bucket", "knn"):
         assert last[0].scores.entropy_curve[est] == pytest.approx(single.entropy_curve[est])
+
+
+def _scores_equal_bitwise(a, b) -> bool:
+    """Every number of two scores JSONs the same float (no tolerance)."""
+    return a.to_dict() == b.to_dict()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_overlapped_statistics_give_bitwise_the_same_scores_and_events(family):
+    model = tiny_model(family)
+    windows = random_windows(5, 40)
+    settings = EstimatorSettings(estimators=("bucket", "knn"))
+    plain = list(iter_calibration(model, windows, settings=settings, batch_size=2, overlap=False))
+    overlapped = list(iter_calibration(model, windows, settings=settings, batch_size=2, overlap=True))
+    assert [e.done for e in overlapped] == [e.done for e in plain] == [1, 2, 3]
+    for a, b in zip(plain, overlapped, strict=True):
+        assert _scores_equal_bitwise(a.scores, b.scores)
+
+
+def test_overlapped_calibration_stopped_early_removes_hooks_and_joins_its_thread():
+    import threading
+
+    model = tiny_model("qwen2")
+    before = count_hooks(model)
+    events = iter_calibration(model, random_windows(6, 40), overlap=True)
+    first = next(events)
+    assert any(t.name.startswith("entrodrop-statistics") for t in threading.enumerate())
+    events.close()
+    assert count_hooks(model) == before
+    assert not any(t.name.startswith("entrodrop-statistics") for t in threading.enumerate())
+    assert first.scores.batches_done == 1 and not torch.is_inference_mode_enabled()
+
+
+def test_an_error_in_the_statistics_thread_reaches_the_caller(monkeypatch):
+    from entrodrop import calibrate
+
+    model = tiny_model("llama")
+    calls = []
+    real_add = calibrate.RunningStats.add_batch
+
+    def failing_add(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FloatingPointError("statistics failed on batch 2")
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(calibrate.RunningStats, "add_batch", failing_add)
+    before = count_hooks(model)
+    events = iter_calibration(model, random_windows(4, 40), overlap=True)
+    assert next(events).done == 1
+    with pytest.raises(FloatingPointError, match="batch 2"):
+        next(events)
+    assert count_hooks(model) == before

@@ -107,3 +107,26 @@ def test_the_core_never_imports_gradio():
         names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
         assert not [n for n in names if n.split(".")[0] == "gradio"], f"{name} imports gradio"
+
+
+def _imported_names(path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level
+              for a in n.names]
+    return names
+
+
+def test_one_module_talks_to_other_processes_and_one_registers_hooks():
+    """Collectives (torch.distributed, accelerate's state and reductions) live in entrodrop.distributed;
+    forward hooks in entrodrop.capture."""
+    for name, path in modules().items():
+        text = path.read_text(encoding="utf-8")
+        if name != "entrodrop.distributed":
+            talks = [n for n in _imported_names(path)
+                     if n.startswith(("torch.distributed", "accelerate.utils.operations", "accelerate.PartialState",
+                                      "accelerate.utils.reduce", "accelerate.utils.gather"))]
+            assert not talks and "torch.distributed" not in text, f"{name} talks to other processes: {talks}"
+        if name != "entrodrop.capture":
+            assert "register_forward_hook" not in text and "register_forward_pre_hook" not in text, \
+                f"{name} registers hooks"

@@ -9,9 +9,12 @@ tqdm adapter fed by the same events the web app streams; :mod:`.checks` the chec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 
+from ..distributed import world
 from . import claims, evaluate, heal, prune, scan, select, sweep
 from .common import check_args
 
@@ -45,6 +48,10 @@ def error_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+# the commands that split their windows across the processes of `accelerate launch` (entrodrop.distributed)
+DATA_PARALLEL = ("scan", "select", "sweep")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `entrodrop` console script; returns the exit code.
 
@@ -56,9 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.command == "select" and args.count is None and args.fraction is None and args.criterion != "manual":
         parser.error("select needs --count or --fraction")
+    processes = world()
+    if processes.size > 1 and args.command not in DATA_PARALLEL:
+        if processes.is_main:
+            print(f"entrodrop: error: {args.command} runs in one process; start it without accelerate launch "
+                  f"(the commands that split their windows across processes are {', '.join(DATA_PARALLEL)}).",
+                  file=sys.stderr)
+        return 2
     try:
         check_args(args)
-        return args.func(args)
+        if processes.is_main:
+            return args.func(args)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # only the main process prints
+            return args.func(args)
     except (ValueError, TypeError, KeyError) as exc:
         code, exc_ = 2, exc
     except OSError as exc:

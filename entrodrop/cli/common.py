@@ -12,6 +12,7 @@ from pathlib import Path
 from ..arch import BLOCK_KINDS
 from ..calibrate import EstimatorSettings
 from ..criteria import DEFAULT_CRITERION, model_criteria, score_criteria
+from ..distributed import is_main
 from ..estimators import ENTROPY_ESTIMATORS
 from ..scores import Scores
 from ..select import PROTECTIONS
@@ -45,6 +46,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated entropy estimators from {','.join(ENTROPY_ESTIMATORS)} (default bucket,knn)")
     p.add_argument("--bins", type=int, default=20, help="bucket estimator: histogram bins per dimension")
     p.add_argument("--knn-k", type=int, default=25, help="knn estimator: neighbour rank k")
+    p.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                   help="statistics on a second thread while the next batch's forward runs (same scores); auto: on "
+                        "where torch leaves CPU cores idle, off where the two would compete for them (default auto)")
     p.add_argument("--skip-first", type=int, default=0,
                    help="leave the first N tokens of every window out of the statistics (attention sink); default 0")
 
@@ -153,7 +157,8 @@ def calibrate_from_args(args, loaded) -> Scores:
     )
     run = start_calibration(loaded, data_from_args(args), samples=args.samples, seq_len=args.seq_len,
                             seed=args.seed, settings=settings, batch_size=args.batch_size,
-                            skip_first=args.skip_first, calibration={"data": args.data})
+                            skip_first=args.skip_first, calibration={"data": args.data},
+                            overlap={"auto": None, "on": True, "off": False}[args.overlap])
     last = progress_bar(run.events, "calibrating", keep_partial=True,
                         postfix=lambda event: {"tokens": event.tokens_seen})
     if last is None:
@@ -175,7 +180,8 @@ def progress_bar(events, desc: str, *, keep_partial: bool = False, postfix=None)
 
     last = None
     stage = None
-    with tqdm(desc=desc, file=sys.stderr, disable=None) as bar:  # a bar on a terminal, quiet in scripts
+    # a bar on a terminal, quiet in scripts and in every process of a multi-process run but the main one
+    with tqdm(desc=desc, file=sys.stderr, disable=None if is_main() else True) as bar:
         try:
             for last in events:
                 if last.stage != stage:

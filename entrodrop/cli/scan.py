@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..arch import BLOCK_KINDS
 from ..criteria import resolve_estimator
+from ..distributed import is_main
 from ..scores import Scores
 from .common import add_data_args, add_model_args, calibrate_from_args, load_from_args
 
@@ -35,7 +36,7 @@ def cmd_scan(args) -> int:
     for est in scores.estimators:
         print(format_scores_table(scores, est))
         print()
-    if args.json:
+    if args.json and is_main():
         scores.save(args.json)
         print(f"scores written to {args.json}")
     return 0

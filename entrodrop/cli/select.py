@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ..criteria import get_criterion
+from ..distributed import is_main
 from ..plan import DropPlan
 from ..race import race_lines
 from ..scores import Scores
@@ -68,7 +69,7 @@ def cmd_select(args) -> int:
         raise ValueError(f"--layers takes comma-separated layer numbers, e.g. 3,7; got {args.layers!r}.") from exc
     plan = select_checked(scores, args, layers=layers)
     print(format_plan(plan))
-    if args.out:
+    if args.out and is_main():
         plan.save(args.out)
         print(f"plan written to {args.out}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..criteria import get_criterion, model_criteria, ranked_criteria
+from ..distributed import is_main
 from ..scores import Scores
 from ..select import PROTECTIONS
 from ..verify import check_sweep
@@ -64,7 +65,7 @@ def cmd_sweep(args) -> int:
         print(f"\n{criteria[0]}'s loss minus the lowest other criterion's, paired over the {windows.shape[0]} "
               f"{eval_data['part']} windows (within 2 errors is noise):")
         print(gaps)
-    if args.json:
+    if args.json and is_main():
         write_json(args.json, {"model": loaded.name, "kind": args.kind, "estimator": args.estimator,
                                "eval_data": eval_data,
                                "calibration": scores.calibration, "rows": rows})
