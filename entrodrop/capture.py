@@ -119,6 +119,31 @@ def capture_residuals(
             handle.remove()
 
 
+class _StopForward(Exception):
+    """Raised by :func:`forward_until`'s hook once the last layer it needs has run."""
+
+
+def forward_until(model: nn.Module, last_layer: int, spec: ArchSpec | None = None, **inputs) -> None:
+    """Run the decoder (no LM head) on ``inputs`` and stop right after decoder layer ``last_layer``.
+
+    For readers of the residual streams of the first layers only (a :func:`capture_residuals` entered
+    before this call has recorded them: its hooks run first): the layers after ``last_layer`` and the
+    head are never computed. The stopping hook is removed whatever happens."""
+    spec = spec or get_arch(model)
+    layers = get_layers(model, spec)
+
+    def stop(_module, _args, _output):
+        raise _StopForward
+
+    handle = layers[last_layer].register_forward_hook(stop)
+    try:
+        model.base_model(**inputs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
 def count_hooks(model: nn.Module) -> int:
     """Number of forward (pre-)hooks currently registered anywhere in ``model`` (for tests)."""
     return sum(

@@ -182,10 +182,12 @@ def heal_memory_bytes(model: nn.Module, settings: HealSettings, seq_len: int) ->
     logits of teacher and student with their gradient, the activations kept for the backward pass, the
     adapters with their optimiser state, and the cached teacher log-probs when asked for."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    validation = settings.val_windows * seq_len * vocab * 4  # the slice's dense log-probs (ValidationSlice)
+    student = params + (validation if validation <= TEACHER_CACHE_BYTES else 0)
     if settings.method == "linear":
         d = getattr(model.config, "hidden_size", 0) or 0
-        return params + settings.train_windows * seq_len * d * 4 * 4
-    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        return student + settings.train_windows * seq_len * d * 4 * 4
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)
     layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
     tokens = settings.batch_windows * seq_len
@@ -193,7 +195,7 @@ def heal_memory_bytes(model: nn.Module, settings: HealSettings, seq_len: int) ->
     activations = 24 * tokens * hidden * layers * 4  # what autograd keeps per layer (attention, MLP, norms)
     adapters = 4 * settings.rank * 2 * hidden * 7 * layers * 4  # A and B, grads, two Adam moments
     cache = settings.train_windows * seq_len * vocab * 2 if settings.teacher == "cache" else 0
-    return params + logits + activations + adapters + cache
+    return student + logits + activations + adapters + cache
 
 
 def check_heal_memory(model: nn.Module, settings: HealSettings, seq_len: int) -> int:
@@ -234,19 +236,41 @@ def teacher_logp(teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(teacher(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
 
 
+TEACHER_CACHE_BYTES = 512 * 2**20  # the validation slice's dense log-probs are kept when they take at most this
+
+
+class ValidationSlice:
+    """The validation windows and the dense model's log-probs on them: computed once and kept when they fit
+    in :data:`TEACHER_CACHE_BYTES` (the same float32 numbers every time), else recomputed at each use."""
+
+    def __init__(self, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 2):
+        self.teacher, self.windows, self.batch_size = teacher, windows, batch_size
+        vocab = int(getattr(teacher.config, "vocab_size", 0) or 0)
+        size = windows.shape[0] * (windows.shape[1] - 1) * vocab * 4
+        self._targets = list(self._each_target()) if 0 < size <= TEACHER_CACHE_BYTES else None
+
+    def _each_target(self):
+        device = input_device(self.teacher)
+        for start in range(0, self.windows.shape[0], self.batch_size):
+            yield teacher_logp(self.teacher, self.windows[start:start + self.batch_size].to(device))
+
+    def kl(self, student: nn.Module, plan: DropPlan) -> float:
+        """Mean KL(dense || student under the plan) per position on the slice."""
+        total, count = 0.0, 0
+        targets = self._targets if self._targets is not None else self._each_target()
+        for start, target in zip(range(0, self.windows.shape[0], self.batch_size), targets, strict=True):
+            ids = self.windows[start:start + self.batch_size].to(input_device(student))
+            with torch.no_grad(), preview_plan(student, plan):
+                logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
+            total += float(kl_per_token(target, logits.to(target.device))) * target.shape[0] * target.shape[1]
+            count += target.shape[0] * target.shape[1]
+        return total / count
+
+
 def validation_kl(teacher: nn.Module, student: nn.Module, plan: DropPlan, windows: torch.Tensor,
                   batch_size: int = 2) -> float:
-    """Mean KL(dense || student under the plan) per position on ``windows`` (the validation slice)."""
-    device = input_device(teacher)
-    total, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start:start + batch_size].to(device)
-        target = teacher_logp(teacher, ids)
-        with torch.no_grad(), preview_plan(student, plan):
-            logits = student(input_ids=ids.to(input_device(student)), use_cache=False).logits[:, :-1]
-        total += float(kl_per_token(target, logits.to(target.device))) * target.shape[0] * target.shape[1]
-        count += target.shape[0] * target.shape[1]
-    return total / count
+    """Mean KL(dense || student under the plan) per position on ``windows`` (the validation slice), once."""
+    return ValidationSlice(teacher, windows, batch_size).kl(student, plan)
 
 
 

@@ -37,12 +37,12 @@ import torch
 from torch import nn
 
 from ..arch import get_arch, get_layers, get_module
-from ..capture import capture_residuals
+from ..capture import capture_residuals, forward_until
 from ..devices import input_device
 from ..plan import DropPlan
 from ..progress import ProgressEvent
 from ..prune import preview_plan
-from .core import HealProgress, HealResult, HealSettings, student_copy, validation_kl
+from .core import HealProgress, HealResult, HealSettings, ValidationSlice, student_copy
 
 logger = logging.getLogger(__name__)
 
@@ -153,18 +153,22 @@ def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torc
     total = len(foldable) + 2
     device = input_device(model)
     student = student_copy(model)
-    before = validation_kl(model, student, plan, val)
+    validation = ValidationSlice(model, val)  # the dense log-probs on it, once
+    before = validation.kl(student, plan)
     current = before
 
     def progress(done: int) -> ProgressEvent:
         return ProgressEvent("heal", done, total, HealProgress("linear", done, total, None, before, before, 0,
                                                                time.monotonic() - started, None))
 
-    # the dense model's stream after every span, once (float32, on the CPU)
+    # the dense model's stream after every span, once (float32, on the CPU); no forward goes past the layer
+    # whose streams it needs (S_w lies in layer w // 2), nor through the LM head
     targets: dict[tuple[int, int], list[torch.Tensor]] = {span: [] for span in foldable}
+    deepest = max(((b + 1) // 2 for _, b in foldable), default=0)
+    last_layer = len(get_layers(model)) - 1
     for i in range(train.shape[0]):
         with torch.inference_mode(), capture_residuals(model) as cap:
-            model(input_ids=train[i:i + 1].to(device), use_cache=False)
+            forward_until(model, min(deepest, last_layer), input_ids=train[i:i + 1].to(device), use_cache=False)
             for span in foldable:
                 targets[span].append(_stream(cap, span[1] + 1)[0])  # (T, d)
     yield progress(1)
@@ -172,7 +176,7 @@ def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torc
         ms, ds = [], []
         for i in range(train.shape[0]):
             with torch.inference_mode(), preview_plan(student, plan), capture_residuals(student) as cap:
-                student(input_ids=train[i:i + 1].to(device), use_cache=False)
+                forward_until(student, a // 2, input_ids=train[i:i + 1].to(device), use_cache=False)
                 s_before, s_after = _stream(cap, a - 1)[0], _stream(cap, a)[0]  # (T, d)
             target = targets[(a, b)][i]
             keep = _keep(s_before, target, settings.massive_ratio)
@@ -182,7 +186,7 @@ def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torc
         writer = _writer_linear(student, a - 1)
         saved = {name: p.detach().clone() for name, p in writer.named_parameters(recurse=False)}
         _fold(writer, T)
-        now = validation_kl(model, student, plan, val)
+        now = validation.kl(student, plan)
         kept = now < current
         logger.info("linear heal: writers %d-%d into writer %d (||T - I||_F = %.3f, %d tokens): validation KL "
                     "%.4f -> %.4f, %s", a, b, a - 1, float((T - torch.eye(T.shape[0], dtype=T.dtype)).norm()),

@@ -33,7 +33,7 @@ from .core import (
     kl_per_token,
     student_copy,
     teacher_logp,
-    validation_kl,
+    ValidationSlice,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ def iter_lora(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torch.
     def adapter_state() -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in student.named_parameters() if p.requires_grad}
 
-    before = validation_kl(model, student, plan, val)
+    validation = ValidationSlice(model, val)  # the dense log-probs on it, once
+    before = validation.kl(student, plan)
     best = (before, 0, adapter_state())
     history = [{"step": 0, "train_loss": None, "val_kl": before, "seconds": 0.0}]
     batches = _batches(train.shape[0], min(settings.batch_windows, train.shape[0]), settings.seed)
@@ -121,7 +122,7 @@ def iter_lora(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torch.
         stopped = should_stop() or out_of_time
         last = step == settings.steps or stopped
         if step % settings.validate_every == 0 or last:
-            val_kl = validation_kl(model, student, plan, val)
+            val_kl = validation.kl(student, plan)
             if val_kl < best[0]:
                 best = (val_kl, step, adapter_state())
         history.append({"step": step, "train_loss": loss_value,
@@ -143,7 +144,7 @@ def iter_lora(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torch.
     merged = adapted.merge_and_unload()
     merged.eval()
     merged.requires_grad_(False)
-    after = validation_kl(model, merged, plan, val)
+    after = validation.kl(merged, plan)
     notes = [] if best[1] else ["no step lowered the validation KL: the unhealed weights were kept"]
     logger.info("lora heal: %d steps, validation KL %.4f -> %.4f (best at step %d)", step, before, after, best[1])
     result = HealResult("lora", plan, merged, settings.to_dict(), history, before, after, best_step=best[1],
