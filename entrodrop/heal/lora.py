@@ -30,10 +30,10 @@ from .core import (
     HealProgress,
     HealResult,
     HealSettings,
+    ValidationSlice,
     kl_per_token,
     student_copy,
     teacher_logp,
-    ValidationSlice,
 )
 
 logger = logging.getLogger(__name__)
