@@ -13,7 +13,7 @@ Capture points, per decoder layer l (names a reader can guess):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -69,14 +69,18 @@ def capture_residuals(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    layers: set[int] | None = None,
 ) -> Iterator[ResidualCapture]:
     """Register the capture hooks for the duration of the ``with`` block; always remove them.
 
-    Works under :func:`~entrodrop.prune.preview_plan` too (enter the preview first): a skipped layer's
-    X_{l+1} and Y_l are its X_l, a skipped sub-block adds nothing."""
+    ``layers``: keep only X_l and Y_l of these layers (the rest stay None; ``complete()`` is then False),
+    for readers of a few streams of a large batch. Works under :func:`~entrodrop.prune.preview_plan` too
+    (enter the preview first): a skipped layer's X_{l+1} and Y_l are its X_l, a skipped sub-block adds
+    nothing."""
     spec = spec or get_arch(model)
-    layers = get_layers(model, spec)
-    cap = ResidualCapture(num_layers=len(layers), device=torch.device(device), dtype=dtype)
+    decoder_layers = get_layers(model, spec)
+    cap = ResidualCapture(num_layers=len(decoder_layers), device=torch.device(device), dtype=dtype)
+    wanted = set(range(len(decoder_layers) + 1)) if layers is None else set(layers)
     handles = []
 
     def on_layer_input(idx: int, skipped: bool):
@@ -104,16 +108,32 @@ def capture_residuals(
         return hook
 
     try:
-        for idx, layer in enumerate(layers):
+        for idx, layer in enumerate(decoder_layers):
             try:
                 attn_out = get_module(layer, spec.attn_residual)
             except AttributeError:  # the stand-in of a whole layer a preview skips
                 attn_out = None
-            handles.append(layer.register_forward_pre_hook(on_layer_input(idx, attn_out is None), with_kwargs=True))
-            handles.append(layer.register_forward_hook(on_layer_output(idx)))
-            if attn_out is not None:
+            if idx in wanted:
+                handles.append(layer.register_forward_pre_hook(on_layer_input(idx, attn_out is None), with_kwargs=True))
+            if idx + 1 in wanted:
+                handles.append(layer.register_forward_hook(on_layer_output(idx)))
+            if attn_out is not None and idx in wanted:
                 handles.append(attn_out.register_forward_hook(on_attn_contribution(idx)))
         yield cap
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def replace_outputs(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
+    """For the ``with`` block, each module's output is ``fn(module, inputs, output)`` (hooks removed after).
+
+    A hook registered here runs after those :func:`capture_residuals` registered before it, so a capture
+    entered first records what the module produced, and the forward goes on with the replacement."""
+    handles = [module.register_forward_hook(fn) for module, fn in replacements.items()]
+    try:
+        yield
     finally:
         for handle in handles:
             handle.remove()

@@ -259,3 +259,45 @@ def test_a_span_whose_map_raises_the_validation_kl_is_undone(monkeypatch):
     assert "model.layers.2.mlp.down_proj.weight" not in changed  # writer 5 restored
     assert any("writers 6-7" in note and "undone" in note for note in result.notes)
     assert len(calls) == 2 and result.val_kl_after <= result.val_kl_before
+
+
+def test_one_pass_fits_each_span_on_the_streams_the_spans_before_it_leave():
+    """All spans fitted in one forward give the maps of one forward per span in depth order: the deeper
+    span's fit reads the output of the shallower span's folded writer."""
+    from entrodrop.heal.core import student_copy
+    from entrodrop.heal.linear import _fit_pass, _targets
+
+    model = sharp_model("llama", seed=4)
+    plan = DropPlan.parse("layer:1,layer:3", LAYERS)
+    train, spans, settings = windows(12, 32), [(2, 3), (6, 7)], HealSettings(method="linear")
+    targets = _targets(model, train, spans)
+    together = _fit_pass(student_copy(model), plan, train, targets, spans, settings)
+    one_by_one, student = {}, student_copy(model)
+    for span in spans:
+        one_by_one.update(_fit_pass(student, plan, train, targets, [span], settings))
+    for span in spans:
+        assert torch.allclose(together[span][0], one_by_one[span][0], rtol=1e-6, atol=1e-9)
+    # and not the map the deeper span gets when the shallower one is left unhealed
+    alone = _fit_pass(student_copy(model), plan, train, targets, [spans[1]], settings)[spans[1]][0]
+    assert not torch.allclose(alone, together[spans[1]][0], rtol=1e-4, atol=1e-6)
+
+
+def test_spans_after_an_undone_map_are_fitted_again_without_it(monkeypatch):
+    import entrodrop.heal.linear as linear
+
+    real, calls = linear.fit_map, []
+
+    def fit(m, target, ridge):
+        calls.append(1)
+        fitted = real(m, target, ridge)
+        return 50 * fitted if len(calls) == 1 else fitted  # the first span's first map is absurd
+
+    monkeypatch.setattr(linear, "fit_map", fit)
+    model = sharp_model("llama", seed=4)
+    plan = DropPlan.parse("layer:1,layer:3", LAYERS)
+    result = heal(model, plan, windows(24, 32), HealSettings(method="linear", train_windows=20, val_windows=4))
+    assert len(calls) == 3  # both spans in the first pass, the second again in a pass without the first's map
+    assert any("writers 2-3" in note and "undone" in note for note in result.notes)
+    dense = dict(model.named_parameters())
+    changed = {n for n, p in result.model.named_parameters() if not torch.equal(p, dense[n])}
+    assert "model.layers.0.mlp.down_proj.weight" not in changed  # writer 1 restored

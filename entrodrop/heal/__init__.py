@@ -73,7 +73,7 @@ def iter_heal(model: nn.Module, plan: DropPlan, windows: torch.Tensor, settings:
     check_heal(model, plan, settings)
     train, val = split_windows(windows, settings)
     if check_memory:
-        check_heal_memory(model, settings, int(windows.shape[1]))
+        check_heal_memory(model, settings, int(windows.shape[1]), plan)
     stop = should_stop or (lambda: False)
     started = time.monotonic()
     if settings.method == "linear":

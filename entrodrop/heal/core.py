@@ -177,19 +177,26 @@ def check_common(model: nn.Module, plan: DropPlan, settings: HealSettings) -> No
         raise ValueError("The plan drops nothing, so there is nothing to heal: drop some blocks first.")
 
 
-def heal_memory_bytes(model: nn.Module, settings: HealSettings, seq_len: int) -> int:
-    """An upper estimate of the memory a heal adds to the loaded model: the student copy, and for lora the
-    logits of teacher and student with their gradient, the activations kept for the backward pass, the
-    adapters with their optimiser state, and the cached teacher log-probs when asked for."""
+def heal_memory_bytes(model: nn.Module, settings: HealSettings, seq_len: int, plan: DropPlan | None = None) -> int:
+    """An upper estimate of the memory a heal adds to the loaded model: the student copy; for linear the one
+    forward over every training window at once (its activations, and per span the dense target, the two
+    streams around the writer and the fit's float64 copies; at most one span per dropped block of ``plan``,
+    one per layer without it); for lora the logits of teacher and student with their gradient, the
+    activations kept for the backward pass, the adapters with their optimiser state, and the cached teacher
+    log-probs when asked for."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     validation = settings.val_windows * seq_len * vocab * 4  # the slice's dense log-probs (ValidationSlice)
     student = params + (validation if validation <= TEACHER_CACHE_BYTES else 0)
-    if settings.method == "linear":
-        d = getattr(model.config, "hidden_size", 0) or 0
-        return student + settings.train_windows * seq_len * d * 4 * 4
     hidden = int(getattr(model.config, "hidden_size", 0) or 0)
     layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    if settings.method == "linear":
+        tokens = settings.train_windows * seq_len
+        spans = len(plan.blocks) if plan is not None else layers
+        inner = int(getattr(model.config, "intermediate_size", 0) or 4 * hidden)
+        heads = int(getattr(model.config, "num_attention_heads", 0) or 1)
+        forward = tokens * (3 * inner + 10 * hidden) * 4 + settings.train_windows * heads * seq_len ** 2 * 4
+        return student + forward + spans * tokens * hidden * (3 * 4 + 2 * 8)
     tokens = settings.batch_windows * seq_len
     logits = 5 * tokens * vocab * 4  # teacher log-probs, student logits, log-softmax and its gradient, slack
     activations = 24 * tokens * hidden * layers * 4  # what autograd keeps per layer (attention, MLP, norms)
@@ -198,11 +205,18 @@ def heal_memory_bytes(model: nn.Module, settings: HealSettings, seq_len: int) ->
     return student + logits + activations + adapters + cache
 
 
-def check_heal_memory(model: nn.Module, settings: HealSettings, seq_len: int) -> int:
+def check_heal_memory(model: nn.Module, settings: HealSettings, seq_len: int, plan: DropPlan | None = None) -> int:
     """The estimate of :func:`heal_memory_bytes`; ValueError when it would not fit in the free memory."""
-    needed = heal_memory_bytes(model, settings, seq_len)
+    needed = heal_memory_bytes(model, settings, seq_len, plan)
     device = input_device(model)
     free = available_memory_bytes(device)
+    if needed > MEMORY_HEADROOM * free and settings.method == "linear":
+        raise ValueError(
+            f"The linear heal reads all {settings.train_windows} training windows in one forward and would need about "
+            f"{format_bytes(needed)} on {device.type} (a copy of the model, that forward, and the streams each fit "
+            f"reads) but only {format_bytes(free)} is free, and at most {MEMORY_HEADROOM:.0%} of it is used. Use "
+            f"fewer training windows (train_windows={max(1, settings.train_windows // 2)}), shorter windows, or a "
+            "smaller model.")
     if needed > MEMORY_HEADROOM * free:
         raise ValueError(
             f"Healing would need about {format_bytes(needed)} on {device.type} (a copy of the model for the student, "

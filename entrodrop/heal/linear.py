@@ -25,6 +25,12 @@ the student with every earlier span already healed, so each fit sees the inputs 
 span's map is kept only if it lowers the KL(dense || student) on the validation slice; otherwise that
 writer is restored and the notes say so. A span that starts at writer 0 has no writer before it and is
 left as it is (said in the notes too).
+
+Cost: every span is fitted in ONE forward of the student over all training windows at once: a hook on
+each span's writer fits T on the batch, folds it, and hands the folded output on, so the deeper spans
+see healed inputs in the same pass. The maps are then checked on the validation slice in depth order;
+only when one is undone are the spans after it fitted again, in a new pass without it. No forward goes
+past the last layer a fit reads, nor through the LM head.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch
 from torch import nn
 
 from ..arch import get_arch, get_layers, get_module
-from ..capture import capture_residuals, forward_until
+from ..capture import capture_residuals, forward_until, replace_outputs
 from ..devices import input_device
 from ..plan import DropPlan
 from ..progress import ProgressEvent
@@ -122,6 +128,13 @@ def _fold(module: nn.Module, T: torch.Tensor) -> None:
             bias.copy_((T @ bias.double()).to(bias.dtype))
 
 
+def _restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back the parameters ``module`` had (a map undone)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters(recurse=False):
+            p.copy_(saved[name])
+
+
 def _keep(before: torch.Tensor, after: torch.Tensor, ratio: float) -> torch.Tensor:
     """(T,) mask of tokens whose norm is within ``ratio`` x the median in both streams (sinks left out)."""
     keep = torch.ones(before.shape[0], dtype=torch.bool, device=before.device)
@@ -142,6 +155,55 @@ def fit_map(m: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor
     return torch.linalg.solve(gram + lam * eye, (cross + lam * eye).T).T  # (B + lam I)(A + lam I)^-1, A symmetric
 
 
+TEACHER_CHUNK = 8  # windows per forward of the dense model when it records the targets
+
+
+def _targets(model: nn.Module, train: torch.Tensor, spans: list[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
+    """The dense model's stream after each span, S_{b+1}, on every training window: span -> (N, T, d) float32,
+    CPU. Only the streams it needs are kept, and the forward stops at the deepest of them."""
+    last_layer = len(get_layers(model)) - 1
+    layers = {(b + 1) // 2 for _, b in spans}  # S_i lies in layer i // 2 (S_2L = X_L: "layer" L)
+    parts: dict[tuple[int, int], list[torch.Tensor]] = {span: [] for span in spans}
+    device = input_device(model)
+    for start in range(0, train.shape[0], TEACHER_CHUNK):
+        with torch.inference_mode(), capture_residuals(model, layers=layers) as cap:
+            forward_until(model, min(max(layers), last_layer), input_ids=train[start:start + TEACHER_CHUNK].to(device),
+                          use_cache=False)
+            for span in spans:
+                parts[span].append(_stream(cap, span[1] + 1))
+    return {span: torch.cat(p) for span, p in parts.items()}
+
+
+def _fit_pass(student: nn.Module, plan: DropPlan, train: torch.Tensor, targets: dict, spans: list[tuple[int, int]],
+              settings: HealSettings) -> dict[tuple[int, int], tuple[torch.Tensor, int]]:
+    """One forward of the student under the plan over every training window: each span's map is fitted where
+    its writer runs and folded at once (the deeper spans see its output). Returns span -> (T, tokens fitted)."""
+    maps: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+
+    def fitter(span: tuple[int, int]):
+        a = span[0]
+
+        def fit_and_fold(module, inputs, output):
+            s_before = _stream(cap, a - 1)  # (B, T, d): the stream the writer adds its term m to
+            target = targets[span]
+            keep = torch.stack([_keep(s_before[i], target[i], settings.massive_ratio) for i in range(target.shape[0])])
+            # (B, T, d) like the stream: some models (OPT) run their MLP on the tokens flattened to (B*T, d)
+            m = output.detach().to(device=s_before.device, dtype=torch.float32).reshape(s_before.shape)
+            T = fit_map(m[keep], (target - s_before)[keep], settings.ridge)
+            maps[span] = (T, int(keep.sum()))
+            _fold(module, T)
+            return module.forward(*inputs)  # what the folded writer gives, as every later forward will
+
+        return fit_and_fold
+
+    hooks = {_writer_linear(student, a - 1): fitter((a, b)) for a, b in spans}
+    writer_layers = {(a - 1) // 2 for a, _ in spans}
+    with torch.inference_mode(), preview_plan(student, plan), capture_residuals(student, layers=writer_layers) as cap, \
+            replace_outputs(hooks):
+        forward_until(student, max(writer_layers), input_ids=train.to(input_device(student)), use_cache=False)
+    return maps
+
+
 def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torch.Tensor,
                 settings: HealSettings) -> Iterator[ProgressEvent]:
     """Fit and fold one map per span (see the module docstring); the last event carries the :class:`HealResult`."""
@@ -151,7 +213,6 @@ def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torc
     notes = [f"writers {a}-{b} start at the first attention block: nothing before them to fold into, left as "
              "they are" for a, b in spans if a == 0]
     total = len(foldable) + 2
-    device = input_device(model)
     student = student_copy(model)
     validation = ValidationSlice(model, val)  # the dense log-probs on it, once
     before = validation.kl(student, plan)
@@ -161,45 +222,37 @@ def iter_linear(model: nn.Module, plan: DropPlan, train: torch.Tensor, val: torc
         return ProgressEvent("heal", done, total, HealProgress("linear", done, total, None, before, before, 0,
                                                                time.monotonic() - started, None))
 
-    # the dense model's stream after every span, once (float32, on the CPU); no forward goes past the layer
-    # whose streams it needs (S_w lies in layer w // 2), nor through the LM head
-    targets: dict[tuple[int, int], list[torch.Tensor]] = {span: [] for span in foldable}
-    deepest = max(((b + 1) // 2 for _, b in foldable), default=0)
-    last_layer = len(get_layers(model)) - 1
-    for i in range(train.shape[0]):
-        with torch.inference_mode(), capture_residuals(model) as cap:
-            forward_until(model, min(deepest, last_layer), input_ids=train[i:i + 1].to(device), use_cache=False)
-            for span in foldable:
-                targets[span].append(_stream(cap, span[1] + 1)[0])  # (T, d)
+    targets = _targets(model, train, foldable) if foldable else {}
     yield progress(1)
-    for k, (a, b) in enumerate(foldable):
-        ms, ds = [], []
-        for i in range(train.shape[0]):
-            with torch.inference_mode(), preview_plan(student, plan), capture_residuals(student) as cap:
-                forward_until(student, a // 2, input_ids=train[i:i + 1].to(device), use_cache=False)
-                s_before, s_after = _stream(cap, a - 1)[0], _stream(cap, a)[0]  # (T, d)
-            target = targets[(a, b)][i]
-            keep = _keep(s_before, target, settings.massive_ratio)
-            ms.append((s_after - s_before)[keep])  # the writer's residual term m
-            ds.append((target - s_before)[keep])  # what the term should be to land on the dense stream
-        T = fit_map(torch.cat(ms), torch.cat(ds), settings.ridge)
-        writer = _writer_linear(student, a - 1)
-        saved = {name: p.detach().clone() for name, p in writer.named_parameters(recurse=False)}
-        _fold(writer, T)
-        now = validation.kl(student, plan)
-        kept = now < current
-        logger.info("linear heal: writers %d-%d into writer %d (||T - I||_F = %.3f, %d tokens): validation KL "
-                    "%.4f -> %.4f, %s", a, b, a - 1, float((T - torch.eye(T.shape[0], dtype=T.dtype)).norm()),
-                    sum(x.shape[0] for x in ms), current, now, "kept" if kept else "undone")
-        if kept:
-            current = now
-        else:
-            with torch.no_grad():
-                for name, p in writer.named_parameters(recurse=False):
-                    p.copy_(saved[name])
+    decided, pending = 0, foldable
+    while pending:
+        writers = {span: _writer_linear(student, span[0] - 1) for span in pending}
+        saved = {span: {name: p.detach().clone() for name, p in w.named_parameters(recurse=False)}
+                 for span, w in writers.items()}
+        maps = _fit_pass(student, plan, train, targets, pending, settings)
+        for span, writer in writers.items():  # back to unfolded; each map goes in again only once checked
+            _restore(writer, saved[span])
+        refit = []
+        for k, (a, b) in enumerate(pending):
+            T, tokens = maps[(a, b)]
+            _fold(writers[(a, b)], T)
+            now = validation.kl(student, plan)
+            kept = now < current
+            logger.info("linear heal: writers %d-%d into writer %d (||T - I||_F = %.3f, %d tokens): validation KL "
+                        "%.4f -> %.4f, %s", a, b, a - 1, float((T - torch.eye(T.shape[0], dtype=T.dtype)).norm()),
+                        tokens, current, now, "kept" if kept else "undone")
+            decided += 1
+            if kept:
+                current = now
+                yield progress(decided + 1)
+                continue
+            _restore(writers[(a, b)], saved[(a, b)])
             notes.append(f"the map for writers {a}-{b} raised the validation KL ({current:.4f} -> {now:.4f} nats), "
                          "so it was undone")
-        yield progress(k + 2)
+            yield progress(decided + 1)
+            refit = pending[k + 1:]  # fitted on a stream with this map in: fitted again without it
+            break
+        pending = refit
     after = current
     history = [{"step": 0, "train_loss": None, "val_kl": before, "seconds": 0.0},
                {"step": 1, "train_loss": None, "val_kl": after, "seconds": time.monotonic() - started}]
