@@ -33,10 +33,13 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer):
 
 def launch_two(*args: str) -> subprocess.CompletedProcess:
     """`accelerate launch` of the entrodrop CLI in 2 CPU processes, one torch thread each."""
+    from conftest import free_port
+
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "entrodrop", *args],
+                           "--main_process_port", str(free_port()), "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "-m", "entrodrop", *args],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
