@@ -107,6 +107,19 @@ def max_across(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return reduce(tensors, reduction="max")
 
 
+def leave() -> None:
+    """Wait for every process, then leave the process group (a no-op with one process or none joined).
+
+    Call once at the end of a run that succeeded: a process that exits with gloo's threads still attached
+    can abort at interpreter shutdown ("terminate called without an active exception") after its work is
+    done. A process that failed exits without it: the others may be inside a collective it will never join,
+    and the launcher stops them."""
+    if not _launched() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def concat_across(items: list) -> list:
     """Every process's list joined in rank order (each process gets the whole list). Items are pickled."""
     if not _launched():

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from ..distributed import world
+from ..distributed import leave, world
 from . import claims, evaluate, heal, prune, scan, select, sweep
 from .common import check_args
 
@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.command == "select" and args.count is None and args.fraction is None and args.criterion != "manual":
         parser.error("select needs --count or --fraction")
+    code = _run(args)
+    if code == 0:
+        leave()  # under accelerate launch: every process done before any leaves the group
+    return code
+
+
+def _run(args) -> int:
+    """Run the parsed command in this process; returns the exit code (see :func:`main`)."""
     processes = world()
     if processes.size > 1 and args.command not in DATA_PARALLEL:
         if processes.is_main:
