@@ -79,16 +79,22 @@ def test_gemma_resolves_to_an_assembled_gguf():
     assert resolved.kind == "bundled" and resolved.gguf_file.endswith(".gguf")
 
 
+@pytest.fixture(scope="module")
+def gemma():
+    """The real Gemma 3 270M, de-quantised once for this module (about 50-80 s on a CPU)."""
+    return load_model(GEMMA)
+
+
 @pytest.mark.slow
 @needs_gemma
-def test_real_gemma_loads_and_calibrates():
-    """About 50-80 s to de-quantise on a CPU; one 2 x 64-token calibration through the gemma3 adapter."""
+def test_real_gemma_loads_and_calibrates(gemma):
+    """One 2 x 64-token calibration through the gemma3 adapter."""
     import torch
 
     from entrodrop.calibrate import EstimatorSettings, run_calibration
     from entrodrop.data import load_corpus, make_windows
 
-    loaded = load_model(GEMMA)
+    loaded = gemma
     assert loaded.arch.family == "gemma3" and loaded.num_layers == 18
     assert loaded.model.config.hidden_size == 640
     assert set(loaded.model.config.layer_types) == {"sliding_attention", "full_attention"}
@@ -101,3 +107,12 @@ def test_real_gemma_loads_and_calibrates():
         assert len(scores.entropy_curve[est]) == 19
         assert all(math.isfinite(v) for v in scores.entropy_curve[est])
     assert all(math.isfinite(b.cosine_importance) for b in scores.blocks)
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_weights_in_gguf_layout_are_the_files_own(gemma):
+    """GGUF exports of new weights store Gemma's norms as 1 + w and its Q/K rows unpermuted, as llama.cpp reads them."""
+    from test_gguf_export import assert_gguf_layout_is_the_files
+
+    assert_gguf_layout_is_the_files(gemma.model, gemma.gguf_file)

@@ -1,10 +1,13 @@
 """GGUF export: the bundled SmolLM2 GGUF through the GGUF -> GGUF path (size, metadata, bytes, logits), attention
-drops as a ``deci`` file, and every refusal (Gemma 3 layers that would change kind, sub-blocks outside the Llama
-family, a safetensors source, a healed model, a truncated source) before anything is written."""
+drops as a ``deci`` file, a healed model's own weights in Q8_0 or float (the tensor layout checked against both
+bundled files), and every refusal (Gemma 3 layers that would change kind, sub-blocks outside the Llama family, a
+safetensors source, a healed model as stored, an architecture whose layout is not checked, a truncated source)
+before anything is written."""
 
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader, GGUFValueType
@@ -13,6 +16,7 @@ from tiny_models import LAYERS
 
 from entrodrop.export import ModelSource, TargetNotEmptyError
 from entrodrop.export.gguf_export import check_gguf_export, export_gguf
+from entrodrop.export.gguf_tensors import ModelTensors, check_float_arch, encode, round_trip, within_rounding
 from entrodrop.export.gguf_write import plan_gguf
 from entrodrop.plan import DropPlan
 
@@ -102,8 +106,10 @@ def test_sources_without_quantised_tensors_and_bad_files_are_refused(tmp_path):
     plan = DropPlan.parse("layer:1", LAYERS)
     with pytest.raises(ValueError, match="needs a model loaded from a .gguf file.*format='safetensors'"):
         check_gguf_export(model, plan, ModelSource(name="tiny", source="local"))
-    with pytest.raises(ValueError, match="would lose the heal"):
+    with pytest.raises(ValueError, match="would lose the heal.*q8_0, f16, bf16 or f32"):
         check_gguf_export(model, plan, ModelSource(name="tiny", source="gguf"), healed=True)
+    with pytest.raises(ValueError, match="Unknown GGUF tensor type 'q4_k'"):
+        check_gguf_export(model, plan, ModelSource(name="tiny", source="gguf"), gguf_type="q4_k")
     with pytest.raises(ValueError, match="drops no block"):
         check_gguf_export(model, DropPlan(LAYERS, []), ModelSource(name="tiny", source="gguf"))
     from entrodrop.bundled import bundled_model_path
@@ -118,3 +124,109 @@ def test_sources_without_quantised_tensors_and_bad_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="plan is for a model with 4 layers but the GGUF source has 30"):
         check_gguf_export(model, plan, ModelSource(name="copy", source="gguf", gguf_file=str(whole)))
     assert torch.is_tensor(next(model.parameters()))
+
+
+def assert_gguf_layout_is_the_files(model, gguf_path) -> None:
+    """The layout the writer gives a model's weights (Llama's per-head Q/K row order, Gemma's 1 + w norms) is
+    llama.cpp's: the model de-quantised from a GGUF file, written back, is that file's tensors exactly."""
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(gguf_path))
+    arch = reader.fields["general.architecture"].contents()
+    tensors = ModelTensors(model, arch, reader.fields[f"{arch}.block_count"].contents())
+    wanted = ("token_embd", "blk.1.attn_q.", "blk.1.attn_k.", "blk.1.attn_v.", "blk.1.attn_norm", "blk.1.ffn_down",
+              "blk.1.attn_q_norm", "blk.1.post_attention_norm", "output_norm")
+    checked = [t for t in reader.tensors if t.name.startswith(wanted)]
+    assert len(checked) >= 7
+    for t in checked:
+        stored = dequantize(t.data, t.tensor_type).reshape(tensors.array(t.name).shape)
+        assert np.array_equal(stored, tensors.array(t.name)), t.name
+
+
+@pytest.mark.slow
+def test_the_models_weights_in_gguf_layout_are_the_source_files_own(bundled_model):
+    assert_gguf_layout_is_the_files(bundled_model.model, bundled_model.gguf_file)  # Gemma 3's: tests/test_gemma.py
+
+
+@pytest.mark.slow
+def test_a_healed_model_is_written_from_its_own_weights_and_reloads_with_its_logits(bundled_model, tmp_path):
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+
+    from entrodrop.data import load_corpus, make_windows
+    from entrodrop.heal import HealSettings, heal, heal_record
+
+    plan = DropPlan(30, DropPlan.parse(WHOLE, 30).blocks, criterion="recommended")
+    calib = make_windows(bundled_model.tokenizer, load_corpus("gsm8k"), num_samples=6, seq_len=64, seed=0)
+    healed = heal(bundled_model.model, plan, calib, HealSettings(method="linear", train_windows=4, val_windows=2))
+    source = ModelSource.of(bundled_model)
+    with pytest.raises(ValueError, match="would lose the heal"):  # the source's bytes are not the healed weights
+        export_gguf(healed.model, bundled_model.tokenizer, plan, tmp_path / "stored", source=source,
+                    heal=heal_record(healed))
+    assert not (tmp_path / "stored").exists()
+    result = export_gguf(healed.model, bundled_model.tokenizer, plan, tmp_path / "q8", source=source,
+                         gguf_type="q8_0", heal=heal_record(healed))
+    assert result.ok, result.verdict
+    reloaded = result.verification["loaders"]["transformers from_pretrained(gguf_file=...)"]
+    assert reloaded["max_abs_diff"] <= 1e-4 and 0 < reloaded["rounding_kl"] < 0.02  # the model as the file rounds it
+    assert "the model's own weights within q8_0 rounding" in result.verdict
+    path = next((tmp_path / "q8").glob("*-healed-q8_0.gguf"))
+    reader = GGUFReader(str(path))
+    meta = fields(reader)
+    assert meta["general.file_type"] == 7 and meta["entrodrop.heal"] == "linear" and meta["entrodrop.weights"] == "q8_0"
+    assert meta["llama.block_count"] == 26 and meta["tokenizer.chat_template"]  # the source's metadata kept
+    by_name = {t.name: t for t in reader.tensors}
+    assert by_name["blk.0.attn_norm.weight"].tensor_type == T.F32 and by_name["blk.0.ffn_up.weight"].tensor_type == T.Q8_0
+    # the heal's folds are in the file: some kept tensor is not the dense model's, every one is the healed model's
+    dense, ours = (ModelTensors(m, "llama", 30) for m in (bundled_model.model, healed.model))
+
+    def source_name(name: str) -> str:  # blk.N of the file is blk.<N-th kept layer> of the dense layout
+        index, _, rest = name[4:].partition(".")
+        return f"blk.{meta['entrodrop.source_layers'][int(index)]}.{rest}"
+
+    quantised = [n for n, t in by_name.items() if n.startswith("blk.") and t.tensor_type == T.Q8_0]
+    changed = [n for n in quantised if not within_rounding(np.asarray(by_name[n].data), T.Q8_0,
+                                                           dense.array(source_name(n)))]
+    assert changed and all(within_rounding(np.asarray(by_name[n].data), T.Q8_0, ours.array(source_name(n)))
+                           for n in quantised)
+    assert result.weights_bytes < 26 / 30 * sum(p.numel() for p in healed.model.parameters()) * 1.2
+    card = (tmp_path / "q8" / "README.md").read_text()
+    assert "healed with linear" in card and "q8_0" in card and "llama-cli -m" in card
+    assert dequantize(by_name["token_embd.weight"].data, T.Q8_0).shape[-1] == 576
+
+
+@pytest.mark.slow
+def test_attention_drops_in_float16_are_a_deci_file_of_the_models_weights(bundled_model, tmp_path):
+    plan = DropPlan.parse(ATTN, 30)
+    result = export_gguf(bundled_model.model, bundled_model.tokenizer, plan, tmp_path / "f16",
+                         source=ModelSource.of(bundled_model), gguf_type="f16")
+    assert result.ok, result.verdict
+    reader = GGUFReader(str(next((tmp_path / "f16").glob("*-f16.gguf"))))
+    meta = fields(reader)
+    assert meta["general.architecture"] == "deci" and meta["general.file_type"] == 1
+    assert "blk.3.attn_q.weight" not in {t.name for t in reader.tensors}
+    assert "within f16 rounding" in result.verdict
+
+
+def test_rounding_bounds_pass_the_rounding_and_fail_just_past_it():
+    from gguf import GGMLQuantizationType as T
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 64)).astype(np.float32)
+    w[1, :32] *= 1e-6  # a block whose float16 scale is subnormal
+    for qtype in (T.Q8_0, T.F16, T.BF16, T.F32):
+        assert within_rounding(encode(w, qtype), qtype, w), qtype.name
+    q8 = encode(w, T.Q8_0)
+    step = np.abs(w[0, :32]).max() / 127
+    for delta, inside in ((0.45 * step, True), (0.7 * step, False)):
+        moved = w.copy()
+        moved[0, 3] = round_trip(w, T.Q8_0)[0, 3] + delta
+        assert within_rounding(q8, T.Q8_0, moved) is inside
+    for qtype, rel in ((T.F16, 2.0 ** -11), (T.BF16, 2.0 ** -8)):
+        moved = w.copy()
+        moved[2, 5] = round_trip(w, qtype)[2, 5] * (1 + 2.5 * rel)
+        assert not within_rounding(encode(w, qtype), qtype, moved)
+    swapped = w[[1, 0, 2, 3]]
+    assert not within_rounding(encode(w, T.Q8_0), T.Q8_0, swapped)  # another tensor's values, or rows, fail
+    with pytest.raises(ValueError, match="'qwen2' GGUF is not supported.*stored"):
+        check_float_arch("qwen2")

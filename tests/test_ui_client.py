@@ -504,7 +504,11 @@ def test_linear_heal_and_bad_heal_requests(ready, monkeypatch):
     with pytest.raises(AppError, match=r"needs a model loaded from a .gguf file.*\(Format: safetensors\)"):
         ready.predict(name="tiny-gguf", file_format="gguf", healed=False, api_name="/export")  # a safetensors source
     with pytest.raises(AppError, match="would lose the heal.*untick 'Export the healed model'"):
-        ready.predict(name="tiny-gguf", file_format="gguf", api_name="/export")  # the linear heal above
+        ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="stored", api_name="/export")  # the heal above
+    with pytest.raises(AppError, match="needs a model loaded from a .gguf file"):  # q8_0 by default, still GGUF-sourced
+        ready.predict(name="tiny-gguf", file_format="gguf", api_name="/export")
+    with pytest.raises(AppError, match="q4_k is not in the list of choices"):  # gradio checks its dropdown
+        ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="q4_k", api_name="/export")
     monkeypatch.setenv("ENTRODROP_MAX_HEAL_STEPS", "3")  # the operator's limits, read per request
     with pytest.raises(AppError, match=r"4 steps = 4, over its limit of 3 .*ENTRODROP_MAX_HEAL_STEPS"):
         ready.predict(**HEAL, api_name="/heal")
@@ -601,6 +605,12 @@ def test_bundled_model_flow(app_url):
     assert "llama-cli -m" in status and "ollama create" in card and "deci" in card
     download = client.predict(api_name="/export_zip")
     assert download["value"]["url"].endswith(".zip")
+    # healed, the same plan as GGUF holds the healed weights (q8_0 by default), with the source's tokenizer
+    status, *_ = client.predict(**{**HEAL, "method": "linear"}, api_name="/heal")
+    assert status.startswith("✓ Healed")
+    status, card, _ = client.predict(name="smol-healed-gguf", file_format="gguf", api_name="/export")
+    assert status.startswith("✓ Exported the model healed with linear as GGUF") and "in q8_0" in status
+    assert "within q8_0 rounding" in status and "Verification PASSED" in status and "## Healing" in card
     select(client, criterion="entrodrop", kind="mlp", count=2, estimator="bucket")
     with pytest.raises(AppError, match="cannot express an MLP dropped alone"):
         client.predict(name="mlp-gguf", file_format="gguf", api_name="/export")

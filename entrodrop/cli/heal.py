@@ -17,6 +17,7 @@ from .common import (
     progress_bar,
     write_json,
 )
+from .prune import add_format_args, print_gguf_result
 from .select import add_plan_args, format_plan, plan_from_args
 
 
@@ -58,6 +59,7 @@ def cmd_heal(args) -> int:
     from ..heal import heal_record, iter_heal
 
     settings = settings_from_args(args)  # a bad setting fails before the model loads
+    gguf = args.format == "gguf"
     try:
         check_target(args.out, args.overwrite)
     except TargetNotEmptyError as exc:
@@ -65,6 +67,13 @@ def cmd_heal(args) -> int:
             from exc
     loaded = load_from_args(args)
     plan, scores = plan_from_args(args, loaded, required=True)
+    if gguf:  # refused before the heal runs: what GGUF cannot express, a source that is not GGUF
+        from ..export.gguf_export import check_gguf_export
+
+        try:
+            check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=True, gguf_type=args.gguf_type)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("format='safetensors'", "--format safetensors")) from exc
     print(format_plan(plan))
     windows, described = load_windows_from_args(args, loaded, num_samples=settings.train_windows + settings.val_windows,
                                                 part="calibration")  # healing reads calibration text only
@@ -83,11 +92,19 @@ def cmd_heal(args) -> int:
     if record.get("recovered") is not None:
         print(f"\nshare of the lost nats won back: {100 * record['recovered']:.0f}% "
               f"± {100 * record['recovered_error']:.0f}% (paired over the {after.quality.num_windows} windows)")
-    export = export_pruned(result.model, loaded.tokenizer, plan, args.out, scores=scores, checks=after,
-                           source=ModelSource.of(loaded), overwrite=args.overwrite, write_remote_code=args.remote_code,
-                           heal=record)
-    print(export.verdict)
-    print(f"written to {export.path}; reload with:\n{export.reload_hint}")
+    if gguf:
+        from ..export.gguf_export import export_gguf
+
+        export = export_gguf(result.model, loaded.tokenizer, plan, args.out, scores=scores, checks=after,
+                             source=ModelSource.of(loaded), overwrite=args.overwrite, gguf_type=args.gguf_type,
+                             heal=record)
+        print_gguf_result(export)
+    else:
+        export = export_pruned(result.model, loaded.tokenizer, plan, args.out, scores=scores, checks=after,
+                               source=ModelSource.of(loaded), overwrite=args.overwrite,
+                               write_remote_code=args.remote_code, heal=record)
+        print(export.verdict)
+        print(f"written to {export.path}; reload with:\n{export.reload_hint}")
     if args.json:
         write_json(args.json, {"model": loaded.name, "heal": record, "export": export.to_dict()})
     return 0 if export.ok else 1
@@ -146,6 +163,7 @@ def register(subparsers) -> None:
                       help="linear: ridge term (towards no change), relative to the Gram diagonal")
     heal.add_argument("--out", required=True, help="folder to write the healed model to (empty unless --overwrite)")
     heal.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    add_format_args(heal, gguf_type="q8_0")
     heal.add_argument("--remote-code", action="store_true",
                       help="sub-block plans: also write modeling_entrodrop.py (reload without EntroDrop)")
     heal.add_argument("--json", default=None, help="write what the heal measured, with the export's verdict")

@@ -27,7 +27,7 @@ def cmd_prune(args) -> int:
         from ..export.gguf_export import check_gguf_export
 
         try:  # refused before the checks run: what GGUF cannot express, a source that is not GGUF
-            check_gguf_export(loaded.model, plan, ModelSource.of(loaded))
+            check_gguf_export(loaded.model, plan, ModelSource.of(loaded), gguf_type=args.gguf_type)
         except ValueError as exc:
             raise ValueError(str(exc).replace("format='safetensors'", "--format safetensors")) from exc
     print(format_plan(plan))
@@ -40,10 +40,8 @@ def cmd_prune(args) -> int:
         from ..export.gguf_export import export_gguf
 
         result = export_gguf(loaded.model, loaded.tokenizer, plan, args.out, scores=scores, checks=checks,
-                             source=ModelSource.of(loaded), overwrite=args.overwrite)
-        print(result.verdict)
-        print(f"written to {result.path} ({result.weights_bytes / 2**20:.1f} MiB, x{result.weights_bytes / result.source_bytes:.3f} "
-              f"the source); run it with:\n{result.reload_hint}")
+                             source=ModelSource.of(loaded), overwrite=args.overwrite, gguf_type=args.gguf_type)
+        print_gguf_result(result)
         return 0 if result.ok else 1
     result = export_pruned(loaded.model, loaded.tokenizer, plan, args.out, scores=scores, checks=checks,
                            source=ModelSource.of(loaded), overwrite=args.overwrite,
@@ -51,6 +49,24 @@ def cmd_prune(args) -> int:
     print(result.verdict)
     print(f"written to {result.path}; reload with:\n{result.reload_hint}")
     return 0 if result.ok else 1
+
+
+def print_gguf_result(result) -> None:
+    print(result.verdict)
+    print(f"written to {result.path} ({result.weights_bytes / 2**20:.1f} MiB, x{result.weights_bytes / result.source_bytes:.3f} "
+          f"the source); run it with:\n{result.reload_hint}")
+
+
+def add_format_args(parser, *, gguf_type: str) -> None:
+    """``--format`` and ``--gguf-type`` (the export's file format and, for GGUF, what its tensors hold)."""
+    from ..export import GGUF_TYPES
+
+    parser.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
+                        help="gguf: a file for llama.cpp / Ollama (needs a .gguf source, whose tokenizer and settings "
+                             "it keeps; whole layers, or attention blocks of Llama-family models)")
+    parser.add_argument("--gguf-type", default=gguf_type, choices=tuple(GGUF_TYPES),
+                        help=f"with --format gguf: 'stored' copies the source's quantised tensors byte for byte; the "
+                             f"others write the model's own weights (Llama, Gemma 3) (default {gguf_type})")
 
 
 def register(subparsers) -> None:
@@ -62,9 +78,7 @@ def register(subparsers) -> None:
     add_check_args(prune, speed_default=False)
     prune.add_argument("--out", required=True, help="folder to write (must be empty unless --overwrite)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    prune.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
-                       help="gguf: a file for llama.cpp / Ollama, the source's quantised tensors copied as stored "
-                            "(needs a .gguf source; whole layers, or attention blocks of Llama-family models)")
+    add_format_args(prune, gguf_type="stored")
     prune.add_argument("--remote-code", action="store_true",
                        help="sub-block plans: also write modeling_entrodrop.py so from_pretrained(DIR, "
                             "trust_remote_code=True) reloads without EntroDrop")

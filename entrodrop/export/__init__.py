@@ -24,10 +24,12 @@ One module per concept:
 * :mod:`.metadata` — ``entrodrop.json``: :class:`ModelSource`, package versions, :func:`jsonable`;
 * :mod:`.publish` — :func:`zip_export`, :func:`push_folder_to_hub`;
 * :mod:`.gguf_write` — the GGUF writer (kept tensors copied as stored; ``deci`` for attention drops) and
-  what it refuses; :mod:`.gguf_export` — :func:`export_gguf`, the verified GGUF folder for llama.cpp / Ollama.
+  what it refuses; :mod:`.gguf_tensors` — a model's own weights (a healed model's) in GGUF layout, float or
+  Q8_0; :mod:`.gguf_export` — :func:`export_gguf`, the verified GGUF folder for llama.cpp / Ollama.
 """
 
 from .gguf_export import check_gguf_export, export_gguf
+from .gguf_tensors import GGUF_TYPES
 from .metadata import EXPORT_FORMAT_VERSION, METADATA_FILE, ModelSource, jsonable, package_versions
 from .publish import iter_zip_export, push_folder_to_hub, zip_export
 from .reload import REMOTE_CODE_FILE, load_pruned, remote_code_source
@@ -44,7 +46,7 @@ from .write import (
 )
 
 __all__ = [
-    "EXPORT_DTYPES", "EXPORT_FORMAT_VERSION", "METADATA_FILE", "REMOTE_CODE_FILE", "ExportResult", "ModelSource",
+    "EXPORT_DTYPES", "EXPORT_FORMAT_VERSION", "GGUF_TYPES", "METADATA_FILE", "REMOTE_CODE_FILE", "ExportResult", "ModelSource",
     "TargetNotEmptyError", "check_gguf_export", "check_target", "export_gguf", "default_export_dtype", "export_dtype_for", "export_pruned",
     "export_size_bytes", "iter_zip_export", "jsonable", "load_pruned", "package_versions",
     "push_folder_to_hub", "remote_code_source", "verify_export", "weights_bytes_in", "zip_export",

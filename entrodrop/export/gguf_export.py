@@ -29,6 +29,14 @@ from ..criteria import get_criterion
 from ..plan import DropPlan
 from ..prune import check_plan, preview_plan
 from .card import model_card
+from .gguf_tensors import (
+    GGUF_TYPES,
+    ModelTensors,
+    check_float_arch,
+    check_gguf_type,
+    quantised_copy,
+    within_rounding,
+)
 from .gguf_write import ATTN_TENSORS, FFN_TENSORS, GGUFPlan, _layer_of, plan_gguf, write_gguf
 from .metadata import EXPORT_FORMAT_VERSION, METADATA_FILE, ModelSource, jsonable, package_versions
 from .target import atomic_folder, check_target
@@ -36,6 +44,7 @@ from .verification import _default_atol, _fixed_input, _greedy
 from .write import ExportResult
 
 logger = logging.getLogger(__name__)
+_BYTES_PER_WEIGHT = {"q8_0": 34 / 32, "f16": 2, "bf16": 2, "f32": 4}  # Q8_0: 32 int8 and one float16 scale
 
 
 def gguf_source_file(model: nn.Module, source: ModelSource | None) -> Path:
@@ -49,39 +58,53 @@ def gguf_source_file(model: nn.Module, source: ModelSource | None) -> Path:
     return Path(path)
 
 
-def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | None, *, healed: bool = False) -> GGUFPlan:
+def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | None, *, healed: bool = False,
+                      gguf_type: str = "stored") -> GGUFPlan:
     """Refuse, before any work, a GGUF export that cannot be written faithfully; the layout otherwise."""
     from gguf import GGUFReader
 
+    check_gguf_type(gguf_type)
     check_plan(model, plan)
     if not plan.blocks:
         raise ValueError("The plan drops no block, so the export would be the dense model: give blocks to drop.")
-    if healed:
-        raise ValueError("A healed model has new float weights, while a GGUF export copies the source's quantised "
-                         "tensors as stored, so it would lose the heal. Export the healed model as safetensors.")
+    if healed and gguf_type == "stored":
+        raise ValueError("A healed model has new weights, while GGUF type 'stored' copies the source's tensors as "
+                         "stored, so it would lose the heal. Choose a type that writes the model's own weights "
+                         "(q8_0, f16, bf16 or f32), or export the healed model as safetensors.")
     path = gguf_source_file(model, source)
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # a truncated or corrupted file: numpy's and gguf's own errors
         raise ValueError(f"The GGUF source '{path.name}' cannot be read ({type(exc).__name__}: {exc}); it may be "
                          "truncated or corrupted. Download it again.") from exc
-    return plan_gguf(reader, plan)
+    layout = plan_gguf(reader, plan)
+    if gguf_type != "stored":
+        check_float_arch(layout.source_arch)
+    return layout
 
 
 def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.PathLike, *, scores=None,
                 checks: ChecksResult | dict | None = None, source: ModelSource | None = None,
-                overwrite: bool = False, verify: bool = True, name: str | None = None) -> ExportResult:
+                overwrite: bool = False, verify: bool = True, name: str | None = None, gguf_type: str = "stored",
+                heal: dict | None = None) -> ExportResult:
     """Write ``plan`` applied to the GGUF file ``model`` was loaded from into the folder ``out_dir`` and verify it.
 
-    ``model`` is the de-quantised dense model (the reference the written file is compared with, under the
-    plan's preview; it is not changed). Raises before writing: ValueError for what GGUF cannot express
-    (sub-block plans outside the Llama family, Gemma 3 plans that move a layer's attention kind, a safetensors
-    source), TargetNotEmptyError, PermissionError, OSError (ENOSPC for a full disk)."""
+    ``model`` is the de-quantised dense model, or the healed copy with ``heal`` (what the heal measured,
+    :func:`entrodrop.heal.heal_record`), in the dense layout: the reference the written file is compared with,
+    under the plan's preview; it is not changed. ``gguf_type`` is one of :data:`~.gguf_tensors.GGUF_TYPES`:
+    ``stored`` copies the source's tensors byte for byte, the others write the model's own weights (a healed
+    model needs one of those). Raises before writing: ValueError for what GGUF cannot express (sub-block
+    plans outside the Llama family, Gemma 3 plans that move a layer's attention kind, a safetensors source, a
+    healed model as ``stored``), TargetNotEmptyError, PermissionError, OSError (ENOSPC for a full disk)."""
     source = source or ModelSource()
-    layout = check_gguf_export(model, plan, source)
+    layout = check_gguf_export(model, plan, source, healed=heal is not None, gguf_type=gguf_type)
     src_path = gguf_source_file(model, source)
-    stem = name or f"{Path(src_path).stem}-{len(plan.blocks)}{plan.blocks[0].kind}-pruned"
-    target = check_target(out_dir, overwrite, needed_bytes=src_path.stat().st_size)
+    weights = None if gguf_type == "stored" else ModelTensors(model, layout.source_arch, plan.num_layers)
+    suffix = ("-healed" if heal else "") + ("" if weights is None else f"-{gguf_type}")
+    stem = name or f"{Path(src_path).stem}-{len(plan.blocks)}{plan.blocks[0].kind}-pruned{suffix}"
+    needed = src_path.stat().st_size if weights is None else int(
+        sum(p.numel() for p in model.parameters()) * _BYTES_PER_WEIGHT[gguf_type])
+    target = check_target(out_dir, overwrite, needed_bytes=needed)
     if isinstance(checks, dict):
         checks = ChecksResult.from_dict(checks)
     label = get_criterion(plan.criterion)
@@ -89,12 +112,13 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
             else (scores or {}).get("calibration")) or {}
     provenance = {"dropped": plan.compact(), "criterion": plan.criterion, "source_file": src_path.name,
                   "data": data.get("data"), "source_block_count": plan.num_layers,
-                  "version": package_versions()["entrodrop"]}
+                  "version": package_versions()["entrodrop"], "weights": "source" if weights is None else gguf_type,
+                  "heal": heal["method"] if heal else None}
     with atomic_folder(target) as tmp:
         out_file = tmp / f"{stem}.gguf"
-        write_gguf(src_path, plan, out_file, provenance)
-        verification = verify_gguf(out_file, src_path, layout, model, plan, tokenizer) if verify else \
-            {"ok": False, "skipped": True, "loaders": {}}
+        write_gguf(src_path, plan, out_file, provenance, weights=weights, gguf_type=gguf_type)
+        verification = verify_gguf(out_file, src_path, layout, model, plan, tokenizer, weights=weights,
+                                   gguf_type=gguf_type) if verify else {"ok": False, "skipped": True, "loaders": {}}
         verdict = gguf_verdict(verification)
         size = out_file.stat().st_size
         dense_params, _, pruned_params, _ = plan_parameter_counts(model, plan)
@@ -105,7 +129,9 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
                        "family": layout.source_arch, "model_type": getattr(model.config, "model_type", None)},
             "plan": plan.to_dict(), "criterion": plan.criterion,
             "criterion_label": label.label_for(plan.blocks[0].kind),
-            "dtype": "the source's quantisation (tensors copied byte for byte)",
+            "dtype": "the source's quantisation (tensors copied byte for byte)" if weights is None else
+                     f"{gguf_type}: {GGUF_TYPES[gguf_type]}" + (", norms in float32" if gguf_type != "f32" else ""),
+            "gguf_type": gguf_type, "heal": heal,
             "size": {"weights_bytes": size, "source_bytes": src_path.stat().st_size,
                      "source": f"GGUF file {src_path.name}"},
             "num_layers": {"dense": plan.num_layers, "pruned": len(layout.kept_layers)},
@@ -151,8 +177,13 @@ def expected_tensors(source_reader, layout: GGUFPlan) -> dict[str, str]:
     return out
 
 
-def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Module, plan: DropPlan, tokenizer) -> dict:
-    """Read ``path`` back (structure, and logits where transformers can load it); see the module docstring."""
+def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Module, plan: DropPlan, tokenizer, *,
+                weights: ModelTensors | None = None, gguf_type: str = "stored") -> dict:
+    """Read ``path`` back (structure, and logits where transformers can load it); see the module docstring.
+
+    With ``weights`` (the model's own tensors were written), each written tensor must de-quantise to the
+    model's weight within ``gguf_type``'s rounding, and the reloaded logits must equal those of the model
+    with its weights rounded the same way (:func:`~.gguf_tensors.quantised_copy`)."""
     import numpy as np
     from gguf import GGUFReader, GGUFValueType
 
@@ -182,16 +213,28 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
         if set(got) != set(expected):
             problems.append(f"{len(set(expected) - set(got))} tensor(s) missing, {len(set(got) - set(expected))} "
                             "unexpected")
-        differing = [n for n, t in got.items() if n in expected and (
-            t.tensor_type != by_name[expected[n]].tensor_type or not np.array_equal(t.data, by_name[expected[n]].data))]
+        if weights is None:
+            differing = [n for n, t in got.items() if n in expected and (
+                t.tensor_type != by_name[expected[n]].tensor_type or not np.array_equal(t.data, by_name[expected[n]].data))]
+            what = "differ from the source"
+        else:
+            differing = [n for n, t in got.items() if n in expected and not within_rounding(
+                np.asarray(t.data), t.tensor_type, weights.array(expected[n]))]
+            what = f"are not the model's weights within {gguf_type} rounding"
         if differing:
-            problems.append(f"{len(differing)} tensor(s) differ from the source, e.g. {differing[0]}")
+            problems.append(f"{len(differing)} tensor(s) {what}, e.g. {differing[0]}")
         entry = {"ok": not problems, "problems": problems, "tensors": len(got), "layers": n_new}
+        if weights is not None:
+            entry["kept"] = f"the model's own weights within {gguf_type} rounding"
     except Exception as exc:  # an unreadable file is a verdict, not a crash
         entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     loaders["gguf reader (structure, bytes)"] = entry
     if layout.arch != "deci":
-        loaders["transformers from_pretrained(gguf_file=...)"] = _logits_check(path, model, plan, tokenizer)
+        reference = model if weights is None or gguf_type == "f32" else quantised_copy(model, gguf_type)
+        check = _logits_check(path, reference, plan, tokenizer)
+        if reference is not model:
+            check["rounding_kl"] = _rounding_kl(model, reference, plan, tokenizer)
+        loaders["transformers from_pretrained(gguf_file=...)"] = check
     ok = all(r.get("ok") for r in loaders.values())
     return {"ok": ok, "loaders": loaders, "runtime": "llama.cpp" if layout.arch == "deci" else "llama.cpp, transformers"}
 
@@ -220,6 +263,15 @@ def _logits_check(path: Path, model: nn.Module, plan: DropPlan, tokenizer) -> di
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _rounding_kl(model: nn.Module, rounded: nn.Module, plan: DropPlan, tokenizer) -> float:
+    """KL(model || model with rounded weights) per token on the fixed input: what the file's type costs."""
+    ids = _fixed_input(tokenizer, model.config.vocab_size)
+    with torch.inference_mode(), preview_plan(model, plan), preview_plan(rounded, plan):
+        exact = model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu().log_softmax(-1)
+        approx = rounded(input_ids=ids.to(next(rounded.parameters()).device)).logits.float().cpu().log_softmax(-1)
+    return float((exact.exp() * (exact - approx)).sum(-1).mean())
+
+
 def gguf_verdict(verification: dict) -> str:
     """One line: PASSED/FAILED, and what each check found."""
     if verification.get("skipped"):
@@ -229,9 +281,12 @@ def gguf_verdict(verification: dict) -> str:
         if "error" in r:
             parts.append(f"{name}: FAILED ({r['error']})")
         elif "problems" in r:
-            parts.append(f"{name}: " + ("ok ({} tensors, {} layers, kept tensors byte-identical to the source)".format(
-                r["tensors"], r["layers"]) if r["ok"] else "FAILED (" + "; ".join(r["problems"][:3]) + ")"))
+            kept = r.get("kept", "kept tensors byte-identical to the source")
+            parts.append(f"{name}: " + (f"ok ({r['tensors']} tensors, {r['layers']} layers, {kept})" if r["ok"]
+                                        else "FAILED (" + "; ".join(r["problems"][:3]) + ")"))
         else:
+            rounding = (f", against the model rounded as the file stores it (the rounding costs "
+                        f"KL {r['rounding_kl']:.2e} nats/token)" if "rounding_kl" in r else "")
             parts.append(f"{name}: {'ok' if r['ok'] else 'FAILED'} (max |logit diff| {r['max_abs_diff']:.2e}, "
-                         f"generation {'identical' if r['generation_matches'] else 'DIFFERENT'})")
+                         f"generation {'identical' if r['generation_matches'] else 'DIFFERENT'}{rounding})")
     return f"Verification {'PASSED' if verification['ok'] else 'FAILED'}: " + "; ".join(parts)

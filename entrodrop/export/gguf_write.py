@@ -17,9 +17,10 @@ copied **as stored** (same quantisation, byte for byte), so the file is a fracti
   written only when every kept layer keeps its kind at its new index; other plans are refused with the
   reason, never written to compute something else.
 
-Provenance goes into ``entrodrop.*`` keys (dropped blocks, criterion, data, source). A safetensors or hub
-source has no stored quantisation to keep and is refused with a message that offers the safetensors
-export. :func:`plan_gguf` decides (and refuses) before any byte is written; :func:`write_gguf` writes.
+A model whose weights are not the source's (a healed one) is written from its own tensors instead, in
+float or Q8_0 (:mod:`.gguf_tensors`), with the source's metadata and tokenizer. Provenance goes into
+``entrodrop.*`` keys (dropped blocks, criterion, data, source, heal). A safetensors or hub source has no GGUF
+metadata or tokenizer to start from and is refused with a message that offers the safetensors export. :func:`plan_gguf` decides (and refuses) before any byte is written; :func:`write_gguf` writes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..plan import DropPlan
+from .gguf_tensors import ModelTensors, file_type
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +133,15 @@ def _copy_field(writer, key: str, field_, value=None) -> None:
         writer.add_key_value(key, contents, vtype)
 
 
-def write_gguf(source: str | Path, plan: DropPlan, out_file: str | Path, provenance: Mapping | None = None) -> GGUFPlan:
+def write_gguf(source: str | Path, plan: DropPlan, out_file: str | Path, provenance: Mapping | None = None, *,
+               weights: ModelTensors | None = None, gguf_type: str = "stored") -> GGUFPlan:
     """Write ``plan`` applied to the GGUF file ``source`` as ``out_file`` (see the module docstring).
 
-    Kept tensors keep their stored type and bytes. ValueError (before writing) for a plan GGUF cannot
-    express; the caller writes into a temporary folder and removes it on any failure."""
+    Kept tensors keep their stored type and bytes, unless ``weights`` (the model's own tensors, e.g. a healed
+    model's) are given: then each kept tensor is that weight written in ``gguf_type`` (see
+    :mod:`.gguf_tensors`), and the metadata, tokenizer included, still comes from ``source``. ValueError
+    (before writing) for a plan GGUF cannot express; the caller writes into a temporary folder and removes it
+    on any failure."""
     import numpy as np
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
@@ -154,6 +160,9 @@ def write_gguf(source: str | Path, plan: DropPlan, out_file: str | Path, provena
         out_key = dst + key[len(src):] if key.startswith(f"{src}.") else key
         if key == f"{src}.block_count":
             writer.add_key_value(out_key, n_new, GGUFValueType.UINT32)
+            continue
+        if key == "general.file_type" and weights is not None:
+            writer.add_key_value(key, int(file_type(gguf_type)), GGUFValueType.UINT32)
             continue
         if key.startswith(f"{src}.") and field_.types[0] == GGUFValueType.ARRAY and len(field_.data) == n_src:
             values = list(field_.contents())
@@ -178,6 +187,8 @@ def write_gguf(source: str | Path, plan: DropPlan, out_file: str | Path, provena
                                     layout.no_attn), **uint32)
         writer.add_key_value(f"{dst}.feed_forward_length", widths(f"{src}.feed_forward_length", ffn, layout.no_ffn),
                              **uint32)
+    if weights is not None and "general.file_type" not in reader.fields:
+        writer.add_key_value("general.file_type", int(file_type(gguf_type)), GGUFValueType.UINT32)
     for key, value in (provenance or {}).items():
         _add_provenance(writer, PROVENANCE_PREFIX + key, value)
     writer.add_array(PROVENANCE_PREFIX + "source_layers", [int(i) for i in layout.kept_layers])
@@ -195,8 +206,11 @@ def write_gguf(source: str | Path, plan: DropPlan, out_file: str | Path, provena
             if new in layout.no_ffn and rest.split(".")[0] in FFN_TENSORS:
                 continue
             name = f"blk.{new}.{rest}"
-        data = np.asarray(tensor.data)
-        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=tensor.tensor_type)
+        if weights is not None:
+            data, qtype = weights.encoded(tensor.name, gguf_type)  # the source's name: the model's own index
+        else:
+            data, qtype = np.asarray(tensor.data), tensor.tensor_type
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

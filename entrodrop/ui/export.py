@@ -21,6 +21,7 @@ from ..criteria import resolve_estimator
 from ..devices import format_bytes
 from ..export import (
     EXPORT_DTYPES,
+    GGUF_TYPES,
     METADATA_FILE,
     ModelSource,
     TargetNotEmptyError,
@@ -57,6 +58,9 @@ AUTO_DTYPE = "auto"
 DTYPE_CHOICES = [("the model's own (bfloat16 for a GGUF source)", AUTO_DTYPE), *[(d, d) for d in EXPORT_DTYPES]]
 
 FORMATS = [("safetensors (transformers)", "safetensors"), ("GGUF (llama.cpp, Ollama, LM Studio)", "gguf")]
+AUTO_GGUF_TYPE = "auto"
+GGUF_TYPE_CHOICES = [("as stored in the source; q8_0 for a healed model", AUTO_GGUF_TYPE),
+                     *[(f"{t}: {what}", t) for t, what in GGUF_TYPES.items()]]
 ZIP_GROUP = "zip"  # zipping reads only the session's files: off the model's group, one at a time
 
 
@@ -68,6 +72,7 @@ class ExportTab:
     name: gr.Textbox
     dtype: gr.Dropdown
     file_format: gr.Radio
+    gguf_type: gr.Dropdown
     overwrite: gr.Checkbox
     healed: gr.Checkbox
     export_btn: gr.Button
@@ -96,8 +101,13 @@ def create_ui() -> ExportTab:
                                     info="bfloat16/float16 halve the size of float32; the export is verified "
                                          "in the dtype it is written in.")
             tab.file_format = gr.Radio(FORMATS, value="safetensors", label="Format", elem_id="export-format",
-                                       info="GGUF copies the source's quantised tensors as stored (GGUF sources; "
-                                            "whole layers, or attention blocks of Llama-family models).")
+                                       info="GGUF needs a GGUF source (its tokenizer and settings come along); "
+                                            "whole layers, or attention blocks of Llama-family models.")
+            tab.gguf_type = gr.Dropdown(GGUF_TYPE_CHOICES, value=AUTO_GGUF_TYPE, label="GGUF tensors",
+                                        elem_id="export-gguf-type",
+                                        info="'stored' copies the source's quantised tensors byte for byte (the "
+                                             "smallest file); a healed model has new weights, written in q8_0 or a "
+                                             "float type (Llama and Gemma 3).")
             tab.overwrite = gr.Checkbox(False, label="Replace my export of the same name", elem_id="export-overwrite")
             tab.healed = gr.Checkbox(True, label="Export the healed model when step 5 healed these blocks",
                                      elem_id="export-healed")
@@ -200,15 +210,19 @@ class ExportHandlers:
 
     @user_errors
     def export(self, session: Session, name: str, overwrite: bool, dtype=AUTO_DTYPE, healed=True,
-               file_format="safetensors"):
+               file_format="safetensors", gguf_type=AUTO_GGUF_TYPE):
         """Write and reload-verify the pruned model (the healed one when step 5 healed these blocks and
         ``healed``) under ``name`` in the session's folder, as safetensors or GGUF; show its card."""
         plan = plan_to_run(session)
         if file_format not in ("safetensors", "gguf"):
             raise error("Choose the export format: safetensors or gguf.")
+        if gguf_type not in (AUTO_GGUF_TYPE, *GGUF_TYPES):
+            raise error(f"Choose the GGUF tensors from {', '.join(GGUF_TYPES)} (or '{AUTO_GGUF_TYPE}').")
         dtype = resolve_dtype(session, dtype)
         kept = HEALED.get(session.healed_key) if healed else None
         heal_entry = kept if kept is not None and kept[0] == _key(plan) else None
+        if gguf_type == AUTO_GGUF_TYPE:
+            gguf_type = "q8_0" if heal_entry is not None else "stored"
 
         if name is not None and not isinstance(name, str):
             raise error("The export name must be text, e.g. 'my-model-pruned'.")
@@ -227,12 +241,14 @@ class ExportHandlers:
                             "name' to replace it, or choose another name.") from exc
             if file_format == "gguf":  # what GGUF cannot express is refused before anything is written
                 try:
-                    check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=heal_entry is not None)
+                    check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=heal_entry is not None,
+                                      gguf_type=gguf_type)
                 except ValueError as exc:
                     raise error(str(exc).replace("(format='safetensors')", "(Format: safetensors)")
-                                .replace("Export the healed model as safetensors.", "Export the healed model as "
+                                .replace("export the healed model as safetensors.", "export the healed model as "
                                          "safetensors, or untick 'Export the healed model'.")) from exc
-            size = size_estimate(session, plan, dtype) if file_format != "gguf" else "GGUF, quantised as stored"
+            size = size_estimate(session, plan, dtype) if file_format != "gguf" else \
+                "GGUF, quantised as stored" if gguf_type == "stored" else f"GGUF, {gguf_type}"
             yield {self.tab.export_status: f"▶ Writing {plan.describe()} as '{name}' ({size or dtype}) and reloading "
                                            f"it to verify{sharing_note(job)}…",
                    self.tab.download: gr.update(value=None, interactive=False, label=DOWNLOAD_LABEL)}
@@ -243,8 +259,9 @@ class ExportHandlers:
                 source_model, heal = heal_entry[1].model, dict(heal_entry[2])
                 checked = ChecksResult.from_dict(heal.pop("checks", None))
             if file_format == "gguf":
-                result = job.call(export_gguf, loaded.model, loaded.tokenizer, plan, target, scores=session.scores,
-                                  checks=checked, source=ModelSource.of(loaded), overwrite=bool(overwrite))
+                result = job.call(export_gguf, source_model, loaded.tokenizer, plan, target, scores=session.scores,
+                                  checks=checked, source=ModelSource.of(loaded), overwrite=bool(overwrite),
+                                  gguf_type=gguf_type, heal=heal)
             else:
                 result = job.call(export_pruned, source_model, loaded.tokenizer, plan, target,
                                   scores=session.scores, checks=checked, source=ModelSource.of(loaded),
@@ -253,17 +270,18 @@ class ExportHandlers:
         card = card_for_display((result.path / "README.md").read_text(encoding="utf-8"))
         icon = "✓" if result.ok else "✗"
         hint = result.reload_hint.replace(str(result.path), name)
+        what = f"the model healed with {heal_entry[1].method}" if heal_entry is not None else "the pruned model"
         if file_format == "gguf":
-            what, stored = "the pruned model as GGUF", "GGUF in the source's quantisation"
+            what += " as GGUF"
+            stored = "GGUF in the source's quantisation" if gguf_type == "stored" else f"GGUF in {gguf_type}"
             then = f"run it with:\n```bash\n{hint}\n```"
         else:
-            what = f"the model healed with {heal_entry[1].method}" if heal_entry is not None else "the pruned model"
             stored, then = f"in {result.dtype}", f"reload with:\n```python\n{hint}\n```"
         status = (f"{icon} Exported {what} as '{name}' ({result.pruned_params:,} of {result.dense_params:,} parameters kept; "
                   f"{format_bytes(result.weights_bytes)} {stored}, ×{result.weights_bytes / result.source_bytes:.2f} "
                   f"the source). {result.verdict}\n\nThe download button below turns on when the zip is ready. After "
                   f"unzipping, {then}")
-        if healed and session.healed_key and kept is None and file_format != "gguf":  # healed, then evicted by later heals of other sessions
+        if healed and session.healed_key and kept is None:  # healed, then evicted by later heals of other sessions
             status += ("\n\n⚠ The model healed in step 5 is no longer in memory (this server keeps "
                        f"{limit('ENTRODROP_HEALED_MODELS')} healed models for all visitors), so this is the model as "
                        "dropped. Heal again in step 5 to export the healed one.")
@@ -337,7 +355,7 @@ def create_event_handlers(session: gr.State, export_tab: ExportTab) -> None:
     handlers = ExportHandlers(export_tab)
     light = {"concurrency_limit": None}
     exporting = tab.export_btn.click(handlers.export, [session, tab.name, tab.overwrite, tab.dtype, tab.healed,
-                                                       tab.file_format],
+                                                       tab.file_format, tab.gguf_type],
                                      [tab.export_status, tab.card, tab.download], api_name="export",
                                      show_progress_on=[tab.export_status], **model_events())
     keep_errors(exporting, session, tab.export_status)
