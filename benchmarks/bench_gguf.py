@@ -2,11 +2,15 @@
 
     npm install --prefix /tmp/llamacpp node-llama-cpp@3.21.1      # once: a prebuilt llama.cpp (~730 MB)
     .venv/bin/python benchmarks/bench_gguf.py [--counts layer=4,attn=8] [--plan BLOCKS ...] \
+        [--heal linear|lora] [--gguf-type stored|q8_0|f16|bf16|f32] \
         [--prompts 8] [--new-tokens 8] [--llama-cpp /tmp/llamacpp] [--json out.json]
 
 For each plan (``--counts``: ``recommended`` for that many blocks of that kind, chosen on the calibration
 part of gsm8k as the app does; ``--plan``: blocks given), on the bundled SmolLM2 (Q4_1 GGUF):
 
+* with ``--heal``: the plan healed first (the method's defaults, on the calibration part of gsm8k), and the
+  healed model written with its own weights (``--gguf-type``, q8_0 unless given); every comparison below is
+  then with the healed model;
 * ``export_gguf``: the file's size against the source's and against (kept layers / 30) x the source's, and
   its own verification verdict;
 * agreement on ``--prompts`` prompts, each the first 32 tokens of a window of the **report** part of
@@ -35,6 +39,7 @@ from bench_heal import recommended_plans  # noqa: E402
 from entrodrop.checks import load_windows  # noqa: E402
 from entrodrop.evaluate import greedy_generate  # noqa: E402
 from entrodrop.export import ModelSource, export_gguf  # noqa: E402
+from entrodrop.heal import HealSettings, heal, heal_record  # noqa: E402
 from entrodrop.loading import load_model  # noqa: E402
 from entrodrop.plan import DropPlan  # noqa: E402
 from entrodrop.prune import preview_plan  # noqa: E402
@@ -77,6 +82,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--llama-cpp", default="/tmp/llamacpp", help="folder where node-llama-cpp is installed")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--heal", choices=("linear", "lora"), default=None)
+    parser.add_argument("--gguf-type", default=None, help="default: stored, or q8_0 with --heal")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,15 +104,27 @@ def main() -> None:
                "kv_dense": kv_dense, "plans": {}}
     print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}")
     print(f"dense KV cache: {kv_dense}")
+    gguf_type = args.gguf_type or ("q8_0" if args.heal else "stored")
+    results.update(heal=args.heal, gguf_type=gguf_type)
     with tempfile.TemporaryDirectory() as tmp:
         for label, plan in plans.items():
-            out = export_gguf(loaded.model, loaded.tokenizer, plan, Path(tmp) / label.replace(" ", "-"), source=source)
+            model, record = loaded.model, None
+            if args.heal:
+                settings = HealSettings(method=args.heal)
+                calib, _ = load_windows(loaded.tokenizer, {"source": "gsm8k"},
+                                        num_samples=settings.train_windows + settings.val_windows, seq_len=256,
+                                        part="calibration", config=loaded.model.config)
+                healed = heal(loaded.model, plan, calib, settings)
+                model, record = healed.model, heal_record(healed)
+                print(f"\n{label}: {healed.summary()}")
+            out = export_gguf(model, loaded.tokenizer, plan, Path(tmp) / label.replace(" ", "-"), source=source,
+                              gguf_type=gguf_type, heal=record)
             path = next(out.path.glob("*.gguf"))
             kept = plan.num_layers - len(plan.layers_of("layer"))
             row = {"blocks": plan.compact(), "ok": out.ok, "verdict": out.verdict, "bytes": out.weights_bytes,
                    "source_bytes": out.source_bytes, "ratio": out.weights_bytes / out.source_bytes,
-                   "ideal_ratio": kept / plan.num_layers}
-            pruned_float = [float_greedy(loaded.model, p, n, plan) for p in prompts]
+                   "ideal_ratio": kept / plan.num_layers, "heal": record and record["method"]}
+            pruned_float = [float_greedy(model, p, n, plan) for p in prompts]
             pruned_cpp = [llama_cpp(prefix, path, p, n)["tokens"] for p in prompts]
             row["agreement"] = agreement(pruned_float, pruned_cpp)
             row["kv"] = {fa: llama_cpp(prefix, path, prompts[0], 1, fa)["kv"] for fa in (False, True)}

@@ -86,8 +86,13 @@ def test_heal_checks_both_models_and_exports_the_healed_one(tiny_dir, tmp_path, 
     assert "steps" in capsys.readouterr().err
 
 
-def test_gguf_export_of_a_safetensors_source_is_refused_before_any_work(tiny_dir, tmp_path, capsys):
-    code = main(["prune", tiny_dir, "--plan", "layer:2", "--format", "gguf", "--out", str(tmp_path / "g")])
+def test_gguf_exports_of_safetensors_sources_refuse_stored_tensors_and_unconverted_families(tiny_dir, tmp_path, capsys):
+    code = main(["prune", tiny_dir, "--plan", "layer:2", "--format", "gguf", "--gguf-type", "stored",
+                 "--out", str(tmp_path / "g")])
     err = capsys.readouterr().err
-    assert code == 2 and "needs a model loaded from a .gguf file" in err and "--format safetensors" in err
+    assert code == 2 and "came from safetensors: choose q8_0" in err and "--format safetensors" in err
     assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
+    code = main(["heal", tiny_dir, "--plan", "layer:2", "--method", "linear", "--format", "gguf",
+                 "--out", str(tmp_path / "h")])  # refused before the heal runs: a Qwen2 checkpoint is not converted
+    out, err = capsys.readouterr()
+    assert code == 2 and "'qwen2' model loaded from safetensors is not supported" in err and "heal" not in out

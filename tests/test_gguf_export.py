@@ -4,6 +4,7 @@ bundled files), and every refusal (Gemma 3 layers that would change kind, sub-bl
 safetensors source, a healed model as stored, an architecture whose layout is not checked, a truncated source)
 before anything is written."""
 
+import copy
 import shutil
 from types import SimpleNamespace
 
@@ -104,10 +105,12 @@ def test_plans_that_gguf_expresses_get_their_layout():
 def test_sources_without_quantised_tensors_and_bad_files_are_refused(tmp_path):
     model = sharp_model("llama")
     plan = DropPlan.parse("layer:1", LAYERS)
-    with pytest.raises(ValueError, match="needs a model loaded from a .gguf file.*format='safetensors'"):
-        check_gguf_export(model, plan, ModelSource(name="tiny", source="local"))
+    with pytest.raises(ValueError, match="came from safetensors: choose q8_0, f16, bf16 or f32"):
+        check_gguf_export(model, plan, ModelSource(name="tiny", source="local"), gguf_type="stored")
+    with pytest.raises(ValueError, match="'gpt2' model loaded from safetensors is not supported.*convert_hf_to_gguf"):
+        check_gguf_export(sharp_model("gpt2"), plan, ModelSource(name="tiny", source="local"))
     with pytest.raises(ValueError, match="would lose the heal.*q8_0, f16, bf16 or f32"):
-        check_gguf_export(model, plan, ModelSource(name="tiny", source="gguf"), healed=True)
+        check_gguf_export(model, plan, ModelSource(name="tiny", source="gguf"), healed=True, gguf_type="stored")
     with pytest.raises(ValueError, match="Unknown GGUF tensor type 'q4_k'"):
         check_gguf_export(model, plan, ModelSource(name="tiny", source="gguf"), gguf_type="q4_k")
     with pytest.raises(ValueError, match="drops no block"):
@@ -162,10 +165,10 @@ def test_a_healed_model_is_written_from_its_own_weights_and_reloads_with_its_log
     source = ModelSource.of(bundled_model)
     with pytest.raises(ValueError, match="would lose the heal"):  # the source's bytes are not the healed weights
         export_gguf(healed.model, bundled_model.tokenizer, plan, tmp_path / "stored", source=source,
-                    heal=heal_record(healed))
+                    heal=heal_record(healed), gguf_type="stored")
     assert not (tmp_path / "stored").exists()
     result = export_gguf(healed.model, bundled_model.tokenizer, plan, tmp_path / "q8", source=source,
-                         gguf_type="q8_0", heal=heal_record(healed))
+                         heal=heal_record(healed))  # auto: q8_0 for a healed model
     assert result.ok, result.verdict
     reloaded = result.verification["loaders"]["transformers from_pretrained(gguf_file=...)"]
     assert reloaded["max_abs_diff"] <= 1e-4 and 0 < reloaded["rounding_kl"] < 0.02  # the model as the file rounds it
@@ -230,3 +233,57 @@ def test_rounding_bounds_pass_the_rounding_and_fail_just_past_it():
     assert not within_rounding(encode(w, T.Q8_0), T.Q8_0, swapped)  # another tensor's values, or rows, fail
     with pytest.raises(ValueError, match="'qwen2' GGUF is not supported.*stored"):
         check_float_arch("qwen2")
+
+
+def test_a_transformers_checkpoint_converts_to_gguf_that_reloads_with_its_logits_and_tokenizer(tmp_path, tiny_tokenizer):
+    """safetensors -> GGUF: the Llama metadata and byte-level BPE tokenizer written from the model's config and
+    tokenizer; the file reloads in transformers with the pruned model's logits and encodes text to the same ids."""
+    model = sharp_model("llama")
+    source = ModelSource(name=str(tmp_path / "tiny-llama"), source="local")
+    plan = DropPlan.parse("layer:1", LAYERS)
+    result = export_gguf(model, tiny_tokenizer, plan, tmp_path / "f32", source=source, gguf_type="f32")
+    assert result.ok, result.verdict
+    loaders = result.verification["loaders"]
+    assert loaders["transformers from_pretrained(gguf_file=...)"]["max_abs_diff"] <= 1e-4
+    assert loaders["tokenizer from the file"]["same_ids"]
+    path = next((tmp_path / "f32").glob("tiny-llama-1layer-pruned-f32.gguf"))
+    reader = GGUFReader(str(path))
+    meta = fields(reader)
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == LAYERS - 1
+    tokenizer = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.ggml.")}
+    assert tokenizer["tokenizer.ggml.model"] == "gpt2" and tokenizer["tokenizer.ggml.pre"] == "gpt-2"
+    assert tokenizer["tokenizer.ggml.eos_token_id"] == tiny_tokenizer.eos_token_id
+    assert meta["llama.attention.head_count"] == model.config.num_attention_heads
+    assert meta["llama.rope.freq_base"] == pytest.approx(10000.0)
+    tokens = tokenizer["tokenizer.ggml.tokens"]
+    assert len(tokens) == model.config.vocab_size and tokens[tiny_tokenizer.eos_token_id] == tiny_tokenizer.eos_token
+    assert tokenizer["tokenizer.ggml.token_type"][tiny_tokenizer.eos_token_id] == 3  # control
+    assert len(tokenizer["tokenizer.ggml.merges"]) > 100
+    assert "output.weight" in {t.name for t in reader.tensors}  # not tied: its own output matrix
+    assert not list(tmp_path.glob(".entrodrop-convert-*"))  # the dense scratch file is gone
+    meta_json = (tmp_path / "f32" / "entrodrop.json").read_text()
+    assert "converted to GGUF in f32" in meta_json
+    attn = export_gguf(model, tiny_tokenizer, DropPlan.parse("attn:1,attn:2", LAYERS), tmp_path / "deci",
+                       source=source)  # auto: q8_0, the only sensible default without stored tensors
+    assert attn.ok, attn.verdict
+    meta = fields(GGUFReader(str(next((tmp_path / "deci").glob("*-q8_0.gguf")))))
+    assert meta["general.architecture"] == "deci" and meta["deci.attention.head_count"][1:3] == [0, 0]
+
+
+def test_tokenizers_llama_cpp_cannot_name_are_refused(tiny_tokenizer):
+    from tokenizers import pre_tokenizers
+
+    from entrodrop.export.gguf_convert import _pre_tokenizer_name
+
+    assert _pre_tokenizer_name(tiny_tokenizer) == "gpt-2"
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    assert _pre_tokenizer_name(tok) == "smollm"  # SmolLM's: digits one by one, then GPT-2's expression
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=False), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    with pytest.raises(ValueError, match="not one EntroDrop can name.*convert_hf_to_gguf"):
+        _pre_tokenizer_name(tok)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # a leading space added
+    with pytest.raises(ValueError, match="not one EntroDrop can name"):
+        _pre_tokenizer_name(tok)

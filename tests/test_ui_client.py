@@ -501,12 +501,13 @@ def test_linear_heal_and_bad_heal_requests(ready, monkeypatch):
     select(ready, criterion="entrodrop", kind="layer", count=1, estimator="bucket", protect="none")
     status, _curve, result, *_ = ready.predict(**{**HEAL, "method": "linear"}, api_name="/heal")
     assert status.startswith("✓ Healed") and "linear heal: one closed-form fit per span" in result
-    with pytest.raises(AppError, match=r"needs a model loaded from a .gguf file.*\(Format: safetensors\)"):
-        ready.predict(name="tiny-gguf", file_format="gguf", healed=False, api_name="/export")  # a safetensors source
+    with pytest.raises(AppError, match=r"came from safetensors: choose q8_0.*\(Format: safetensors\)"):
+        ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="stored", healed=False, api_name="/export")
     with pytest.raises(AppError, match="would lose the heal.*untick 'Export the healed model'"):
         ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="stored", api_name="/export")  # the heal above
-    with pytest.raises(AppError, match="needs a model loaded from a .gguf file"):  # q8_0 by default, still GGUF-sourced
-        ready.predict(name="tiny-gguf", file_format="gguf", api_name="/export")
+    status, card, _ = ready.predict(name="tiny-gguf", file_format="gguf", api_name="/export")  # converted, in q8_0
+    assert status.startswith("✓ Exported the model healed with linear as GGUF") and "in q8_0" in status
+    assert "tokenizer from the file: ok" in status and "## Healing" in card
     with pytest.raises(AppError, match="q4_k is not in the list of choices"):  # gradio checks its dropdown
         ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="q4_k", api_name="/export")
     monkeypatch.setenv("ENTRODROP_MAX_HEAL_STEPS", "3")  # the operator's limits, read per request

@@ -71,7 +71,8 @@ def cmd_heal(args) -> int:
         from ..export.gguf_export import check_gguf_export
 
         try:
-            check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=True, gguf_type=args.gguf_type)
+            check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=True, gguf_type=args.gguf_type,
+                              tokenizer=loaded.tokenizer)
         except ValueError as exc:
             raise ValueError(str(exc).replace("format='safetensors'", "--format safetensors")) from exc
     print(format_plan(plan))
@@ -163,7 +164,7 @@ def register(subparsers) -> None:
                       help="linear: ridge term (towards no change), relative to the Gram diagonal")
     heal.add_argument("--out", required=True, help="folder to write the healed model to (empty unless --overwrite)")
     heal.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    add_format_args(heal, gguf_type="q8_0")
+    add_format_args(heal)
     heal.add_argument("--remote-code", action="store_true",
                       help="sub-block plans: also write modeling_entrodrop.py (reload without EntroDrop)")
     heal.add_argument("--json", default=None, help="write what the heal measured, with the export's verdict")

@@ -27,7 +27,8 @@ def cmd_prune(args) -> int:
         from ..export.gguf_export import check_gguf_export
 
         try:  # refused before the checks run: what GGUF cannot express, a source that is not GGUF
-            check_gguf_export(loaded.model, plan, ModelSource.of(loaded), gguf_type=args.gguf_type)
+            check_gguf_export(loaded.model, plan, ModelSource.of(loaded), gguf_type=args.gguf_type,
+                              tokenizer=loaded.tokenizer)
         except ValueError as exc:
             raise ValueError(str(exc).replace("format='safetensors'", "--format safetensors")) from exc
     print(format_plan(plan))
@@ -57,16 +58,18 @@ def print_gguf_result(result) -> None:
           f"the source); run it with:\n{result.reload_hint}")
 
 
-def add_format_args(parser, *, gguf_type: str) -> None:
+def add_format_args(parser) -> None:
     """``--format`` and ``--gguf-type`` (the export's file format and, for GGUF, what its tensors hold)."""
     from ..export import GGUF_TYPES
 
     parser.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
-                        help="gguf: a file for llama.cpp / Ollama (needs a .gguf source, whose tokenizer and settings "
-                             "it keeps; whole layers, or attention blocks of Llama-family models)")
-    parser.add_argument("--gguf-type", default=gguf_type, choices=tuple(GGUF_TYPES),
-                        help=f"with --format gguf: 'stored' copies the source's quantised tensors byte for byte; the "
-                             f"others write the model's own weights (Llama, Gemma 3) (default {gguf_type})")
+                        help="gguf: a file for llama.cpp / Ollama (whole layers, or attention blocks of Llama-family "
+                             "models), from a .gguf source, whose tokenizer and settings it keeps, or a Llama "
+                             "safetensors one, converted")
+    parser.add_argument("--gguf-type", default="auto", choices=tuple(GGUF_TYPES),
+                        help="with --format gguf: 'stored' copies a .gguf source's quantised tensors byte for byte; "
+                             "q8_0, f16, bf16 and f32 write the model's own weights (Llama, Gemma 3); auto (default): "
+                             "stored where the source's tensors are the weights, else q8_0")
 
 
 def register(subparsers) -> None:
@@ -78,7 +81,7 @@ def register(subparsers) -> None:
     add_check_args(prune, speed_default=False)
     prune.add_argument("--out", required=True, help="folder to write (must be empty unless --overwrite)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    add_format_args(prune, gguf_type="stored")
+    add_format_args(prune)
     prune.add_argument("--remote-code", action="store_true",
                        help="sub-block plans: also write modeling_entrodrop.py so from_pretrained(DIR, "
                             "trust_remote_code=True) reloads without EntroDrop")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,55 +31,65 @@ from ..criteria import get_criterion
 from ..plan import DropPlan
 from ..prune import check_plan, preview_plan
 from .card import model_card
+from .gguf_convert import check_convertible, write_dense_gguf
 from .gguf_tensors import (
     GGUF_TYPES,
     ModelTensors,
     check_float_arch,
-    check_gguf_type,
     quantised_copy,
+    resolve_gguf_type,
     within_rounding,
 )
 from .gguf_write import ATTN_TENSORS, FFN_TENSORS, GGUFPlan, _layer_of, plan_gguf, write_gguf
 from .metadata import EXPORT_FORMAT_VERSION, METADATA_FILE, ModelSource, jsonable, package_versions
 from .target import atomic_folder, check_target
-from .verification import _default_atol, _fixed_input, _greedy
+from .verification import _FIXED_TEXT, _default_atol, _fixed_input, _greedy
 from .write import ExportResult
 
 logger = logging.getLogger(__name__)
 _BYTES_PER_WEIGHT = {"q8_0": 34 / 32, "f16": 2, "bf16": 2, "f32": 4}  # Q8_0: 32 int8 and one float16 scale
 
 
-def gguf_source_file(model: nn.Module, source: ModelSource | None) -> Path:
-    """The GGUF file ``model`` was loaded from; ValueError saying what to do when there is none."""
+def gguf_source_file(model: nn.Module, source: ModelSource | None) -> Path | None:
+    """The GGUF file ``model`` was loaded from, or None for a transformers checkpoint (converted on export)."""
     path = (source or ModelSource()).gguf_file
-    if not path or not Path(path).is_file():
-        raise ValueError("A GGUF export copies the source's quantised tensors as stored, so it needs a model loaded "
-                         "from a .gguf file (a bundled model, or a local .gguf); this one came from safetensors. "
-                         "Export safetensors instead (format='safetensors'), or convert that export with "
-                         "llama.cpp's convert_hf_to_gguf.py.")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ValueError(f"The GGUF file the model was loaded from ({path}) is gone; load the model again.")
     return Path(path)
 
 
 def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | None, *, healed: bool = False,
-                      gguf_type: str = "stored") -> GGUFPlan:
-    """Refuse, before any work, a GGUF export that cannot be written faithfully; the layout otherwise."""
+                      gguf_type: str = "auto", tokenizer=None) -> GGUFPlan:
+    """Refuse, before any work, a GGUF export that cannot be written faithfully; the layout otherwise.
+
+    A model not loaded from GGUF is converted (:mod:`.gguf_convert`, which says what it refuses); give its
+    ``tokenizer`` to have that checked here too."""
     from gguf import GGUFReader
 
-    check_gguf_type(gguf_type)
     check_plan(model, plan)
     if not plan.blocks:
         raise ValueError("The plan drops no block, so the export would be the dense model: give blocks to drop.")
+    path = gguf_source_file(model, source)
+    gguf_type = resolve_gguf_type(gguf_type, healed=healed, gguf_source=path is not None)
     if healed and gguf_type == "stored":
         raise ValueError("A healed model has new weights, while GGUF type 'stored' copies the source's tensors as "
                          "stored, so it would lose the heal. Choose a type that writes the model's own weights "
                          "(q8_0, f16, bf16 or f32), or export the healed model as safetensors.")
-    path = gguf_source_file(model, source)
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # a truncated or corrupted file: numpy's and gguf's own errors
-        raise ValueError(f"The GGUF source '{path.name}' cannot be read ({type(exc).__name__}: {exc}); it may be "
-                         "truncated or corrupted. Download it again.") from exc
-    layout = plan_gguf(reader, plan)
+    if path is None:
+        if gguf_type == "stored":
+            raise ValueError("GGUF type 'stored' copies the quantised tensors of the .gguf file a model was loaded "
+                             "from, and this one came from safetensors: choose q8_0, f16, bf16 or f32, which write "
+                             "its own weights, or export safetensors (format='safetensors').")
+        layout = plan_gguf(check_convertible(model, tokenizer), plan)
+    else:
+        try:
+            reader = GGUFReader(str(path))
+        except Exception as exc:  # a truncated or corrupted file: numpy's and gguf's own errors
+            raise ValueError(f"The GGUF source '{path.name}' cannot be read ({type(exc).__name__}: {exc}); it may be "
+                             "truncated or corrupted. Download it again.") from exc
+        layout = plan_gguf(reader, plan)
     if gguf_type != "stored":
         check_float_arch(layout.source_arch)
     return layout
@@ -85,7 +97,7 @@ def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | No
 
 def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.PathLike, *, scores=None,
                 checks: ChecksResult | dict | None = None, source: ModelSource | None = None,
-                overwrite: bool = False, verify: bool = True, name: str | None = None, gguf_type: str = "stored",
+                overwrite: bool = False, verify: bool = True, name: str | None = None, gguf_type: str = "auto",
                 heal: dict | None = None) -> ExportResult:
     """Write ``plan`` applied to the GGUF file ``model`` was loaded from into the folder ``out_dir`` and verify it.
 
@@ -93,24 +105,47 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
     :func:`entrodrop.heal.heal_record`), in the dense layout: the reference the written file is compared with,
     under the plan's preview; it is not changed. ``gguf_type`` is one of :data:`~.gguf_tensors.GGUF_TYPES`:
     ``stored`` copies the source's tensors byte for byte, the others write the model's own weights (a healed
-    model needs one of those). Raises before writing: ValueError for what GGUF cannot express (sub-block
-    plans outside the Llama family, Gemma 3 plans that move a layer's attention kind, a safetensors source, a
+    model needs one of those; ``auto`` picks ``stored`` where it can, else ``q8_0``). A model loaded from
+    safetensors or the hub is converted first (:mod:`.gguf_convert`: the Llama family with a tokenizer
+    llama.cpp can name), the dense file written to a scratch folder beside ``out_dir`` and removed after.
+    Raises before writing: ValueError for what GGUF cannot express (sub-block plans outside the Llama family,
+    Gemma 3 plans that move a layer's attention kind, a checkpoint or tokenizer the converter refuses, a
     healed model as ``stored``), TargetNotEmptyError, PermissionError, OSError (ENOSPC for a full disk)."""
     source = source or ModelSource()
-    layout = check_gguf_export(model, plan, source, healed=heal is not None, gguf_type=gguf_type)
+    layout = check_gguf_export(model, plan, source, healed=heal is not None, gguf_type=gguf_type, tokenizer=tokenizer)
     src_path = gguf_source_file(model, source)
+    gguf_type = resolve_gguf_type(gguf_type, healed=heal is not None, gguf_source=src_path is not None)
     weights = None if gguf_type == "stored" else ModelTensors(model, layout.source_arch, plan.num_layers)
     suffix = ("-healed" if heal else "") + ("" if weights is None else f"-{gguf_type}")
-    stem = name or f"{Path(src_path).stem}-{len(plan.blocks)}{plan.blocks[0].kind}-pruned{suffix}"
+    base = src_path.stem if src_path is not None else \
+        re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source.name or "model").name).strip("-")[:60] or "model"
+    stem = name or f"{base}-{len(plan.blocks)}{plan.blocks[0].kind}-pruned{suffix}"
     needed = src_path.stat().st_size if weights is None else int(
         sum(p.numel() for p in model.parameters()) * _BYTES_PER_WEIGHT[gguf_type])
-    target = check_target(out_dir, overwrite, needed_bytes=needed)
+    # a converted checkpoint is written whole first (a scratch file beside the target), then pruned
+    target = check_target(out_dir, overwrite, needed_bytes=needed * (2 if src_path is None else 1))
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".entrodrop-convert-") as scratch:
+        if src_path is None:
+            src_path = Path(scratch) / f"{base}-{gguf_type}.gguf"
+            write_dense_gguf(model, tokenizer, src_path, gguf_type)
+            converted = f"{source.name or 'the model'} converted to GGUF in {gguf_type}"
+        else:
+            converted = None
+        return _write_gguf_folder(model, tokenizer, plan, layout, src_path, target, stem, weights, gguf_type,
+                                  scores=scores, checks=checks, source=source, verify=verify, heal=heal,
+                                  converted=converted)
+
+
+def _write_gguf_folder(model, tokenizer, plan: DropPlan, layout: GGUFPlan, src_path: Path, target: Path, stem: str,
+                       weights: ModelTensors | None, gguf_type: str, *, scores, checks, source: ModelSource,
+                       verify: bool, heal: dict | None, converted: str | None) -> ExportResult:
     if isinstance(checks, dict):
         checks = ChecksResult.from_dict(checks)
     label = get_criterion(plan.criterion)
     data = (scores.calibration if scores is not None and not isinstance(scores, dict)
             else (scores or {}).get("calibration")) or {}
-    provenance = {"dropped": plan.compact(), "criterion": plan.criterion, "source_file": src_path.name,
+    provenance = {"dropped": plan.compact(), "criterion": plan.criterion,
+                  "source_file": src_path.name if converted is None else source.name,
                   "data": data.get("data"), "source_block_count": plan.num_layers,
                   "version": package_versions()["entrodrop"], "weights": "source" if weights is None else gguf_type,
                   "heal": heal["method"] if heal else None}
@@ -118,14 +153,16 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
         out_file = tmp / f"{stem}.gguf"
         write_gguf(src_path, plan, out_file, provenance, weights=weights, gguf_type=gguf_type)
         verification = verify_gguf(out_file, src_path, layout, model, plan, tokenizer, weights=weights,
-                                   gguf_type=gguf_type) if verify else {"ok": False, "skipped": True, "loaders": {}}
+                                   gguf_type=gguf_type, check_tokenizer=converted is not None) \
+            if verify else {"ok": False, "skipped": True, "loaders": {}}
         verdict = gguf_verdict(verification)
         size = out_file.stat().st_size
         dense_params, _, pruned_params, _ = plan_parameter_counts(model, plan)
         hint = run_hint(out_file.name, layout)
         meta = jsonable({
             "format_version": EXPORT_FORMAT_VERSION, "format": "gguf", "gguf_architecture": layout.arch,
-            "source": {"name": source.name, "source": source.source, "gguf_file": str(src_path),
+            "source": {"name": source.name, "source": source.source,
+                       "gguf_file": str(src_path) if converted is None else None, "converted": converted,
                        "family": layout.source_arch, "model_type": getattr(model.config, "model_type", None)},
             "plan": plan.to_dict(), "criterion": plan.criterion,
             "criterion_label": label.label_for(plan.blocks[0].kind),
@@ -133,7 +170,7 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
                      f"{gguf_type}: {GGUF_TYPES[gguf_type]}" + (", norms in float32" if gguf_type != "f32" else ""),
             "gguf_type": gguf_type, "heal": heal,
             "size": {"weights_bytes": size, "source_bytes": src_path.stat().st_size,
-                     "source": f"GGUF file {src_path.name}"},
+                     "source": f"GGUF file {src_path.name}" if converted is None else f"the dense model in {gguf_type}"},
             "num_layers": {"dense": plan.num_layers, "pruned": len(layout.kept_layers)},
             "parameters": {"dense": dense_params, "pruned": pruned_params, "removed": dense_params - pruned_params},
             "scores": scores.to_dict() if scores is not None and not isinstance(scores, dict) else scores,
@@ -178,7 +215,7 @@ def expected_tensors(source_reader, layout: GGUFPlan) -> dict[str, str]:
 
 
 def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Module, plan: DropPlan, tokenizer, *,
-                weights: ModelTensors | None = None, gguf_type: str = "stored") -> dict:
+                weights: ModelTensors | None = None, gguf_type: str = "stored", check_tokenizer: bool = False) -> dict:
     """Read ``path`` back (structure, and logits where transformers can load it); see the module docstring.
 
     With ``weights`` (the model's own tensors were written), each written tensor must de-quantise to the
@@ -235,6 +272,8 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
         if reference is not model:
             check["rounding_kl"] = _rounding_kl(model, reference, plan, tokenizer)
         loaders["transformers from_pretrained(gguf_file=...)"] = check
+    if check_tokenizer:  # transformers reads no 'deci' file: then the dense file the tokenizer keys were copied from
+        loaders["tokenizer from the file"] = _tokenizer_check(path if layout.arch != "deci" else source_path, tokenizer)
     ok = all(r.get("ok") for r in loaders.values())
     return {"ok": ok, "loaders": loaders, "runtime": "llama.cpp" if layout.arch == "deci" else "llama.cpp, transformers"}
 
@@ -263,6 +302,19 @@ def _logits_check(path: Path, model: nn.Module, plan: DropPlan, tokenizer) -> di
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _tokenizer_check(path: Path, tokenizer) -> dict:
+    from transformers import AutoTokenizer
+
+    text = _FIXED_TEXT + " In 2024, 1234 + 5678 = 6912.\n\tDone!"
+    try:
+        reloaded = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        want, got = tokenizer(text)["input_ids"], reloaded(text)["input_ids"]
+        return {"ok": want == got, "tokens": len(want), "same_ids": want == got}
+    except Exception as exc:
+        logger.warning("Reading the tokenizer of %s failed: %s", path, exc)
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
 def _rounding_kl(model: nn.Module, rounded: nn.Module, plan: DropPlan, tokenizer) -> float:
     """KL(model || model with rounded weights) per token on the fixed input: what the file's type costs."""
     ids = _fixed_input(tokenizer, model.config.vocab_size)
@@ -280,6 +332,9 @@ def gguf_verdict(verification: dict) -> str:
     for name, r in verification["loaders"].items():
         if "error" in r:
             parts.append(f"{name}: FAILED ({r['error']})")
+        elif "same_ids" in r:
+            parts.append(f"{name}: " + (f"ok ({r['tokens']} tokens of a fixed text, the same ids)" if r["ok"]
+                                        else "FAILED (a fixed text encodes to other ids)"))
         elif "problems" in r:
             kept = r.get("kept", "kept tensors byte-identical to the source")
             parts.append(f"{name}: " + (f"ok ({r['tensors']} tensors, {r['layers']} layers, {kept})" if r["ok"]

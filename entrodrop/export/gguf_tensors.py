@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 GGUF_TYPES: dict[str, str] = {
+    "auto": "as stored for a GGUF-loaded model as dropped; q8_0 for a healed one or a safetensors source",
     "stored": "the source's tensors copied as stored (same quantisation, byte for byte)",
     "q8_0": "8-bit blocks by gguf's quantiser (about 1.06 bytes per weight)",
     "f16": "float16 (2 bytes per weight)",
@@ -38,9 +39,13 @@ FLOAT_ARCHS = ("llama", "gemma3")  # layouts checked against real files (module 
 _Q8_BLOCK = 32
 
 
-def check_gguf_type(gguf_type: str) -> None:
+def resolve_gguf_type(gguf_type: str, *, healed: bool, gguf_source: bool) -> str:
+    """``gguf_type`` with ``auto`` decided: the source's bytes where they are the weights, else q8_0."""
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"Unknown GGUF tensor type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}.")
+    if gguf_type == "auto":
+        return "stored" if gguf_source and not healed else "q8_0"
+    return gguf_type
 
 
 def check_float_arch(arch: str) -> None:
@@ -118,6 +123,10 @@ class ModelTensors:
 
     def __contains__(self, gguf_name: str) -> bool:
         return gguf_name in self._hf_name
+
+    def names(self) -> list[str]:
+        """Every GGUF tensor name the model has a weight for, in the model's order."""
+        return list(self._hf_name)
 
     def array(self, gguf_name: str) -> np.ndarray:
         """The tensor named ``gguf_name``, float32, in llama.cpp's layout (module docstring)."""

@@ -57,12 +57,17 @@ class GGUFPlan:
 
 
 def _field_value(reader, key: str):
+    if isinstance(reader, Mapping):  # the values a converted checkpoint will have (see .gguf_convert)
+        return reader.get(key)
     field_ = reader.fields.get(key)
     return None if field_ is None else field_.contents()
 
 
 def plan_gguf(reader, plan: DropPlan) -> GGUFPlan:
-    """Refuse what GGUF cannot express (ValueError saying why and what to do instead), else the layout."""
+    """Refuse what GGUF cannot express (ValueError saying why and what to do instead), else the layout.
+
+    ``reader`` is the source's ``GGUFReader``, or a mapping of the metadata values a converted checkpoint
+    will have."""
     arch = str(_field_value(reader, "general.architecture") or "")
     blocks = _field_value(reader, f"{arch}.block_count")
     if blocks is None:

@@ -32,6 +32,7 @@ from ..export import (
     export_pruned,
     iter_zip_export,
     push_folder_to_hub,
+    resolve_gguf_type,
     weights_bytes_in,
 )
 from ..progress import time_left
@@ -59,8 +60,7 @@ DTYPE_CHOICES = [("the model's own (bfloat16 for a GGUF source)", AUTO_DTYPE), *
 
 FORMATS = [("safetensors (transformers)", "safetensors"), ("GGUF (llama.cpp, Ollama, LM Studio)", "gguf")]
 AUTO_GGUF_TYPE = "auto"
-GGUF_TYPE_CHOICES = [("as stored in the source; q8_0 for a healed model", AUTO_GGUF_TYPE),
-                     *[(f"{t}: {what}", t) for t, what in GGUF_TYPES.items()]]
+GGUF_TYPE_CHOICES = [(f"{t}: {what}", t) for t, what in GGUF_TYPES.items()]
 ZIP_GROUP = "zip"  # zipping reads only the session's files: off the model's group, one at a time
 
 
@@ -101,13 +101,13 @@ def create_ui() -> ExportTab:
                                     info="bfloat16/float16 halve the size of float32; the export is verified "
                                          "in the dtype it is written in.")
             tab.file_format = gr.Radio(FORMATS, value="safetensors", label="Format", elem_id="export-format",
-                                       info="GGUF needs a GGUF source (its tokenizer and settings come along); "
-                                            "whole layers, or attention blocks of Llama-family models.")
+                                       info="GGUF: whole layers, or attention blocks of Llama-family models; from a "
+                                            "GGUF source (its tokenizer and settings kept) or a Llama safetensors one.")
             tab.gguf_type = gr.Dropdown(GGUF_TYPE_CHOICES, value=AUTO_GGUF_TYPE, label="GGUF tensors",
                                         elem_id="export-gguf-type",
-                                        info="'stored' copies the source's quantised tensors byte for byte (the "
-                                             "smallest file); a healed model has new weights, written in q8_0 or a "
-                                             "float type (Llama and Gemma 3).")
+                                        info="'stored' copies a GGUF source's quantised tensors byte for byte (the "
+                                             "smallest file); a healed model or a safetensors source is written "
+                                             "from its own weights, in q8_0 or a float type (Llama, Gemma 3).")
             tab.overwrite = gr.Checkbox(False, label="Replace my export of the same name", elem_id="export-overwrite")
             tab.healed = gr.Checkbox(True, label="Export the healed model when step 5 healed these blocks",
                                      elem_id="export-healed")
@@ -216,13 +216,11 @@ class ExportHandlers:
         plan = plan_to_run(session)
         if file_format not in ("safetensors", "gguf"):
             raise error("Choose the export format: safetensors or gguf.")
-        if gguf_type not in (AUTO_GGUF_TYPE, *GGUF_TYPES):
-            raise error(f"Choose the GGUF tensors from {', '.join(GGUF_TYPES)} (or '{AUTO_GGUF_TYPE}').")
+        if gguf_type not in GGUF_TYPES:
+            raise error(f"Choose the GGUF tensors from {', '.join(GGUF_TYPES)}.")
         dtype = resolve_dtype(session, dtype)
         kept = HEALED.get(session.healed_key) if healed else None
         heal_entry = kept if kept is not None and kept[0] == _key(plan) else None
-        if gguf_type == AUTO_GGUF_TYPE:
-            gguf_type = "q8_0" if heal_entry is not None else "stored"
 
         if name is not None and not isinstance(name, str):
             raise error("The export name must be text, e.g. 'my-model-pruned'.")
@@ -240,9 +238,11 @@ class ExportHandlers:
                 raise error(f"You already have an export named '{name}'. Tick 'Replace my export of the same "
                             "name' to replace it, or choose another name.") from exc
             if file_format == "gguf":  # what GGUF cannot express is refused before anything is written
+                gguf_type = resolve_gguf_type(gguf_type, healed=heal_entry is not None,
+                                              gguf_source=bool(ModelSource.of(loaded).gguf_file))
                 try:
                     check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=heal_entry is not None,
-                                      gguf_type=gguf_type)
+                                      gguf_type=gguf_type, tokenizer=loaded.tokenizer)
                 except ValueError as exc:
                     raise error(str(exc).replace("(format='safetensors')", "(Format: safetensors)")
                                 .replace("export the healed model as safetensors.", "export the healed model as "
