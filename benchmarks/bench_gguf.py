@@ -8,9 +8,12 @@
 For each plan (``--counts``: ``recommended`` for that many blocks of that kind, chosen on the calibration
 part of gsm8k as the app does; ``--plan``: blocks given), on the bundled SmolLM2 (Q4_1 GGUF):
 
+* with ``--from-safetensors``: the model saved as safetensors and loaded from there first, so the export
+  converts it (the metadata and tokenizer written by EntroDrop);
 * with ``--heal``: the plan healed first (the method's defaults, on the calibration part of gsm8k), and the
   healed model written with its own weights (``--gguf-type``, q8_0 unless given); every comparison below is
-  then with the healed model;
+  then with the healed model, and also with the healed model with its weights rounded as the file holds them
+  (so llama.cpp's arithmetic and the file's rounding are told apart);
 * ``export_gguf``: the file's size against the source's and against (kept layers / 30) x the source's, and
   its own verification verdict;
 * agreement on ``--prompts`` prompts, each the first 32 tokens of a window of the **report** part of
@@ -18,6 +21,8 @@ part of gsm8k as the app does; ``--plan``: blocks given), on the bundled SmolLM2
   weights, the plan's preview) against llama.cpp running the exported GGUF. The same comparison of the
   dense float model with llama.cpp running the source GGUF is the baseline: llama.cpp computes with the
   quantised weights, so even the dense model's continuations can part from the float model's;
+* llama.cpp's tokens of 9 texts (the first 64 tokens of each prompt's window, decoded, and a line of digits,
+  tabs and doubled spaces) against the tokenizer's, special-token text parsed by both;
 * llama.cpp's KV cache for 512 cells, dense and pruned, with flash attention off and on (llama.cpp pads
   the V cache of layers of different widths to the widest without flash attention).
 """
@@ -39,20 +44,22 @@ from bench_heal import recommended_plans  # noqa: E402
 from entrodrop.checks import load_windows  # noqa: E402
 from entrodrop.evaluate import greedy_generate  # noqa: E402
 from entrodrop.export import ModelSource, export_gguf  # noqa: E402
+from entrodrop.export.gguf_tensors import quantised_copy  # noqa: E402
 from entrodrop.heal import HealSettings, heal, heal_record  # noqa: E402
-from entrodrop.loading import load_model  # noqa: E402
+from entrodrop.loading import bundled_model_path, load_model  # noqa: E402
 from entrodrop.plan import DropPlan  # noqa: E402
 from entrodrop.prune import preview_plan  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent / "llama_cpp_greedy.mjs"
 
 
-def llama_cpp(prefix: Path, model: Path, ids: list[int], n: int, flash: bool = False) -> dict:
-    """llama.cpp's greedy continuation of ``ids`` and its KV-cache line (the script runs inside ``prefix``)."""
+def llama_cpp(prefix: Path, model: Path, ids: list[int], n: int, flash: bool = False, texts: list[str] = ()) -> dict:
+    """llama.cpp's greedy continuation of ``ids``, its KV-cache line and its tokens of ``texts`` (the script
+    runs inside ``prefix``)."""
     script = prefix / SCRIPT.name
     script.write_text(SCRIPT.read_text())
-    out = subprocess.run(["node", str(script), str(model), json.dumps(ids), str(n), "1" if flash else "0"],
-                         cwd=prefix, capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(["node", str(script), str(model), json.dumps(ids), str(n), "1" if flash else "0",
+                          json.dumps(list(texts))], cwd=prefix, capture_output=True, text=True, timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -83,13 +90,26 @@ def main() -> None:
     parser.add_argument("--llama-cpp", default="/tmp/llamacpp", help="folder where node-llama-cpp is installed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--heal", choices=("linear", "lora"), default=None)
-    parser.add_argument("--gguf-type", default=None, help="default: stored, or q8_0 with --heal")
+    parser.add_argument("--gguf-type", default=None, help="default: stored, or q8_0 with --heal or --from-safetensors")
+    parser.add_argument("--from-safetensors", action="store_true",
+                        help="save the de-quantised model as safetensors and load it from there, so the export "
+                             "converts it (metadata and tokenizer written by EntroDrop, not copied)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log as it happens
     prefix = Path(args.llama_cpp)
     loaded = load_model("smollm2")
+    scratch = tempfile.TemporaryDirectory()
+    if args.from_safetensors:
+        from entrodrop.gguf import strip_gguf_quantization
+
+        strip_gguf_quantization(loaded.model)
+        loaded.model.save_pretrained(scratch.name)
+        loaded.tokenizer.save_pretrained(scratch.name)
+        loaded = load_model(scratch.name, dtype="float32")
     source = ModelSource.of(loaded)
+    reference_gguf = Path(bundled_model_path("smollm2"))  # the dense model's own file, for the baseline
     counts = [(k.split("=")[0], int(k.split("=")[1])) for k in args.counts.split(",") if k.strip()]
     plans = recommended_plans(loaded, counts, 32, 256)
     plans.update({f"given {p}": DropPlan.parse(p, loaded.num_layers) for p in args.plan})
@@ -98,13 +118,14 @@ def main() -> None:
     prompts = [w[:32].tolist() for w in windows]
     n = args.new_tokens
     dense_float = [float_greedy(loaded.model, p, n, None) for p in prompts]
-    dense_cpp = [llama_cpp(prefix, Path(loaded.gguf_file), p, n)["tokens"] for p in prompts]
-    kv_dense = {fa: llama_cpp(prefix, Path(loaded.gguf_file), prompts[0], 1, fa)["kv"] for fa in (False, True)}
+    dense_cpp = [llama_cpp(prefix, reference_gguf, p, n)["tokens"] for p in prompts]
+    kv_dense = {fa: llama_cpp(prefix, reference_gguf, prompts[0], 1, fa)["kv"] for fa in (False, True)}
+    texts = [loaded.tokenizer.decode(w[:64]) for w in windows] + ["In 2024, 1234 + 5678 = 6912.\n\tDone!  x"]
     results = {"prompts": described, "new_tokens": n, "baseline": agreement(dense_float, dense_cpp),
                "kv_dense": kv_dense, "plans": {}}
     print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}")
     print(f"dense KV cache: {kv_dense}")
-    gguf_type = args.gguf_type or ("q8_0" if args.heal else "stored")
+    gguf_type = args.gguf_type or ("q8_0" if args.heal or args.from_safetensors else "stored")
     results.update(heal=args.heal, gguf_type=gguf_type)
     with tempfile.TemporaryDirectory() as tmp:
         for label, plan in plans.items():
@@ -127,6 +148,19 @@ def main() -> None:
             pruned_float = [float_greedy(model, p, n, plan) for p in prompts]
             pruned_cpp = [llama_cpp(prefix, path, p, n)["tokens"] for p in prompts]
             row["agreement"] = agreement(pruned_float, pruned_cpp)
+            cpp_ids = llama_cpp(prefix, path, prompts[0], 1, texts=texts)["tokenized"]
+            ours = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            row["tokenizer_agreement"] = {"texts": len(texts), "same_ids": sum(a == b for a, b in zip(ours, cpp_ids, strict=True))}
+            print(f"  llama.cpp's tokens of {len(texts)} texts equal the tokenizer's: "
+                  f"{row['tokenizer_agreement']['same_ids']} of {len(texts)}")
+            if gguf_type != "stored":  # the file's own rounding apart from llama.cpp's arithmetic
+                rounded = quantised_copy(model, gguf_type)
+                rounded_float = [float_greedy(rounded, p, n, plan) for p in prompts]
+                row["agreement_with_rounded"] = agreement(rounded_float, pruned_cpp)
+                row["rounding_agreement"] = agreement(pruned_float, rounded_float)
+                print(f"  llama.cpp vs transformers with the weights rounded as the file holds them: "
+                      f"{row['agreement_with_rounded']}\n  transformers, rounded vs not: {row['rounding_agreement']}")
+                del rounded
             row["kv"] = {fa: llama_cpp(prefix, path, prompts[0], 1, fa)["kv"] for fa in (False, True)}
             results["plans"][label] = row
             print(f"\n{label}: {plan.compact()}\n  {out.verdict}\n  size {out.weights_bytes / 2**20:.1f} MiB, "
@@ -135,6 +169,7 @@ def main() -> None:
                   f"{row['agreement']}\n  KV cache: {row['kv']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    scratch.cleanup()
 
 
 if __name__ == "__main__":
