@@ -4,11 +4,15 @@ The folder holds ``<name>.gguf``, an Ollama ``Modelfile``, ``entrodrop.json`` an
 to run it. Verification reads the written file back:
 
 * **structure** (every export): architecture, ``block_count``, every per-layer array's length, the tensor
-  set expected from the plan, and every kept tensor's type, shape and bytes equal to the source's;
+  set expected from the plan, and every kept tensor's type, shape and bytes equal to the source's (or, where
+  the model's own weights were written, each tensor within its type's rounding of the model's weight);
 * **logits** (architectures transformers reads from GGUF, i.e. all but ``deci``): the file reloaded with
-  ``from_pretrained(..., gguf_file=...)`` against the in-memory model under the plan's preview, on a fixed
+  ``from_pretrained(..., gguf_file=...)`` against the in-memory model under the plan's preview (with its
+  weights rounded as the file stores them, where they were written in Q8_0 or a 16-bit type), on a fixed
   input: largest logit difference and greedy tokens. ``deci`` files (sub-block plans) are run by llama.cpp,
-  not transformers: ``benchmarks/bench_gguf.py`` compares them with the pruned model there.
+  not transformers: ``benchmarks/bench_gguf.py`` compares them with the pruned model there;
+* **tokenizer** (a converted checkpoint): the ids transformers' tokenizer from the file gives a fixed text
+  against the source tokenizer's.
 
 A file that fails is still reported (``ok`` False), never left half-written: writing is atomic.
 """
