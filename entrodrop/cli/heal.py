@@ -17,7 +17,7 @@ from .common import (
     progress_bar,
     write_json,
 )
-from .prune import add_format_args, print_gguf_result
+from .prune import add_format_args, check_gguf_args, print_gguf_result
 from .select import add_plan_args, format_plan, plan_from_args
 
 
@@ -67,14 +67,8 @@ def cmd_heal(args) -> int:
             from exc
     loaded = load_from_args(args)
     plan, scores = plan_from_args(args, loaded, required=True)
-    if gguf:  # refused before the heal runs: what GGUF cannot express, a source that is not GGUF
-        from ..export.gguf_export import check_gguf_export
-
-        try:
-            check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=True, gguf_type=args.gguf_type,
-                              tokenizer=loaded.tokenizer)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("format='safetensors'", "--format safetensors")) from exc
+    if gguf:  # refused before the heal runs
+        check_gguf_args(args, loaded, plan, healed=True)
     print(format_plan(plan))
     windows, described = load_windows_from_args(args, loaded, num_samples=settings.train_windows + settings.val_windows,
                                                 part="calibration")  # healing reads calibration text only

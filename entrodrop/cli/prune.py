@@ -23,14 +23,8 @@ def cmd_prune(args) -> int:
     if not plan.blocks:
         raise ValueError("The plan drops no block, so the export would be the dense model. Give blocks to drop "
                          "with --plan or --count.")
-    if args.format == "gguf":
-        from ..export.gguf_export import check_gguf_export
-
-        try:  # refused before the checks run: what GGUF cannot express, a source that is not GGUF
-            check_gguf_export(loaded.model, plan, ModelSource.of(loaded), gguf_type=args.gguf_type,
-                              tokenizer=loaded.tokenizer)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("format='safetensors'", "--format safetensors")) from exc
+    if args.format == "gguf":  # refused before the checks run
+        check_gguf_args(args, loaded, plan, healed=False)
     print(format_plan(plan))
     checks = run_checks(args, loaded, plan)
     if checks:
@@ -50,6 +44,18 @@ def cmd_prune(args) -> int:
     print(result.verdict)
     print(f"written to {result.path}; reload with:\n{result.reload_hint}")
     return 0 if result.ok else 1
+
+
+def check_gguf_args(args, loaded, plan, *, healed: bool) -> None:
+    """Refuse, before heavy work, a ``--format gguf`` export GGUF cannot write faithfully (the library's
+    message, speaking of the CLI's flag)."""
+    from ..export import ModelSource, check_gguf_export
+
+    try:
+        check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=healed, gguf_type=args.gguf_type,
+                          tokenizer=loaded.tokenizer)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("format='safetensors'", "--format safetensors")) from exc
 
 
 def print_gguf_result(result) -> None:
