@@ -2,7 +2,7 @@
 
     npm install --prefix /tmp/llamacpp node-llama-cpp@3.21.1      # once: a prebuilt llama.cpp (~730 MB)
     .venv/bin/python benchmarks/bench_gguf.py [--counts layer=4,attn=8] [--plan BLOCKS ...] \
-        [--heal linear|lora] [--gguf-type stored|q8_0|f16|bf16|f32] \
+        [--heal linear|lora] [--gguf-type auto|stored|source|q8_0|q4_1|f16|...] \
         [--prompts 8] [--new-tokens 8] [--llama-cpp /tmp/llamacpp] [--json out.json]
 
 For each plan (``--counts``: ``recommended`` for that many blocks of that kind, chosen on the calibration
@@ -11,7 +11,7 @@ part of gsm8k as the app does; ``--plan``: blocks given), on the bundled SmolLM2
 * with ``--from-safetensors``: the model saved as safetensors and loaded from there first, so the export
   converts it (the metadata and tokenizer written by EntroDrop);
 * with ``--heal``: the plan healed first (the method's defaults, on the calibration part of gsm8k), and the
-  healed model written with its own weights (``--gguf-type``, q8_0 unless given); every comparison below is
+  healed model written with its own weights (``--gguf-type``, the library's ``auto`` unless given); every comparison below is
   then with the healed model, and also with the healed model with its weights rounded as the file holds them
   (so llama.cpp's arithmetic and the file's rounding are told apart);
 * ``export_gguf``: the file's size against the source's and against (kept layers / 30) x the source's, and
@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_heal import recommended_plans  # noqa: E402
@@ -44,7 +45,7 @@ from bench_heal import recommended_plans  # noqa: E402
 from entrodrop.checks import load_windows  # noqa: E402
 from entrodrop.evaluate import greedy_generate  # noqa: E402
 from entrodrop.export import ModelSource, export_gguf  # noqa: E402
-from entrodrop.export.gguf_tensors import quantised_copy  # noqa: E402
+from entrodrop.export.gguf_tensors import ModelTensors, quantised_copy, resolve_gguf_type  # noqa: E402
 from entrodrop.heal import HealSettings, heal, heal_record  # noqa: E402
 from entrodrop.loading import bundled_model_path, load_model  # noqa: E402
 from entrodrop.plan import DropPlan  # noqa: E402
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", default="/tmp/llamacpp", help="folder where node-llama-cpp is installed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--heal", choices=("linear", "lora"), default=None)
-    parser.add_argument("--gguf-type", default=None, help="default: stored, or q8_0 with --heal or --from-safetensors")
+    parser.add_argument("--gguf-type", default="auto", help="default: the library's auto")
     parser.add_argument("--from-safetensors", action="store_true",
                         help="save the de-quantised model as safetensors and load it from there, so the export "
                              "converts it (metadata and tokenizer written by EntroDrop, not copied)")
@@ -125,7 +126,7 @@ def main() -> None:
                "kv_dense": kv_dense, "plans": {}}
     print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}")
     print(f"dense KV cache: {kv_dense}")
-    gguf_type = args.gguf_type or ("q8_0" if args.heal or args.from_safetensors else "stored")
+    gguf_type = resolve_gguf_type(args.gguf_type, heal=args.heal, gguf_source=bool(source.gguf_file))
     results.update(heal=args.heal, gguf_type=gguf_type)
     with tempfile.TemporaryDirectory() as tmp:
         for label, plan in plans.items():
@@ -154,7 +155,10 @@ def main() -> None:
             print(f"  llama.cpp's tokens of {len(texts)} texts equal the tokenizer's: "
                   f"{row['tokenizer_agreement']['same_ids']} of {len(texts)}")
             if gguf_type != "stored":  # the file's own rounding apart from llama.cpp's arithmetic
-                rounded = quantised_copy(model, gguf_type)
+                reader = GGUFReader(source.gguf_file) if gguf_type == "source" else None
+                tensors = ModelTensors(model, reader.fields["general.architecture"].contents(), plan.num_layers,
+                                       source=reader) if reader is not None else None
+                rounded = quantised_copy(model, gguf_type, tensors)
                 rounded_float = [float_greedy(rounded, p, n, plan) for p in prompts]
                 row["agreement_with_rounded"] = agreement(rounded_float, pruned_cpp)
                 row["rounding_agreement"] = agreement(pruned_float, rounded_float)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_heal.py [--model smollm2] [--counts layer=4,attn=8] [--plan BLOCKS ...] \
         [--methods linear,lora] [--steps 40] [--minutes 5] [--lr 1e-3] [--rank 16] [--batch-windows 4] \
         [--train-windows 32] [--ridge 1e-3] [--curve-every 5] [--eval-part report] [--eval-samples 16] [--seq-len 256] \
-        [--threads 2] [--json out.json]
+        [--gguf-types source,q8_0] [--threads 2] [--json out.json]
 
 For each plan (``--counts``: the ``recommended`` plan for that many blocks of that kind, chosen on the
 calibration part of gsm8k with the app's defaults; ``--plan``: blocks given as ``layer:4,attn:9``):
@@ -15,6 +15,10 @@ calibration part of gsm8k with the app's defaults; ``--plan``: blocks given as `
   perplexity, **the share of the lost nats won back** ``(ln ppl_dropped - ln ppl_healed) / (ln ppl_dropped -
   ln ppl_dense)`` with its paired standard error over windows, wall time, and the peak resident memory the
   heal added (kernel high-water mark, teacher and student together);
+* with ``--gguf-types``, the healed model as each GGUF type stores it (weights rounded as the file holds them,
+  :func:`~entrodrop.export.gguf_tensors.quantised_copy`; ``source`` re-quantises the tensors the heal changed
+  in the source file's own types and keeps the others as stored), scored the same way, with the file's size
+  over the unhealed GGUF export's (the source's tensors of the kept layers, as stored);
 * for lora, the curve of the share won back on gsm8k against minutes of training, scored every
   ``--curve-every`` steps (the time spent scoring is left out of the minutes).
 
@@ -67,7 +71,47 @@ def lost_share(before, loss: float) -> float:
     return (before.pruned_nll - loss) / lost if lost > 0 else float("nan")
 
 
-def run_heal(loaded, plan: DropPlan, settings: HealSettings, heal_windows, evals: dict, curve_every: int) -> dict:
+def gguf_sizes(loaded, plan: DropPlan, result: HealResult, evals: dict, gguf_types: list[str]) -> dict:
+    """The healed model as each GGUF type stores it (weights rounded as the file holds them), scored on every
+    eval set, and the file's tensor bytes over the unhealed export's (the kept tensors as stored)."""
+    from gguf import GGML_QUANT_SIZES, GGUFReader
+
+    from entrodrop.export import ModelSource
+    from entrodrop.export.gguf_export import expected_tensors
+    from entrodrop.export.gguf_tensors import ModelTensors, quantised_copy
+    from entrodrop.export.gguf_write import plan_gguf
+    from entrodrop.prune import prune_model
+
+    reader = GGUFReader(ModelSource.of(loaded).gguf_file)
+    layout = plan_gguf(reader, plan)
+    tensors = ModelTensors(result.model, layout.source_arch, plan.num_layers, source=reader)
+    by_name = {t.name: t for t in reader.tensors}
+    kept = list(expected_tensors(reader, layout).values())
+
+    def size(gguf_type: str | None) -> int:
+        total = 0
+        for name in kept:
+            qtype = None if gguf_type is None else tensors.written_type(name, gguf_type)
+            block, nbytes = GGML_QUANT_SIZES[by_name[name].tensor_type if qtype is None else qtype]
+            total += int(by_name[name].n_elements) // block * nbytes
+        return total
+
+    unhealed = size(None)
+    out = {}
+    for gguf_type in gguf_types:
+        rounded = prune_model(quantised_copy(result.model, gguf_type, tensors), plan).eval()
+        scored = {}
+        for name, ev in evals.items():
+            after = compare(loaded.model, plan, ev["windows"], pruned_model=rounded)
+            share, error = recovered_fraction(ev["before"], after)
+            scored[name] = {"perplexity": after.pruned_perplexity, "recovered": share, "recovered_error": error}
+        out[gguf_type] = {"size_vs_unhealed": size(gguf_type) / unhealed, "eval": scored}
+        del rounded
+    return out
+
+
+def run_heal(loaded, plan: DropPlan, settings: HealSettings, heal_windows, evals: dict, curve_every: int,
+             gguf_types: list[str] = ()) -> dict:
     """One heal, timed and probed for memory, then scored on every eval set; lora's curve on the first set."""
     first = next(iter(evals))
     curve, scoring = [], 0.0
@@ -97,6 +141,8 @@ def run_heal(loaded, plan: DropPlan, settings: HealSettings, heal_windows, evals
         share, error = recovered_fraction(ev["before"], after)
         out["eval"][name] = {"perplexity": after.pruned_perplexity, "kl": after.kl_mean, "top1": after.top1_agreement,
                              "recovered": share, "recovered_error": error, "window_nll": after.window_nll}
+    if gguf_types:
+        out["gguf"] = gguf_sizes(loaded, plan, result, evals, list(gguf_types))
     if curve:
         curve.append({"step": result.steps_done, "minutes": seconds / 60, "recovered": out["eval"][first]["recovered"]})
     return out
@@ -126,6 +172,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=16)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--gguf-types", default="", help="e.g. source,q8_0: also score the healed model as each "
+                        "GGUF type stores it (a GGUF-loaded model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -167,7 +215,8 @@ def main() -> None:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             settings = HealSettings(**{**overrides, "method": method})
             try:
-                out = run_heal(loaded, plan, settings, heal_windows, evals, args.curve_every if method == "lora" else 0)
+                out = run_heal(loaded, plan, settings, heal_windows, evals, args.curve_every if method == "lora" else 0,
+                               [t.strip() for t in args.gguf_types.split(",") if t.strip()])
             except ValueError as exc:  # a method this architecture cannot take: say so, go on
                 print(f"  {method}: refused: {exc}")
                 row["methods"][method] = {"refused": str(exc)}
@@ -177,6 +226,10 @@ def main() -> None:
                                f"{pct(e['recovered_error'])})" for name, e in out["eval"].items())
             print(f"  {method}: {out['seconds']:.0f} s, +{out['added_peak_mb']:.0f} MB peak, {out['steps']} step(s) "
                   f"(best {out['best_step']}): {scored}")
+            for gguf_type, g in out.get("gguf", {}).items():
+                print(f"    as GGUF {gguf_type} (x{g['size_vs_unhealed']:.2f} the unhealed export's tensors): " + ", ".join(
+                    f"{name} {e['perplexity']:.2f} (won back {pct(e['recovered'])} ± {pct(e['recovered_error'])})"
+                    for name, e in g["eval"].items()))
             if out["curve"]:
                 print("    curve (minutes: won back on gsm8k): " + ", ".join(
                     f"{c['minutes']:.1f}: {pct(c['recovered'])}" for c in out["curve"]))

@@ -116,3 +116,37 @@ def test_gemma_weights_in_gguf_layout_are_the_files_own(gemma):
     from test_gguf_export import assert_gguf_layout_is_the_files
 
     assert_gguf_layout_is_the_files(gemma.model, gemma.gguf_file)
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_in_its_own_types_copies_what_is_unchanged_and_writes_k_quants_it_changed_as_q8_0(gemma):
+    """GGUF type 'source' on Gemma 3's Q4_K_M file: every quantised tensor of the model as loaded is the file's
+    (copied as stored); one the model no longer matches is re-quantised, in Q8_0 where it was a K-quant,
+    which gguf cannot write."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+
+    from entrodrop.export.gguf_tensors import ModelTensors, within_rounding
+
+    reader = GGUFReader(gemma.gguf_file)
+    tensors = ModelTensors(gemma.model, "gemma3", 18, source=reader)
+    stored = {t.name: t for t in reader.tensors}
+    quantised = [n for n, t in stored.items() if t.tensor_type not in (T.F32, T.F16) and n in tensors]
+    assert {stored[n].tensor_type for n in quantised} >= {T.Q4_K, T.Q6_K, T.Q5_0, T.Q8_0}
+    assert all(tensors.written_type(n, "source") is None for n in quantised)  # copied byte for byte
+    name = "blk.1.attn_output.weight"
+    assert stored[name].tensor_type == T.Q4_K
+    weight = gemma.model.get_parameter(tensors.hf_name(name))
+    original = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.01)
+        changed = ModelTensors(gemma.model, "gemma3", 18, source=reader)
+        data, qtype = changed.encoded(name, "source")
+        assert qtype == T.Q8_0 and within_rounding(np.asarray(data), qtype, changed.array(name))
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)

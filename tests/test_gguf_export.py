@@ -1,6 +1,6 @@
 """GGUF export: the bundled SmolLM2 GGUF through the GGUF -> GGUF path (size, metadata, bytes, logits), attention
-drops as a ``deci`` file, a healed model's own weights in Q8_0 or float (the tensor layout checked against both
-bundled files), and every refusal (Gemma 3 layers that would change kind, sub-blocks outside the Llama family, a
+drops as a ``deci`` file, a healed model's own weights in a block or float type or in the source's own types (the
+tensor layout checked against both bundled files), and every refusal (Gemma 3 layers that would change kind, sub-blocks outside the Llama family, a
 safetensors source, a healed model as stored, an architecture whose layout is not checked, a truncated source)
 before anything is written."""
 
@@ -105,12 +105,13 @@ def test_plans_that_gguf_expresses_get_their_layout():
 def test_sources_without_quantised_tensors_and_bad_files_are_refused(tmp_path):
     model = sharp_model("llama")
     plan = DropPlan.parse("layer:1", LAYERS)
-    with pytest.raises(ValueError, match="came from safetensors: choose q8_0, f16, bf16 or f32"):
-        check_gguf_export(model, plan, ModelSource(name="tiny", source="local"), gguf_type="stored")
+    for kept in ("stored", "source"):  # both keep the quantisation of a .gguf file, which there is not
+        with pytest.raises(ValueError, match=f"'{kept}' keeps .* came from safetensors: choose one of q8_0, q5_1"):
+            check_gguf_export(model, plan, ModelSource(name="tiny", source="local"), gguf_type=kept)
     with pytest.raises(ValueError, match="'gpt2' model loaded from safetensors is not supported.*convert_hf_to_gguf"):
         check_gguf_export(sharp_model("gpt2"), plan, ModelSource(name="tiny", source="local"))
-    with pytest.raises(ValueError, match="would lose the heal.*q8_0, f16, bf16 or f32"):
-        check_gguf_export(model, plan, ModelSource(name="tiny", source="gguf"), healed=True, gguf_type="stored")
+    with pytest.raises(ValueError, match="would lose the heal.*source, or one of q8_0, q5_1, q5_0, q4_1, q4_0, f16"):
+        check_gguf_export(model, plan, ModelSource(name="tiny", source="gguf"), heal="linear", gguf_type="stored")
     with pytest.raises(ValueError, match="Unknown GGUF tensor type 'q4_k'"):
         check_gguf_export(model, plan, ModelSource(name="tiny", source="gguf"), gguf_type="q4_k")
     with pytest.raises(ValueError, match="drops no block"):
@@ -168,7 +169,7 @@ def test_a_healed_model_is_written_from_its_own_weights_and_reloads_with_its_log
                     heal=heal_record(healed), gguf_type="stored")
     assert not (tmp_path / "stored").exists()
     result = export_gguf(healed.model, bundled_model.tokenizer, plan, tmp_path / "q8", source=source,
-                         heal=heal_record(healed))  # auto: q8_0 for a healed model
+                         heal=heal_record(healed), gguf_type="q8_0")
     assert result.ok, result.verdict
     reloaded = result.verification["loaders"]["transformers from_pretrained(gguf_file=...)"]
     assert reloaded["max_abs_diff"] <= 1e-4 and 0 < reloaded["rounding_kl"] < 0.02  # the model as the file rounds it
@@ -197,6 +198,28 @@ def test_a_healed_model_is_written_from_its_own_weights_and_reloads_with_its_log
     assert "healed with linear" in card and "q8_0" in card and "llama-cli -m" in card
     assert dequantize(by_name["token_embd.weight"].data, T.Q8_0).shape[-1] == 576
 
+    # in the source's own types: what the heal left alone is the source's bytes, what it changed is Q4_1 again
+    kept = export_gguf(healed.model, bundled_model.tokenizer, plan, tmp_path / "source", source=source,
+                       heal=heal_record(healed))  # auto after a linear heal: the source's own types
+    assert kept.ok, kept.verdict
+    reloaded = kept.verification["loaders"]["transformers from_pretrained(gguf_file=...)"]
+    assert reloaded["max_abs_diff"] <= 1e-4 and reloaded["generation_matches"]
+    assert kept.weights_bytes <= 26 / 30 * kept.source_bytes * 1.05  # the size of the unhealed export
+    reader = GGUFReader(str(next((tmp_path / "source").glob("*-pruned-healed.gguf"))))
+    meta = fields(reader)
+    assert meta["general.file_type"] == fields(GGUFReader(str(bundled_model.gguf_file)))["general.file_type"]
+    source_tensors = {t.name: t for t in GGUFReader(str(bundled_model.gguf_file)).tensors}
+    copied, requantised = [], []
+    for t in reader.tensors:
+        src = source_tensors[source_name(t.name) if t.name.startswith("blk.") else t.name]
+        assert t.tensor_type == src.tensor_type, t.name
+        (copied if np.array_equal(t.data, src.data) else requantised).append(t.name)
+    assert set(requantised) == set(changed)  # exactly the tensors the heal folded its maps into
+    assert kept.verification["loaders"]["gguf reader (structure, bytes)"]["requantised"] == len(requantised)
+    assert all(within_rounding(np.asarray(by_name_t.data), T.Q4_1, ours.array(source_name(by_name_t.name)))
+               for by_name_t in reader.tensors if by_name_t.name in requantised)
+    assert len(copied) > 10 * len(requantised)
+
 
 @pytest.mark.slow
 def test_attention_drops_in_float16_are_a_deci_file_of_the_models_weights(bundled_model, tmp_path):
@@ -217,8 +240,21 @@ def test_rounding_bounds_pass_the_rounding_and_fail_just_past_it():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 64)).astype(np.float32)
     w[1, :32] *= 1e-6  # a block whose float16 scale is subnormal
-    for qtype in (T.Q8_0, T.F16, T.BF16, T.F32):
+    w[2, 32:] = 0.25  # a constant block: no range
+    w[3, :32] += 40.0  # a block far from zero: the minimum's float16 rounding matters
+    for qtype in (T.Q8_0, T.Q5_1, T.Q5_0, T.Q4_1, T.Q4_0, T.F16, T.BF16, T.F32):
         assert within_rounding(encode(w, qtype), qtype, w), qtype.name
+    # half a step of the block's range for the types with a minimum (Q4_1: 15 steps from min to max)
+    step = np.ptp(w[0, :32]) / 15
+    for delta, inside in ((0.45 * step, True), (0.7 * step, False)):
+        moved = w.copy()
+        moved[0, 3] = round_trip(w, T.Q4_1)[0, 3] + delta
+        assert within_rounding(encode(w, T.Q4_1), T.Q4_1, moved) is inside
+    # Q4_0 clips its top level: the value opposite the largest magnitude lands a whole step off, and passes
+    opposite = np.linspace(-1, 1, 32, dtype=np.float32).reshape(1, 32)
+    assert np.abs(round_trip(opposite, T.Q4_0) - opposite).max() == pytest.approx(1 / 8)
+    assert within_rounding(encode(opposite, T.Q4_0), T.Q4_0, opposite)
+    assert not within_rounding(encode(opposite, T.Q4_0), T.Q4_0, opposite + np.float32(0.15))
     q8 = encode(w, T.Q8_0)
     step = np.abs(w[0, :32]).max() / 127
     for delta, inside in ((0.45 * step, True), (0.7 * step, False)):
@@ -230,9 +266,29 @@ def test_rounding_bounds_pass_the_rounding_and_fail_just_past_it():
         moved[2, 5] = round_trip(w, qtype)[2, 5] * (1 + 2.5 * rel)
         assert not within_rounding(encode(w, qtype), qtype, moved)
     swapped = w[[1, 0, 2, 3]]
-    assert not within_rounding(encode(w, T.Q8_0), T.Q8_0, swapped)  # another tensor's values, or rows, fail
+    for qtype in (T.Q8_0, T.Q4_1):  # another tensor's values, or rows, fail
+        assert not within_rounding(encode(w, qtype), qtype, swapped)
     with pytest.raises(ValueError, match="'qwen2' GGUF is not supported.*stored"):
         check_float_arch("qwen2")
+
+
+def test_each_tensor_gets_the_type_its_gguf_type_says():
+    from gguf import GGMLQuantizationType as T
+
+    from entrodrop.export.gguf_tensors import ggml_type, resolve_gguf_type
+
+    assert ggml_type("q4_1", (64, 64)) == T.Q4_1 and ggml_type("q5_0", (64, 64)) == T.Q5_0
+    assert ggml_type("q4_1", (64,)) == T.F32 and ggml_type("q4_0", (64, 40)) == T.F16  # norms; rows not whole blocks
+    assert ggml_type("source", (64, 64), T.Q4_1) == T.Q4_1 and ggml_type("source", (64, 64), T.F16) == T.F16
+    assert ggml_type("source", (64, 64), T.Q4_K) == T.Q8_0  # gguf has no K-quant quantiser
+    with pytest.raises(ValueError, match="needs the source file's tensor type"):
+        ggml_type("source", (64, 64))
+    # auto: a GGUF source's bytes as dropped; a linear heal in the source's types; a LoRA heal, or no GGUF source, q8_0
+    assert resolve_gguf_type("auto", heal=None, gguf_source=True) == "stored"
+    assert resolve_gguf_type("auto", heal="linear", gguf_source=True) == "source"
+    assert resolve_gguf_type("auto", heal="lora", gguf_source=True) == "q8_0"
+    assert resolve_gguf_type("auto", heal="linear", gguf_source=False) == "q8_0"
+    assert resolve_gguf_type("q4_0", heal="lora", gguf_source=True) == "q4_0"
 
 
 def test_a_transformers_checkpoint_converts_to_gguf_that_reloads_with_its_logits_and_tokenizer(tmp_path, tiny_tokenizer):
@@ -268,6 +324,12 @@ def test_a_transformers_checkpoint_converts_to_gguf_that_reloads_with_its_logits
     assert attn.ok, attn.verdict
     meta = fields(GGUFReader(str(next((tmp_path / "deci").glob("*-q8_0.gguf")))))
     assert meta["general.architecture"] == "deci" and meta["deci.attention.head_count"][1:3] == [0, 0]
+    small = export_gguf(model, tiny_tokenizer, plan, tmp_path / "q4", source=source, gguf_type="q4_1")
+    assert small.ok, small.verdict  # the reload equals the model rounded to 4 bits, as the file holds it
+    assert small.verification["loaders"]["transformers from_pretrained(gguf_file=...)"]["max_abs_diff"] <= 1e-4
+    reader = GGUFReader(str(next((tmp_path / "q4").glob("*-q4_1.gguf"))))
+    assert fields(reader)["general.file_type"] == 3  # MOSTLY_Q4_1
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q4_1", "F32"}
 
 
 def test_tokenizers_llama_cpp_cannot_name_are_refused(tiny_tokenizer):

@@ -501,7 +501,7 @@ def test_linear_heal_and_bad_heal_requests(ready, monkeypatch):
     select(ready, criterion="entrodrop", kind="layer", count=1, estimator="bucket", protect="none")
     status, _curve, result, *_ = ready.predict(**{**HEAL, "method": "linear"}, api_name="/heal")
     assert status.startswith("✓ Healed") and "linear heal: one closed-form fit per span" in result
-    with pytest.raises(AppError, match=r"came from safetensors: choose q8_0.*\(Format: safetensors\)"):
+    with pytest.raises(AppError, match=r"came from safetensors: choose one of q8_0.*\(Format: safetensors\)"):
         ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="stored", healed=False, api_name="/export")
     with pytest.raises(AppError, match="would lose the heal.*untick 'Export the healed model'"):
         ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="stored", api_name="/export")  # the heal above
@@ -606,12 +606,14 @@ def test_bundled_model_flow(app_url):
     assert "llama-cli -m" in status and "ollama create" in card and "deci" in card
     download = client.predict(api_name="/export_zip")
     assert download["value"]["url"].endswith(".zip")
-    # healed, the same plan as GGUF holds the healed weights (q8_0 by default), with the source's tokenizer
+    # healed, the same plan as GGUF holds the healed weights (after a linear heal by default in the source's own
+    # types: the tensors it changed re-quantised, the others copied), with the source's tokenizer
     status, *_ = client.predict(**{**HEAL, "method": "linear"}, api_name="/heal")
     assert status.startswith("✓ Healed")
     status, card, _ = client.predict(name="smol-healed-gguf", file_format="gguf", api_name="/export")
-    assert status.startswith("✓ Exported the model healed with linear as GGUF") and "in q8_0" in status
-    assert "within q8_0 rounding" in status and "Verification PASSED" in status and "## Healing" in card
+    assert status.startswith("✓ Exported the model healed with linear as GGUF") and "in the source's types" in status
+    assert "re-quantised within their type's rounding, the others the source's bytes" in status
+    assert "Verification PASSED" in status and "## Healing" in card
     select(client, criterion="entrodrop", kind="mlp", count=2, estimator="bucket")
     with pytest.raises(AppError, match="cannot express an MLP dropped alone"):
         client.predict(name="mlp-gguf", file_format="gguf", api_name="/export")

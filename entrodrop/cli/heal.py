@@ -68,7 +68,7 @@ def cmd_heal(args) -> int:
     loaded = load_from_args(args)
     plan, scores = plan_from_args(args, loaded, required=True)
     if gguf:  # refused before the heal runs
-        check_gguf_args(args, loaded, plan, healed=True)
+        check_gguf_args(args, loaded, plan, heal=settings.method)
     print(format_plan(plan))
     windows, described = load_windows_from_args(args, loaded, num_samples=settings.train_windows + settings.val_windows,
                                                 part="calibration")  # healing reads calibration text only

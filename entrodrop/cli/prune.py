@@ -24,7 +24,7 @@ def cmd_prune(args) -> int:
         raise ValueError("The plan drops no block, so the export would be the dense model. Give blocks to drop "
                          "with --plan or --count.")
     if args.format == "gguf":  # refused before the checks run
-        check_gguf_args(args, loaded, plan, healed=False)
+        check_gguf_args(args, loaded, plan, heal=None)
     print(format_plan(plan))
     checks = run_checks(args, loaded, plan)
     if checks:
@@ -46,13 +46,13 @@ def cmd_prune(args) -> int:
     return 0 if result.ok else 1
 
 
-def check_gguf_args(args, loaded, plan, *, healed: bool) -> None:
+def check_gguf_args(args, loaded, plan, *, heal: str | None) -> None:
     """Refuse, before heavy work, a ``--format gguf`` export GGUF cannot write faithfully (the library's
     message, speaking of the CLI's flag)."""
     from ..export import ModelSource, check_gguf_export
 
     try:
-        check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=healed, gguf_type=args.gguf_type,
+        check_gguf_export(loaded.model, plan, ModelSource.of(loaded), heal=heal, gguf_type=args.gguf_type,
                           tokenizer=loaded.tokenizer)
     except ValueError as exc:
         raise ValueError(str(exc).replace("format='safetensors'", "--format safetensors")) from exc

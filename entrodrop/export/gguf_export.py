@@ -51,7 +51,9 @@ from .verification import _FIXED_TEXT, _default_atol, _fixed_input, _greedy
 from .write import ExportResult
 
 logger = logging.getLogger(__name__)
-_BYTES_PER_WEIGHT = {"q8_0": 34 / 32, "f16": 2, "bf16": 2, "f32": 4}  # Q8_0: 32 int8 and one float16 scale
+# bytes of a 32-value block over 32: Q8_0 32 int8 and a float16 scale; Q5_1 5-bit values, scale and minimum; ...
+_BYTES_PER_WEIGHT = {"q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "f16": 2,
+                     "bf16": 2, "f32": 4}
 
 
 def gguf_source_file(model: nn.Module, source: ModelSource | None) -> Path | None:
@@ -64,28 +66,30 @@ def gguf_source_file(model: nn.Module, source: ModelSource | None) -> Path | Non
     return Path(path)
 
 
-def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | None, *, healed: bool = False,
+def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | None, *, heal: str | None = None,
                       gguf_type: str = "auto", tokenizer=None) -> GGUFPlan:
     """Refuse, before any work, a GGUF export that cannot be written faithfully; the layout otherwise.
 
-    A model not loaded from GGUF is converted (:mod:`.gguf_convert`, which says what it refuses); give its
-    ``tokenizer`` to have that checked here too."""
+    ``heal`` is the method a healed model was healed with (None: not healed). A model not loaded from GGUF is
+    converted (:mod:`.gguf_convert`, which says what it refuses); give its ``tokenizer`` to have that checked
+    here too."""
     from gguf import GGUFReader
 
     check_plan(model, plan)
     if not plan.blocks:
         raise ValueError("The plan drops no block, so the export would be the dense model: give blocks to drop.")
     path = gguf_source_file(model, source)
-    gguf_type = resolve_gguf_type(gguf_type, healed=healed, gguf_source=path is not None)
-    if healed and gguf_type == "stored":
+    gguf_type = resolve_gguf_type(gguf_type, heal=heal, gguf_source=path is not None)
+    own = ", ".join(t for t in GGUF_TYPES if t not in ("auto", "stored", "source"))
+    if heal is not None and gguf_type == "stored":
         raise ValueError("A healed model has new weights, while GGUF type 'stored' copies the source's tensors as "
                          "stored, so it would lose the heal. Choose a type that writes the model's own weights "
-                         "(q8_0, f16, bf16 or f32), or export the healed model as safetensors.")
+                         f"(source, or one of {own}), or export the healed model as safetensors.")
     if path is None:
-        if gguf_type == "stored":
-            raise ValueError("GGUF type 'stored' copies the quantised tensors of the .gguf file a model was loaded "
-                             "from, and this one came from safetensors: choose q8_0, f16, bf16 or f32, which write "
-                             "its own weights, or export safetensors (format='safetensors').")
+        if gguf_type in ("stored", "source"):
+            raise ValueError(f"GGUF type '{gguf_type}' keeps the quantisation of the .gguf file a model was loaded "
+                             f"from, and this one came from safetensors: choose one of {own}, which write its own "
+                             "weights, or export safetensors (format='safetensors').")
         layout = plan_gguf(check_convertible(model, tokenizer), plan)
     else:
         try:
@@ -116,16 +120,20 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
     Gemma 3 plans that move a layer's attention kind, a checkpoint or tokenizer the converter refuses, a
     healed model as ``stored``), TargetNotEmptyError, PermissionError, OSError (ENOSPC for a full disk)."""
     source = source or ModelSource()
-    layout = check_gguf_export(model, plan, source, healed=heal is not None, gguf_type=gguf_type, tokenizer=tokenizer)
+    method = heal["method"] if heal else None
+    layout = check_gguf_export(model, plan, source, heal=method, gguf_type=gguf_type, tokenizer=tokenizer)
     src_path = gguf_source_file(model, source)
-    gguf_type = resolve_gguf_type(gguf_type, healed=heal is not None, gguf_source=src_path is not None)
-    weights = None if gguf_type == "stored" else ModelTensors(model, layout.source_arch, plan.num_layers)
-    suffix = ("-healed" if heal else "") + ("" if weights is None else f"-{gguf_type}")
+    gguf_type = resolve_gguf_type(gguf_type, heal=method, gguf_source=src_path is not None)
+    weights = None if gguf_type == "stored" else ModelTensors(model, layout.source_arch, plan.num_layers, source=src_path)
+    # the source's own types keep the source's name, which usually says its quantisation (…Q4_1.gguf)
+    suffix = ("-healed" if heal else "") + ("" if weights is None or gguf_type == "source" else f"-{gguf_type}")
     base = src_path.stem if src_path is not None else \
         re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source.name or "model").name).strip("-")[:60] or "model"
     stem = name or f"{base}-{len(plan.blocks)}{plan.blocks[0].kind}-pruned{suffix}"
-    needed = src_path.stat().st_size if weights is None else int(
-        sum(p.numel() for p in model.parameters()) * _BYTES_PER_WEIGHT[gguf_type])
+    if weights is None or gguf_type == "source":  # source: at most twice, where K-quants become Q8_0
+        needed = src_path.stat().st_size * (1 if weights is None else 2)
+    else:
+        needed = int(sum(p.numel() for p in model.parameters()) * _BYTES_PER_WEIGHT[gguf_type])
     # a converted checkpoint is written whole first (a scratch file beside the target), then pruned
     target = check_target(out_dir, overwrite, needed_bytes=needed * (2 if src_path is None else 1))
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".entrodrop-convert-") as scratch:
@@ -171,7 +179,8 @@ def _write_gguf_folder(model, tokenizer, plan: DropPlan, layout: GGUFPlan, src_p
             "plan": plan.to_dict(), "criterion": plan.criterion,
             "criterion_label": label.label_for(plan.blocks[0].kind),
             "dtype": "the source's quantisation (tensors copied byte for byte)" if weights is None else
-                     f"{gguf_type}: {GGUF_TYPES[gguf_type]}" + (", norms in float32" if gguf_type != "f32" else ""),
+                     f"{gguf_type}: {GGUF_TYPES[gguf_type]}" + (", norms in float32" if gguf_type not in ("f32", "source")
+                                                                 else ""),
             "gguf_type": gguf_type, "heal": heal,
             "size": {"weights_bytes": size, "source_bytes": src_path.stat().st_size,
                      "source": f"GGUF file {src_path.name}" if converted is None else f"the dense model in {gguf_type}"},
@@ -265,13 +274,18 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
         if differing:
             problems.append(f"{len(differing)} tensor(s) {what}, e.g. {differing[0]}")
         entry = {"ok": not problems, "problems": problems, "tensors": len(got), "layers": n_new}
-        if weights is not None:
+        if gguf_type == "source":
+            entry["requantised"] = sum(1 for n, t in got.items() if n in expected and not (
+                t.tensor_type == by_name[expected[n]].tensor_type and np.array_equal(t.data, by_name[expected[n]].data)))
+            entry["kept"] = (f"the model's own weights: {entry['requantised']} tensor(s) re-quantised within their "
+                             "type's rounding, the others the source's bytes")
+        elif weights is not None:
             entry["kept"] = f"the model's own weights within {gguf_type} rounding"
     except Exception as exc:  # an unreadable file is a verdict, not a crash
         entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     loaders["gguf reader (structure, bytes)"] = entry
     if layout.arch != "deci":
-        reference = model if weights is None or gguf_type == "f32" else quantised_copy(model, gguf_type)
+        reference = model if weights is None or gguf_type == "f32" else quantised_copy(model, gguf_type, weights)
         check = _logits_check(path, reference, plan, tokenizer)
         if reference is not model:
             check["rounding_kl"] = _rounding_kl(model, reference, plan, tokenizer)

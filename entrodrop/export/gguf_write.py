@@ -17,8 +17,8 @@ copied **as stored** (same quantisation, byte for byte), so the file is a fracti
   written only when every kept layer keeps its kind at its new index; other plans are refused with the
   reason, never written to compute something else.
 
-A model whose weights are not the source's (a healed one) is written from its own tensors instead, in
-float or Q8_0 (:mod:`.gguf_tensors`), with the source's metadata and tokenizer. Provenance goes into
+A model whose weights are not the source's (a healed one) is written from its own tensors instead, in a float
+or block type, or each in the source's own type (:mod:`.gguf_tensors`), with the source's metadata and tokenizer. Provenance goes into
 ``entrodrop.*`` keys (dropped blocks, criterion, data, source, heal). A safetensors or hub source has no GGUF
 metadata or tokenizer to start from and is refused with a message that offers the safetensors export. :func:`plan_gguf` decides (and refuses) before any byte is written; :func:`write_gguf` writes.
 """
@@ -166,7 +166,7 @@ def write_gguf(source: str | Path, plan: DropPlan, out_file: str | Path, provena
         if key == f"{src}.block_count":
             writer.add_key_value(out_key, n_new, GGUFValueType.UINT32)
             continue
-        if key == "general.file_type" and weights is not None:
+        if key == "general.file_type" and weights is not None and gguf_type != "source":
             writer.add_key_value(key, int(file_type(gguf_type)), GGUFValueType.UINT32)
             continue
         if key.startswith(f"{src}.") and field_.types[0] == GGUFValueType.ARRAY and len(field_.data) == n_src:
@@ -192,7 +192,7 @@ def write_gguf(source: str | Path, plan: DropPlan, out_file: str | Path, provena
                                     layout.no_attn), **uint32)
         writer.add_key_value(f"{dst}.feed_forward_length", widths(f"{src}.feed_forward_length", ffn, layout.no_ffn),
                              **uint32)
-    if weights is not None and "general.file_type" not in reader.fields:
+    if weights is not None and gguf_type != "source" and "general.file_type" not in reader.fields:
         writer.add_key_value("general.file_type", int(file_type(gguf_type)), GGUFValueType.UINT32)
     for key, value in (provenance or {}).items():
         _add_provenance(writer, PROVENANCE_PREFIX + key, value)

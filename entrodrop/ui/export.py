@@ -27,6 +27,7 @@ from ..export import (
     TargetNotEmptyError,
     check_gguf_export,
     check_target,
+    describe_gguf_type,
     export_dtype_for,
     export_gguf,
     export_pruned,
@@ -238,17 +239,18 @@ class ExportHandlers:
                 raise error(f"You already have an export named '{name}'. Tick 'Replace my export of the same "
                             "name' to replace it, or choose another name.") from exc
             if file_format == "gguf":  # what GGUF cannot express is refused before anything is written
-                gguf_type = resolve_gguf_type(gguf_type, healed=heal_entry is not None,
+                method = heal_entry[1].method if heal_entry is not None else None
+                gguf_type = resolve_gguf_type(gguf_type, heal=method,
                                               gguf_source=bool(ModelSource.of(loaded).gguf_file))
                 try:
-                    check_gguf_export(loaded.model, plan, ModelSource.of(loaded), healed=heal_entry is not None,
+                    check_gguf_export(loaded.model, plan, ModelSource.of(loaded), heal=method,
                                       gguf_type=gguf_type, tokenizer=loaded.tokenizer)
                 except ValueError as exc:
                     raise error(str(exc).replace("(format='safetensors')", "(Format: safetensors)")
                                 .replace("export the healed model as safetensors.", "export the healed model as "
                                          "safetensors, or untick 'Export the healed model'.")) from exc
             size = size_estimate(session, plan, dtype) if file_format != "gguf" else \
-                "GGUF, quantised as stored" if gguf_type == "stored" else f"GGUF, {gguf_type}"
+                f"GGUF in {describe_gguf_type(gguf_type)}"
             yield {self.tab.export_status: f"▶ Writing {plan.describe()} as '{name}' ({size or dtype}) and reloading "
                                            f"it to verify{sharing_note(job)}…",
                    self.tab.download: gr.update(value=None, interactive=False, label=DOWNLOAD_LABEL)}
@@ -273,7 +275,7 @@ class ExportHandlers:
         what = f"the model healed with {heal_entry[1].method}" if heal_entry is not None else "the pruned model"
         if file_format == "gguf":
             what += " as GGUF"
-            stored = "GGUF in the source's quantisation" if gguf_type == "stored" else f"GGUF in {gguf_type}"
+            stored = f"GGUF in {describe_gguf_type(gguf_type)}"
             then = f"run it with:\n```bash\n{hint}\n```"
         else:
             stored, then = f"in {result.dtype}", f"reload with:\n```python\n{hint}\n```"
