@@ -26,14 +26,15 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 384, bos: str | None = None):
+def build_tiny_tokenizer(vocab_size: int = 384, bos: str | None = None, pre_tokenizer=None, ignore_merges: bool = False):
     """A byte-level BPE tokenizer trained on a few sentences (covers any text), with an eos token; with
-    ``bos``, also that BOS token, put before every text it encodes (as Gemma's tokenizer does)."""
+    ``bos``, also that BOS token, put before every text it encodes (as Gemma's tokenizer does).
+    ``pre_tokenizer`` replaces GPT-2's byte-level split; ``ignore_merges`` looks whole pieces up first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    backend.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_tokenizer
 from gguf import GGUFReader, GGUFValueType
 from test_prune import sharp_model
 from tiny_models import LAYERS
@@ -349,3 +350,37 @@ def test_tokenizers_llama_cpp_cannot_name_are_refused(tiny_tokenizer):
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # a leading space added
     with pytest.raises(ValueError, match="not one EntroDrop can name"):
         _pre_tokenizer_name(tok)
+    llama3 = llama3_style_tokenizer()
+    assert _pre_tokenizer_name(llama3) == "llama-bpe"
+    merging = llama3_style_tokenizer(ignore_merges=False)  # Llama 3's split, but every piece merged
+    with pytest.raises(ValueError, match="splits text as llama.cpp's 'llama-bpe' does, but it merges every piece"):
+        _pre_tokenizer_name(merging)
+    looking_up = build_tiny_tokenizer(ignore_merges=True)  # GPT-2's split with whole-piece lookup
+    with pytest.raises(ValueError, match="'gpt-2' does, but it looks whole pieces up"):
+        _pre_tokenizer_name(looking_up)
+
+
+def llama3_style_tokenizer(ignore_merges: bool = True):
+    """A tiny tokenizer built as Llama 3's is: its split expression, then byte-level, whole pieces looked up first,
+    and a BOS token before every text."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from entrodrop.export.gguf_convert import _LLAMA3_SPLIT
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return build_tiny_tokenizer(bos="<|begin_of_text|>", pre_tokenizer=split, ignore_merges=ignore_merges)
+
+
+def test_a_llama_3_style_checkpoint_converts_with_llama_cpps_llama_bpe_tokenizer(tmp_path):
+    """Llama 3's pre-tokenizer is written as 'llama-bpe' with its BOS, and the file's tokenizer encodes as the
+    source does (digits in threes, contractions apart: the fixed text has both)."""
+    tokenizer = llama3_style_tokenizer()
+    source = ModelSource(name=str(tmp_path / "tiny-llama3"), source="local")
+    result = export_gguf(sharp_model("llama"), tokenizer, DropPlan.parse("layer:2", LAYERS), tmp_path / "out",
+                         source=source)
+    assert result.ok, result.verdict
+    assert result.verification["loaders"]["tokenizer from the file"]["same_ids"]
+    meta = {k: f.contents() for k, f in GGUFReader(str(next((tmp_path / "out").glob("*.gguf")))).fields.items()}
+    assert meta["tokenizer.ggml.pre"] == "llama-bpe" and meta["tokenizer.ggml.add_bos_token"] is True
+    assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id

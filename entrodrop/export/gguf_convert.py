@@ -12,10 +12,12 @@ something else is worse than none):
 * a byte-level BPE tokenizer with no normaliser, whose pre-tokenizer llama.cpp knows by name. llama.cpp picks
   the regular expressions that split text before BPE from ``tokenizer.ggml.pre`` alone (read in its
   ``llama-vocab.cpp``), so the name must be the one whose expressions the tokenizer's own pre-tokenizer runs.
-  Two are recognised from the structure of ``tokenizer.json``'s ``pre_tokenizer``: GPT-2's byte-level
+  Three are recognised from the structure of ``tokenizer.json``'s ``pre_tokenizer``: GPT-2's byte-level
   expression alone is ``gpt-2``; digits split one by one and then that expression is ``smollm`` (SmolLM,
-  StarCoder). Any other is refused, with llama.cpp's ``convert_hf_to_gguf.py`` (which names many more by
-  hashing a test text) as the way on.
+  StarCoder); Llama 3's expression as a ``Split`` step and then byte-level without its own expression is
+  ``llama-bpe``, which llama.cpp runs with whole-piece lookup before merging (the BPE model's
+  ``ignore_merges``, required to match). Any other is refused, with llama.cpp's ``convert_hf_to_gguf.py``
+  (which names many more by hashing a test text) as the way on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from .gguf_tensors import ModelTensors, file_type
 
 CONVERTIBLE = ("llama",)  # model_type -> written as GGUF architecture "llama"
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+# Llama 3's split (tokenizer.json writes it as a Split step before a ByteLevel step without its own regex);
+# llama.cpp's pre-tokenizer "llama-bpe" runs the same expression and looks a whole piece up before merging it
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType values
 _WAY_ON = ("Convert the safetensors export with llama.cpp's convert_hf_to_gguf.py, or export safetensors "
            "(format='safetensors').")
@@ -55,19 +61,31 @@ def _pre_tokenizer_name(tokenizer) -> str:
         raise ValueError(f"The tokenizer normalises text ({spec['normalizer'].get('type')}) before BPE, which "
                          f"llama.cpp's BPE tokenizer does not do. {_WAY_ON}")
 
-    def byte_level(p: dict) -> bool:
-        return all(p.get(k) == v for k, v in _BYTE_LEVEL.items())
+    def byte_level(p: dict, regex: bool = True) -> bool:
+        return all(p.get(k) == v for k, v in {**_BYTE_LEVEL, "use_regex": regex}.items())
 
     pre = spec.get("pre_tokenizer") or {}
-    if byte_level(pre):
-        return "gpt-2"
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
-    if (steps and len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True}
-            and byte_level(steps[1])):
-        return "smollm"
-    raise ValueError(f"llama.cpp splits text before BPE by a named set of expressions, and this tokenizer's "
-                     f"pre-tokenizer ({json.dumps(pre)[:200]}) is not one EntroDrop can name (it knows GPT-2's and "
-                     f"SmolLM's); a wrong name would load and tokenize differently. {_WAY_ON}")
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    name = None
+    if len(steps) == 1 and byte_level(steps[0]):
+        name = "gpt-2"
+    elif len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and byte_level(steps[1]):
+        name = "smollm"
+    elif (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": _LLAMA3_SPLIT}
+          and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and byte_level(steps[1], False)):
+        name = "llama-bpe"
+    if name is None:
+        raise ValueError(f"llama.cpp splits text before BPE by a named set of expressions, and this tokenizer's "
+                         f"pre-tokenizer ({json.dumps(pre)[:200]}) is not one EntroDrop can name (it knows GPT-2's, "
+                         f"SmolLM's and Llama 3's); a wrong name would load and tokenize differently. {_WAY_ON}")
+    # llama.cpp takes a piece found whole in the vocabulary as one token under llama-bpe only (ignore_merges)
+    lookup = bool(model.get("ignore_merges"))
+    if lookup != (name == "llama-bpe"):
+        does = "looks whole pieces up before merging" if lookup else "merges every piece"
+        raise ValueError(f"The tokenizer splits text as llama.cpp's '{name}' does, but it {does} (ignore_merges="
+                         f"{lookup}), which llama.cpp does not do under that name: some words would tokenize "
+                         f"differently. {_WAY_ON}")
+    return name
 
 
 def check_convertible(model: nn.Module, tokenizer=None) -> dict:
