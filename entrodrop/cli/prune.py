@@ -74,8 +74,10 @@ def add_format_args(parser) -> None:
                              "safetensors one, converted")
     parser.add_argument("--gguf-type", default="auto", choices=tuple(GGUF_TYPES),
                         help="with --format gguf: 'stored' copies a .gguf source's quantised tensors byte for byte; "
-                             "q8_0, f16, bf16 and f32 write the model's own weights (Llama, Gemma 3); auto (default): "
-                             "stored where the source's tensors are the weights, else q8_0")
+                             "the others write the model's own weights (Llama, Gemma 3): 'source' in the source "
+                             "file's types, re-quantising only what a heal changed, or one block or float type; "
+                             "auto (default): stored without a heal, source after a linear heal, q8_0 after a LoRA "
+                             "heal or from safetensors")
 
 
 def register(subparsers) -> None:
