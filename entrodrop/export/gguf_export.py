@@ -263,9 +263,11 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
         if set(got) != set(expected):
             problems.append(f"{len(set(expected) - set(got))} tensor(s) missing, {len(set(got) - set(expected))} "
                             "unexpected")
+        def as_source(n: str, t) -> bool:  # the source's tensor, type and bytes
+            return t.tensor_type == by_name[expected[n]].tensor_type and np.array_equal(t.data, by_name[expected[n]].data)
+
         if weights is None:
-            differing = [n for n, t in got.items() if n in expected and (
-                t.tensor_type != by_name[expected[n]].tensor_type or not np.array_equal(t.data, by_name[expected[n]].data))]
+            differing = [n for n, t in got.items() if n in expected and not as_source(n, t)]
             what = "differ from the source"
         else:
             differing = [n for n, t in got.items() if n in expected and not within_rounding(
@@ -275,8 +277,7 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
             problems.append(f"{len(differing)} tensor(s) {what}, e.g. {differing[0]}")
         entry = {"ok": not problems, "problems": problems, "tensors": len(got), "layers": n_new}
         if gguf_type == "source":
-            entry["requantised"] = sum(1 for n, t in got.items() if n in expected and not (
-                t.tensor_type == by_name[expected[n]].tensor_type and np.array_equal(t.data, by_name[expected[n]].data)))
+            entry["requantised"] = sum(1 for n, t in got.items() if n in expected and not as_source(n, t))
             entry["kept"] = (f"the model's own weights: {entry['requantised']} tensor(s) re-quantised within their "
                              "type's rounding, the others the source's bytes")
         elif weights is not None:
