@@ -3,13 +3,16 @@
     npm install --prefix /tmp/llamacpp node-llama-cpp@3.21.1      # once: a prebuilt llama.cpp (~730 MB)
     .venv/bin/python benchmarks/bench_gguf.py [--counts layer=4,attn=8] [--plan BLOCKS ...] \
         [--heal linear|lora] [--gguf-type auto|stored|source|q8_0|q4_1|f16|...] \
-        [--prompts 8] [--new-tokens 8] [--llama-cpp /tmp/llamacpp] [--json out.json]
+        [--from-safetensors [--rope-llama3 8,1,4,64]] [--prompts 8] [--new-tokens 8] [--llama-cpp /tmp/llamacpp] \
+        [--json out.json]
 
 For each plan (``--counts``: ``recommended`` for that many blocks of that kind, chosen on the calibration
 part of gsm8k as the app does; ``--plan``: blocks given), on the bundled SmolLM2 (Q4_1 GGUF):
 
 * with ``--from-safetensors``: the model saved as safetensors and loaded from there first, so the export
-  converts it (the metadata and tokenizer written by EntroDrop);
+  converts it (the metadata and tokenizer written by EntroDrop); ``--rope-llama3`` gives it Llama 3.1's RoPE
+  scaling first (written as ``rope_freqs``), and llama.cpp's continuations are also compared with the model
+  left unscaled, the control that shows the scaling acts;
 * with ``--heal``: the plan healed first (the method's defaults, on the calibration part of gsm8k), and the
   healed model written with its own weights (``--gguf-type``, the library's ``auto`` unless given); every comparison below is
   then with the healed model, and also with the healed model with its weights rounded as the file holds them
@@ -95,6 +98,10 @@ def main() -> None:
     parser.add_argument("--from-safetensors", action="store_true",
                         help="save the de-quantised model as safetensors and load it from there, so the export "
                              "converts it (metadata and tokenizer written by EntroDrop, not copied)")
+    parser.add_argument("--rope-llama3", default=None, metavar="FACTOR,LOW,HIGH,ORIGINAL",
+                        help="with --from-safetensors: give the model Llama 3.1's RoPE scaling with these parameters "
+                             "(e.g. 8,1,4,64: most frequencies divided by 8 within the prompts' length), so the "
+                             "export writes rope_freqs; also compares llama.cpp with the model left unscaled")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,9 +113,22 @@ def main() -> None:
         from entrodrop.gguf import strip_gguf_quantization
 
         strip_gguf_quantization(loaded.model)
+        theta = loaded.model.config.rope_parameters["rope_theta"]
+        if args.rope_llama3:
+            factor, low, high, original = (float(v) for v in args.rope_llama3.split(","))
+            loaded.model.config.rope_parameters = {
+                "rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": int(original)}
         loaded.model.save_pretrained(scratch.name)
         loaded.tokenizer.save_pretrained(scratch.name)
         loaded = load_model(scratch.name, dtype="float32")
+        if args.rope_llama3:  # the same weights with positions unscaled: what a reader without rope_freqs runs
+            from transformers import AutoModelForCausalLM
+
+            unscaled = AutoModelForCausalLM.from_pretrained(
+                scratch.name, dtype=torch.float32, rope_parameters={"rope_type": "default", "rope_theta": theta}).eval()
+    elif args.rope_llama3:
+        parser.error("--rope-llama3 needs --from-safetensors")
     source = ModelSource.of(loaded)
     reference_gguf = Path(bundled_model_path("smollm2"))  # the dense model's own file, for the baseline
     counts = [(k.split("=")[0], int(k.split("=")[1])) for k in args.counts.split(",") if k.strip()]
@@ -122,7 +142,9 @@ def main() -> None:
     dense_cpp = [llama_cpp(prefix, reference_gguf, p, n)["tokens"] for p in prompts]
     kv_dense = {fa: llama_cpp(prefix, reference_gguf, prompts[0], 1, fa)["kv"] for fa in (False, True)}
     texts = [loaded.tokenizer.decode(w[:64]) for w in windows] + ["In 2024, 1234 + 5678 = 6912.\n\tDone!  x"]
-    results = {"prompts": described, "new_tokens": n, "baseline": agreement(dense_float, dense_cpp),
+    # the bundled file is the unscaled model: no baseline for a model given another RoPE
+    results = {"prompts": described, "new_tokens": n,
+               "baseline": None if args.rope_llama3 else agreement(dense_float, dense_cpp),
                "kv_dense": kv_dense, "plans": {}}
     print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}")
     print(f"dense KV cache: {kv_dense}")
@@ -165,6 +187,9 @@ def main() -> None:
                 print(f"  llama.cpp vs transformers with the weights rounded as the file holds them: "
                       f"{row['agreement_with_rounded']}\n  transformers, rounded vs not: {row['rounding_agreement']}")
                 del rounded
+            if args.rope_llama3:
+                row["agreement_unscaled"] = agreement([float_greedy(unscaled, p, n, plan) for p in prompts], pruned_cpp)
+                print(f"  llama.cpp vs transformers with RoPE unscaled (the control): {row['agreement_unscaled']}")
             row["kv"] = {fa: llama_cpp(prefix, path, prompts[0], 1, fa)["kv"] for fa in (False, True)}
             results["plans"][label] = row
             print(f"\n{label}: {plan.compact()}\n  {out.verdict}\n  size {out.weights_bytes / 2**20:.1f} MiB, "

@@ -1,11 +1,22 @@
-"""GGUF checkpoints: a cheap check that a file can be one, and forgetting the quantisation bookkeeping
-of a model de-quantised from one (so ``save_pretrained`` accepts it)."""
+"""GGUF checkpoints: a cheap check that a file can be one, forgetting the quantisation bookkeeping of a model
+de-quantised from one (so ``save_pretrained`` accepts it), and RoPE scaling as llama.cpp stores it.
+
+RoPE scaling: llama.cpp's converter writes Llama 3.1+ scaling (``rope_type`` ``llama3``) as a tensor,
+``rope_freqs.weight``, of one divisor per rotary frequency, and linear scaling as the keys
+``<arch>.rope.scaling.type`` and ``.factor``. transformers' GGUF loader reads neither (5.x), so a model loaded
+from such a file would run with unscaled positions: another model than llama.cpp runs. :func:`gguf_rope_parameters`
+reads them back as a config's ``rope_parameters`` (the Llama 3 parameters fitted to the divisors and checked
+to give them again), or refuses a scaling it cannot express.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -62,3 +73,95 @@ def strip_gguf_quantization(model: PreTrainedModel) -> PreTrainedModel:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model
+
+
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors (Llama 3.1+ RoPE scaling)
+_ROPE_WAY_ON = "Load the model's safetensors folder instead, whose config says how its positions are scaled."
+
+
+def _unscaled_inv_freq(theta: float, dim: int) -> np.ndarray:
+    """Rotary inverse frequencies without scaling, as transformers and llama.cpp's converter compute them."""
+    import torch
+
+    return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))).numpy()
+
+
+def rope_freq_factors(config) -> np.ndarray | None:
+    """``rope_freqs.weight`` for a config with Llama 3 RoPE scaling (float32, head_dim / 2 divisors, 1 where a
+    frequency is kept): transformers' own scaled frequencies divided into the unscaled ones. None for a config
+    without that scaling."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    if not isinstance(params, dict) or params.get("rope_type") != "llama3":
+        return None
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (_unscaled_inv_freq(float(params["rope_theta"]), 2 * scaled.numel()) / scaled.numpy()).astype(np.float32)
+
+
+def _short(value: float) -> float:
+    return float(f"{value:.6g}")  # a fitted 8.0000005 is the config's 8.0
+
+
+def llama3_rope_parameters(factors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """The Llama 3 ``rope_parameters`` whose divisors are ``factors`` (ValueError where none are).
+
+    Between the kept high frequencies (divisor 1) and the low ones divided by ``factor``, transformers blends
+    with ``s = (L / wavelength - low) / (high - low)``, L the original context: ``s`` is linear in 1 /
+    wavelength, so two blended frequencies fix ``L / (high - low)`` and ``low / (high - low)``. Only those
+    ratios act, so ``low_freq_factor`` is taken as 1 (every Llama 3 release's). The fit is checked by
+    computing the divisors again with transformers."""
+    from transformers import LlamaConfig
+
+    ff = np.asarray(factors, dtype=np.float64)
+    wavelength = 2 * math.pi / _unscaled_inv_freq(theta, 2 * ff.size).astype(np.float64)
+    factor = float(ff.max())
+    blended = (ff > 1 + 1e-4) & (ff < factor * (1 - 1e-4))
+    params = None
+    if factor > 1 + 1e-4 and blended.sum() >= 2 and np.all(ff >= 1 - 1e-6):
+        s = (1 / ff[blended] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelength[blended], s, 1)
+        if intercept < 0 < slope:
+            params = {"rope_type": "llama3", "rope_theta": float(theta), "factor": _short(factor),
+                      "low_freq_factor": 1.0, "high_freq_factor": _short(1 - 1 / intercept),
+                      "original_max_position_embeddings": int(round(-slope / intercept))}
+    if params is not None:
+        config = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim, rope_parameters=params,
+                             max_position_embeddings=1 << 30)
+        if np.allclose(rope_freq_factors(config), ff, rtol=1e-5, atol=0):
+            return params
+    raise ValueError(f"The file's {ROPE_FREQS} ({ff.size} divisors from {ff.min():.4g} to {ff.max():.4g}) is not "
+                     f"Llama 3's RoPE scaling, the only form EntroDrop reads back. {_ROPE_WAY_ON}")
+
+
+def gguf_rope_parameters(path: str | os.PathLike) -> dict | None:
+    """The ``rope_parameters`` a GGUF file's RoPE scaling stands for (module docstring); None for none.
+    ValueError (saying why) for a scaling that cannot be read back faithfully."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str, default=None):
+        return reader.fields[key].contents() if key in reader.fields else default
+
+    arch = value("general.architecture")
+    kind = value(f"{arch}.rope.scaling.type", "none")
+    has_freqs = any(t.name == ROPE_FREQS for t in reader.tensors)
+    if kind == "none" and not has_freqs:
+        return None
+    what = f"RoPE scaling ({kind if kind != 'none' else ROPE_FREQS})"
+    if arch != "llama":
+        raise ValueError(f"The GGUF file's {arch} model has {what}, which transformers does not read from GGUF and "
+                         f"EntroDrop reads back for Llama-family files only: the model would run with other "
+                         f"positions than llama.cpp runs. {_ROPE_WAY_ON}")
+    theta = float(value("llama.rope.freq_base", 10000.0))
+    if has_freqs and kind == "none":
+        freqs = next(t for t in reader.tensors if t.name == ROPE_FREQS)
+        heads = value("llama.attention.head_count")
+        head_dim = value("llama.rope.dimension_count") or value("llama.embedding_length") // heads
+        return llama3_rope_parameters(np.asarray(freqs.data, dtype=np.float32).reshape(-1), theta, int(head_dim))
+    if kind == "linear" and not has_freqs and value("llama.rope.scaling.factor"):
+        return {"rope_type": "linear", "rope_theta": theta, "factor": float(value("llama.rope.scaling.factor"))}
+    raise ValueError(f"The GGUF file scales RoPE as '{kind}'{' with ' + ROPE_FREQS if has_freqs else ''}, which "
+                     f"EntroDrop cannot read back (it reads Llama 3's {ROPE_FREQS}, and linear scaling). "
+                     f"{_ROPE_WAY_ON}")

@@ -28,7 +28,7 @@ import torch
 from entrodrop.arch import ArchSpec, check_config_supported, config_model_type, get_arch, get_layers
 from entrodrop.bundled import _BUNDLED_FILES, BUNDLED_MODELS, DEFAULT_MODEL, bundled_model_path  # noqa: F401
 from entrodrop.devices import available_memory_bytes, format_bytes, input_device, parse_device, parse_dtype
-from entrodrop.gguf import check_gguf_file
+from entrodrop.gguf import check_gguf_file, gguf_rope_parameters
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -220,7 +220,7 @@ def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> Pr
         check_gguf_file(resolved.gguf_path)
     offline = resolved.kind == "hub" and not hub_reachable()
     try:
-        return AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             resolved.path, trust_remote_code=trust_remote_code, local_files_only=offline, **_gguf_kwargs(resolved)
         )
     except ValueError as err:
@@ -248,6 +248,11 @@ def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> Pr
         if resolved.kind == "hub":
             raise _not_found(resolved, err) from err
         raise ValueError(f"Could not read the config of '{resolved.spec}': {err}") from err
+    if resolved.gguf_file:  # RoPE scaling, which transformers does not read from GGUF (entrodrop.gguf)
+        rope = gguf_rope_parameters(resolved.gguf_path)
+        if rope is not None:
+            config.rope_parameters = rope
+    return config
 
 
 # Config fields that bound the sequence length, by family (gpt2: n_positions, some remote code: seq_length).

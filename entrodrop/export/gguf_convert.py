@@ -6,9 +6,12 @@ then prunes it with the model's own weights).
 What is converted, and what is refused with the reason (a file that loads and computes or tokenizes
 something else is worse than none):
 
-* the Llama family (``model_type`` ``llama``) with default RoPE and no biases: the layout of
-  :mod:`.gguf_tensors`, checked against the bundled SmolLM2 file. Gemma 3 from safetensors is refused: its
-  SentencePiece vocabulary needs the token scores of ``tokenizer.model``, which this writer does not read;
+* the Llama family (``model_type`` ``llama``) with no biases: the layout of :mod:`.gguf_tensors`, checked
+  against the bundled SmolLM2 file. RoPE unscaled, scaled as Llama 3.1+ does (written as llama.cpp's
+  converter does, a ``rope_freqs`` tensor of per-frequency divisors) or linearly (two keys); the reload check
+  reads these back (:func:`entrodrop.gguf.gguf_rope_parameters`); YaRN, dynamic and LongRoPE are refused.
+  Gemma 3 from safetensors is refused: its SentencePiece vocabulary needs the token scores of
+  ``tokenizer.model``, which this writer does not read;
 * a byte-level BPE tokenizer with no normaliser, whose pre-tokenizer llama.cpp knows by name. llama.cpp picks
   the regular expressions that split text before BPE from ``tokenizer.ggml.pre`` alone (read in its
   ``llama-vocab.cpp``), so the name must be the one whose expressions the tokenizer's own pre-tokenizer runs.
@@ -27,6 +30,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..gguf import ROPE_FREQS, rope_freq_factors
 from .gguf_tensors import ModelTensors, file_type
 
 CONVERTIBLE = ("llama",)  # model_type -> written as GGUF architecture "llama"
@@ -35,6 +39,8 @@ _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True
 # llama.cpp's pre-tokenizer "llama-bpe" runs the same expression and looks a whole piece up before merging it
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# RoPE scalings written as llama.cpp reads them and read back into a config on load (entrodrop.gguf)
+_WRITTEN_SCALING = ("default", "llama3", "linear")
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType values
 _WAY_ON = ("Convert the safetensors export with llama.cpp's convert_hf_to_gguf.py, or export safetensors "
            "(format='safetensors').")
@@ -44,6 +50,11 @@ def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
+
+
+def _rope_scaling(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return str(params.get("rope_type", params.get("type")) or "default") if isinstance(params, dict) else "default"
 
 
 def _pre_tokenizer_name(tokenizer) -> str:
@@ -99,10 +110,10 @@ def check_convertible(model: nn.Module, tokenizer=None) -> dict:
                else "")
         raise ValueError(f"A GGUF export of a '{model_type}' model loaded from safetensors is not supported "
                          f"(supported: {', '.join(CONVERTIBLE)}; any model loaded from a .gguf file){why}. {_WAY_ON}")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"The model scales RoPE ({rope.get('rope_type', rope.get('type'))}), which this converter "
-                         f"does not write. {_WAY_ON}")
+    scaling = _rope_scaling(config)
+    if scaling not in _WRITTEN_SCALING:
+        raise ValueError(f"The model scales RoPE as '{scaling}', which this converter does not write (it writes "
+                         f"Llama 3's scaling, as llama.cpp's rope_freqs tensor, and linear scaling). {_WAY_ON}")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError(f"The model's attention or MLP layers have biases, which this converter does not write. {_WAY_ON}")
     if tokenizer is not None:
@@ -130,7 +141,7 @@ def _merges(tokenizer) -> list[str]:
 
 def write_dense_gguf(model: nn.Module, tokenizer, out_file: str | Path, gguf_type: str) -> None:
     """Write ``model`` (all its layers) with ``tokenizer`` as a Llama GGUF file, weights in ``gguf_type``."""
-    from gguf import GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
 
     if tokenizer is None:
         raise ValueError("A GGUF file carries the tokenizer: pass tokenizer=.")
@@ -150,6 +161,9 @@ def write_dense_gguf(model: nn.Module, tokenizer, out_file: str | Path, gguf_typ
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(head_dim)
+    if _rope_scaling(config) == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config.rope_parameters["factor"]))
     if head_dim != config.hidden_size // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -177,6 +191,9 @@ def write_dense_gguf(model: nn.Module, tokenizer, out_file: str | Path, gguf_typ
             continue  # llama.cpp uses the token embedding when the file has no output matrix
         data, qtype = tensors.encoded(name, gguf_type)
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+    factors = rope_freq_factors(config)
+    if factors is not None:  # Llama 3's scaling: one divisor per frequency, float32 as llama.cpp's converter has it
+        writer.add_tensor(ROPE_FREQS, factors, raw_dtype=GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -32,6 +32,7 @@ from torch import nn
 from ..checks import ChecksResult
 from ..costs import plan_parameter_counts
 from ..criteria import get_criterion
+from ..loading import load_config
 from ..plan import DropPlan
 from ..prune import check_plan, preview_plan
 from .card import model_card
@@ -270,8 +271,9 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
             differing = [n for n, t in got.items() if n in expected and not as_source(n, t)]
             what = "differ from the source"
         else:
-            differing = [n for n, t in got.items() if n in expected and not within_rounding(
-                np.asarray(t.data), t.tensor_type, weights.array(expected[n]))]
+            differing = [n for n, t in got.items() if n in expected and not (
+                within_rounding(np.asarray(t.data), t.tensor_type, weights.array(expected[n]))
+                if expected[n] in weights else as_source(n, t))]  # rope_freqs: the source's
             what = f"are not the model's weights within {gguf_type} rounding"
         if differing:
             problems.append(f"{len(differing)} tensor(s) {what}, e.g. {differing[0]}")
@@ -310,7 +312,9 @@ def _logits_check(path: Path, model: nn.Module, plan: DropPlan, tokenizer) -> di
             reference = model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
         with preview_plan(model, plan):
             reference_tokens = _greedy(model, ids.to(next(model.parameters()).device), pad_id).cpu()
-        reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+        config = load_config(str(path))  # with the file's RoPE scaling, which transformers does not read
+        reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
+                                                        dtype=dtype).eval()
         with torch.inference_mode():
             logits = reloaded(input_ids=ids).logits.float()
         diff = float((logits - reference).abs().max()) if logits.shape == reference.shape else float("inf")

@@ -211,9 +211,9 @@ def write_gguf(source: str | Path, plan: DropPlan, out_file: str | Path, provena
             if new in layout.no_ffn and rest.split(".")[0] in FFN_TENSORS:
                 continue
             name = f"blk.{new}.{rest}"
-        if weights is not None:
+        if weights is not None and tensor.name in weights:
             data, qtype = weights.encoded(tensor.name, gguf_type)  # the source's name: the model's own index
-        else:
+        else:  # copied as stored, and so is what the model has no weight for (rope_freqs)
             data, qtype = np.asarray(tensor.data), tensor.tensor_type
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
     writer.write_header_to_file()
