@@ -2,7 +2,7 @@
 
     npm install --prefix /tmp/llamacpp node-llama-cpp@3.21.1      # once: a prebuilt llama.cpp (~730 MB)
     .venv/bin/python benchmarks/bench_gguf.py [--counts layer=4,attn=8] [--plan BLOCKS ...] \
-        [--heal linear|lora] [--gguf-type auto|stored|source|q8_0|q4_1|f16|...] \
+        [--heal linear|lora] [--gguf-type auto|stored|source|adapter|q8_0|q4_1|f16|...] \
         [--from-safetensors [--rope-llama3 8,1,4,64]] [--prompts 8] [--new-tokens 8] [--llama-cpp /tmp/llamacpp] \
         [--json out.json]
 
@@ -16,7 +16,8 @@ part of gsm8k as the app does; ``--plan``: blocks given), on the bundled SmolLM2
 * with ``--heal``: the plan healed first (the method's defaults, on the calibration part of gsm8k), and the
   healed model written with its own weights (``--gguf-type``, the library's ``auto`` unless given); every comparison below is
   then with the healed model, and also with the healed model with its weights rounded as the file holds them
-  (so llama.cpp's arithmetic and the file's rounding are told apart);
+  (so llama.cpp's arithmetic and the file's rounding are told apart); with ``--gguf-type adapter`` (a LoRA
+  heal), llama.cpp runs the stored base with the adapter file, and without it as the control;
 * ``export_gguf``: the file's size against the source's and against (kept layers / 30) x the source's, and
   its own verification verdict;
 * agreement on ``--prompts`` prompts, each the first 32 tokens of a window of the **report** part of
@@ -57,13 +58,15 @@ from entrodrop.prune import preview_plan  # noqa: E402
 SCRIPT = Path(__file__).resolve().parent / "llama_cpp_greedy.mjs"
 
 
-def llama_cpp(prefix: Path, model: Path, ids: list[int], n: int, flash: bool = False, texts: list[str] = ()) -> dict:
-    """llama.cpp's greedy continuation of ``ids``, its KV-cache line and its tokens of ``texts`` (the script
-    runs inside ``prefix``)."""
+def llama_cpp(prefix: Path, model: Path, ids: list[int], n: int, flash: bool = False, texts: list[str] = (),
+              lora: Path | None = None) -> dict:
+    """llama.cpp's greedy continuation of ``ids`` (with the LoRA adapter ``lora``), its KV-cache line and its
+    tokens of ``texts`` (the script runs inside ``prefix``)."""
     script = prefix / SCRIPT.name
     script.write_text(SCRIPT.read_text())
     out = subprocess.run(["node", str(script), str(model), json.dumps(ids), str(n), "1" if flash else "0",
-                          json.dumps(list(texts))], cwd=prefix, capture_output=True, text=True, timeout=300, check=True)
+                          json.dumps(list(texts)), str(lora or "")], cwd=prefix, capture_output=True, text=True,
+                         timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -163,20 +166,27 @@ def main() -> None:
                 print(f"\n{label}: {healed.summary()}")
             out = export_gguf(model, loaded.tokenizer, plan, Path(tmp) / label.replace(" ", "-"), source=source,
                               gguf_type=gguf_type, heal=record)
-            path = next(out.path.glob("*.gguf"))
+            path = next(p for p in out.path.glob("*.gguf") if not p.name.endswith("-heal-lora.gguf"))
+            lora = next(out.path.glob("*-heal-lora.gguf"), None)  # GGUF type adapter: the heal beside the base
             kept = plan.num_layers - len(plan.layers_of("layer"))
             row = {"blocks": plan.compact(), "ok": out.ok, "verdict": out.verdict, "bytes": out.weights_bytes,
                    "source_bytes": out.source_bytes, "ratio": out.weights_bytes / out.source_bytes,
                    "ideal_ratio": kept / plan.num_layers, "heal": record and record["method"]}
             pruned_float = [float_greedy(model, p, n, plan) for p in prompts]
-            pruned_cpp = [llama_cpp(prefix, path, p, n)["tokens"] for p in prompts]
+            pruned_cpp = [llama_cpp(prefix, path, p, n, lora=lora)["tokens"] for p in prompts]
             row["agreement"] = agreement(pruned_float, pruned_cpp)
+            if lora is not None:  # the control: the base alone, without the heal
+                row["adapter_bytes"] = lora.stat().st_size
+                row["agreement_without_adapter"] = agreement(
+                    pruned_float, [llama_cpp(prefix, path, p, n)["tokens"] for p in prompts])
+                print(f"  llama.cpp with the adapter vs the healed model: {row['agreement']}; without it (the "
+                      f"control): {row['agreement_without_adapter']}; adapter {lora.stat().st_size / 2**20:.1f} MiB")
             cpp_ids = llama_cpp(prefix, path, prompts[0], 1, texts=texts)["tokenized"]
             ours = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
             row["tokenizer_agreement"] = {"texts": len(texts), "same_ids": sum(a == b for a, b in zip(ours, cpp_ids, strict=True))}
             print(f"  llama.cpp's tokens of {len(texts)} texts equal the tokenizer's: "
                   f"{row['tokenizer_agreement']['same_ids']} of {len(texts)}")
-            if gguf_type != "stored":  # the file's own rounding apart from llama.cpp's arithmetic
+            if gguf_type not in ("stored", "adapter"):  # the file's own rounding apart from llama.cpp's arithmetic
                 reader = GGUFReader(source.gguf_file) if gguf_type == "source" else None
                 tensors = ModelTensors(model, reader.fields["general.architecture"].contents(), plan.num_layers,
                                        source=reader) if reader is not None else None

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_heal.py [--model smollm2] [--counts layer=4,attn=8] [--plan BLOCKS ...] \
         [--methods linear,lora] [--steps 40] [--minutes 5] [--lr 1e-3] [--rank 16] [--batch-windows 4] \
         [--train-windows 32] [--ridge 1e-3] [--curve-every 5] [--eval-part report] [--eval-samples 16] [--seq-len 256] \
-        [--gguf-types source,q8_0] [--threads 2] [--json out.json]
+        [--gguf-types source,adapter,q8_0] [--threads 2] [--json out.json]
 
 For each plan (``--counts``: the ``recommended`` plan for that many blocks of that kind, chosen on the
 calibration part of gsm8k with the app's defaults; ``--plan``: blocks given as ``layer:4,attn:9``):
@@ -17,8 +17,10 @@ calibration part of gsm8k with the app's defaults; ``--plan``: blocks given as `
   heal added (kernel high-water mark, teacher and student together);
 * with ``--gguf-types``, the healed model as each GGUF type stores it (weights rounded as the file holds them,
   :func:`~entrodrop.export.gguf_tensors.quantised_copy`; ``source`` re-quantises the tensors the heal changed
-  in the source file's own types and keeps the others as stored), scored the same way, with the file's size
-  over the unhealed GGUF export's (the source's tensors of the kept layers, as stored);
+  in the source file's own types and keeps the others as stored; ``adapter``, after a LoRA heal: the stored
+  tensors plus the LoRA adapter file's float16 product, as llama.cpp adds it), scored the same way, with the
+  file's size over the unhealed GGUF export's (the source's tensors of the kept layers, as stored; with the
+  adapter file's bytes for ``adapter``);
 * for lora, the curve of the share won back on gsm8k against minutes of training, scored every
   ``--curve-every`` steps (the time spent scoring is left out of the minutes).
 
@@ -31,6 +33,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +80,7 @@ def gguf_sizes(loaded, plan: DropPlan, result: HealResult, evals: dict, gguf_typ
     from gguf import GGML_QUANT_SIZES, GGUFReader
 
     from entrodrop.export import ModelSource
+    from entrodrop.export.gguf_adapter import adapted_copy, lora_factors, write_lora_adapter
     from entrodrop.export.gguf_export import expected_tensors
     from entrodrop.export.gguf_tensors import ModelTensors, quantised_copy
     from entrodrop.export.gguf_write import plan_gguf
@@ -99,13 +103,29 @@ def gguf_sizes(loaded, plan: DropPlan, result: HealResult, evals: dict, gguf_typ
     unhealed = size(None)
     out = {}
     for gguf_type in gguf_types:
-        rounded = prune_model(quantised_copy(result.model, gguf_type, tensors), plan).eval()
+        if gguf_type == "adapter" and result.method != "lora":
+            continue  # a linear heal's maps are not of low rank
+        if gguf_type == "adapter":  # the stored base and the LoRA adapter file, as llama.cpp adds them
+            with tempfile.TemporaryDirectory() as tmp:
+                names = expected_tensors(reader, layout)
+                new_name = {src: new for new, src in names.items()}
+                rank = result.settings["rank"]
+                adapter = Path(tmp) / "adapter.gguf"
+                factors = lora_factors(tensors, rank, kept=new_name)
+                write_lora_adapter(adapter, layout.arch, {new_name[n]: f for n, f in factors.items()}, rank, {})
+                model = adapted_copy(result.model, layout.source_arch, adapter,
+                                     Path(ModelSource.of(loaded).gguf_file), names)
+                file_bytes = unhealed + adapter.stat().st_size
+        else:
+            model, file_bytes = quantised_copy(result.model, gguf_type, tensors), size(gguf_type)
+        rounded = prune_model(model, plan).eval()
+        del model
         scored = {}
         for name, ev in evals.items():
             after = compare(loaded.model, plan, ev["windows"], pruned_model=rounded)
             share, error = recovered_fraction(ev["before"], after)
             scored[name] = {"perplexity": after.pruned_perplexity, "recovered": share, "recovered_error": error}
-        out[gguf_type] = {"size_vs_unhealed": size(gguf_type) / unhealed, "eval": scored}
+        out[gguf_type] = {"size_vs_unhealed": file_bytes / unhealed, "eval": scored}
         del rounded
     return out
 

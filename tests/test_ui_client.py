@@ -505,6 +505,8 @@ def test_linear_heal_and_bad_heal_requests(ready, monkeypatch):
         ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="stored", healed=False, api_name="/export")
     with pytest.raises(AppError, match="would lose the heal.*untick 'Export the healed model'"):
         ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="stored", api_name="/export")  # the heal above
+    with pytest.raises(AppError, match="LoRA adapter.*linear method.*choose 'source'"):
+        ready.predict(name="tiny-gguf", file_format="gguf", gguf_type="adapter", api_name="/export")
     status, card, _ = ready.predict(name="tiny-gguf", file_format="gguf", api_name="/export")  # converted, in q8_0
     assert status.startswith("✓ Exported the model healed with linear as GGUF") and "in q8_0" in status
     assert "tokenizer from the file: ok" in status and "## Healing" in card

@@ -76,8 +76,9 @@ def add_format_args(parser) -> None:
                         help="with --format gguf: 'stored' copies a .gguf source's quantised tensors byte for byte; "
                              "the others write the model's own weights (Llama, Gemma 3): 'source' in the source "
                              "file's types, re-quantising only what a heal changed, or one block or float type; "
-                             "auto (default): stored without a heal, source after a linear heal, q8_0 after a LoRA "
-                             "heal or from safetensors")
+                             "'adapter', after a LoRA heal: the stored tensors and the heal as a llama.cpp LoRA "
+                             "adapter file beside them (run with --lora); auto (default): stored without a heal, "
+                             "source after a linear heal, q8_0 after a LoRA heal or from safetensors")
 
 
 def register(subparsers) -> None:

@@ -41,15 +41,19 @@ def reload_hint(subblocks: bool, remote_code: bool) -> str:
     return hint
 
 
-def heal_lines(heal: dict) -> list[str]:
-    """The card's healing section: method, what it taught on, steps and time, before and after."""
+def heal_lines(heal: dict, adapter: dict | None = None) -> list[str]:
+    """The card's healing section: method, what it taught on, steps and time, before and after; ``adapter``: the
+    LoRA adapter file a GGUF export ships the heal in."""
     settings = heal.get("settings") or {}
     data = heal.get("data") or {}
     where = f"the {data.get('part', 'calibration')} part of {data['data']}" if data.get("data") else "calibration text"
     if heal["method"] == "lora":
         how = (f"LoRA distillation (rank {settings.get('rank')}, targets {settings.get('targets')}, lr "
                f"{settings.get('lr')}, loss {settings.get('loss')}), {heal['steps_done']} step(s) of "
-               f"{settings.get('batch_windows')} window(s), adapters merged into the weights (no peft needed)")
+               f"{settings.get('batch_windows')} window(s), " +
+               (f"shipped as the llama.cpp LoRA adapter `{adapter['file']}` ({format_bytes(adapter['bytes'])}) beside "
+                f"`{adapter['base_file']}`, which holds the source's tensors as stored: run them together (below)"
+                if adapter else "adapters merged into the weights (no peft needed)"))
     else:
         how = ("a linear map per removed span, fitted by ridge least squares and folded into the output projection "
                "of the kept block before it (same architecture as the pruned model)")
@@ -135,7 +139,7 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
         lines += ["", "## Calibration", ""]
         lines += [f"- {k}: {_fmt(v)}" for k, v in calibration.items() if not isinstance(v, (dict, list))]
     if heal:
-        lines += ["", "## Healing", "", *heal_lines(heal)]
+        lines += ["", "## Healing", "", *heal_lines(heal, meta.get("adapter"))]
     checks = meta.get("checks") or {}
     if checks:
         lines += ["", "## Measured checks" + (" (of the healed model)" if heal else ""), ""]
@@ -147,7 +151,12 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
                   "pruned model." if meta.get("gguf_architecture") != "deci" else
                   ". It uses llama.cpp's `deci` architecture (per-layer head counts and FFN widths, 0 where a "
                   "sub-block was dropped: no attention and no KV cache there), which llama.cpp runs and "
-                  "transformers does not read."), "", "## How to run", "", "```bash", hint, "```", ""]
+                  "transformers does not read.")
+               + (" The LoRA adapter was read back too: what llama.cpp checks when it loads one (architecture, "
+                  "tensor names and shapes), and the base plus the adapter's product against the healed weights"
+                  + (", also through transformers' reload with the adapter added." if meta.get("gguf_architecture")
+                     != "deci" else ".") if meta.get("adapter") else ""),
+               "", "## How to run", "", "```bash", hint, "```", ""]
     else:
         how = ["The folder was reloaded from disk after writing; its logits on a fixed input were compared with "
                "the in-memory pruned model and a few tokens were generated greedily.", "",

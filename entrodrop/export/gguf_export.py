@@ -12,7 +12,10 @@ to run it. Verification reads the written file back:
   input: largest logit difference and greedy tokens. ``deci`` files (sub-block plans) are run by llama.cpp,
   not transformers: ``benchmarks/bench_gguf.py`` compares them with the pruned model there;
 * **tokenizer** (a converted checkpoint): the ids transformers' tokenizer from the file gives a fixed text
-  against the source tokenizer's.
+  against the source tokenizer's;
+* **LoRA adapter** (GGUF type ``adapter``: the heal beside the source's stored tensors, :mod:`.gguf_adapter`):
+  what llama.cpp checks when it loads one, every changed tensor's update present, the base plus the product
+  against the healed weights, and the logits check above run on the base with the adapter added.
 
 A file that fails is still reported (``ok`` False), never left half-written: writing is atomic.
 """
@@ -36,6 +39,15 @@ from ..loading import load_config
 from ..plan import DropPlan
 from ..prune import check_plan, preview_plan
 from .card import model_card
+from .gguf_adapter import (
+    adapted_copy,
+    apply_lora_adapter,
+    check_adapter_heal,
+    check_lora_adapter,
+    heal_rank,
+    lora_factors,
+    write_lora_adapter,
+)
 from .gguf_convert import check_convertible, write_dense_gguf
 from .gguf_tensors import (
     GGUF_TYPES,
@@ -81,13 +93,16 @@ def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | No
         raise ValueError("The plan drops no block, so the export would be the dense model: give blocks to drop.")
     path = gguf_source_file(model, source)
     gguf_type = resolve_gguf_type(gguf_type, heal=heal, gguf_source=path is not None)
-    own = ", ".join(t for t in GGUF_TYPES if t not in ("auto", "stored", "source"))
+    own = ", ".join(t for t in GGUF_TYPES if t not in ("auto", "stored", "source", "adapter"))
     if heal is not None and gguf_type == "stored":
         raise ValueError("A healed model has new weights, while GGUF type 'stored' copies the source's tensors as "
                          "stored, so it would lose the heal. Choose a type that writes the model's own weights "
-                         f"(source, or one of {own}), or export the healed model as safetensors.")
+                         f"(source, or one of {own}{'; or adapter, for a LoRA heal' if heal == 'lora' else ''}), "
+                         "or export the healed model as safetensors.")
+    if gguf_type == "adapter":
+        check_adapter_heal(heal)
     if path is None:
-        if gguf_type in ("stored", "source"):
+        if gguf_type in ("stored", "source", "adapter"):
             raise ValueError(f"GGUF type '{gguf_type}' keeps the quantisation of the .gguf file a model was loaded "
                              f"from, and this one came from safetensors: choose one of {own}, which write its own "
                              "weights, or export safetensors (format='safetensors').")
@@ -113,8 +128,9 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
     ``model`` is the de-quantised dense model, or the healed copy with ``heal`` (what the heal measured,
     :func:`entrodrop.heal.heal_record`), in the dense layout: the reference the written file is compared with,
     under the plan's preview; it is not changed. ``gguf_type`` is one of :data:`~.gguf_tensors.GGUF_TYPES`:
-    ``stored`` copies the source's tensors byte for byte, the others write the model's own weights (a healed
-    model needs one of those; ``auto`` picks ``stored`` where it can, else ``q8_0``). A model loaded from
+    ``stored`` copies the source's tensors byte for byte, ``adapter`` does too and writes a LoRA heal as a
+    llama.cpp adapter file beside them, the others write the model's own weights (``auto``:
+    :func:`~.gguf_tensors.resolve_gguf_type`). A model loaded from
     safetensors or the hub is converted first (:mod:`.gguf_convert`: the Llama family with a tokenizer
     llama.cpp can name), the dense file written to a scratch folder beside ``out_dir`` and removed after.
     Raises before writing: ValueError for what GGUF cannot express (sub-block plans outside the Llama family,
@@ -126,13 +142,15 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
     src_path = gguf_source_file(model, source)
     gguf_type = resolve_gguf_type(gguf_type, heal=method, gguf_source=src_path is not None)
     weights = None if gguf_type == "stored" else ModelTensors(model, layout.source_arch, plan.num_layers, source=src_path)
-    # the source's own types keep the source's name, which usually says its quantisation (…Q4_1.gguf)
-    suffix = ("-healed" if heal else "") + ("" if weights is None or gguf_type == "source" else f"-{gguf_type}")
+    # the source's own types keep the source's name, which usually says its quantisation (…Q4_1.gguf); an
+    # adapter's base is the unhealed pruned file, and the adapter file says it holds the heal
+    suffix = ("-healed" if heal and gguf_type != "adapter" else "") + \
+        ("" if gguf_type in ("stored", "source", "adapter") else f"-{gguf_type}")
     base = src_path.stem if src_path is not None else \
         re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source.name or "model").name).strip("-")[:60] or "model"
     stem = name or f"{base}-{len(plan.blocks)}{plan.blocks[0].kind}-pruned{suffix}"
-    if weights is None or gguf_type == "source":  # source: at most twice, where K-quants become Q8_0
-        needed = src_path.stat().st_size * (1 if weights is None else 2)
+    if gguf_type in ("stored", "source", "adapter"):  # source: at most twice, where K-quants become Q8_0
+        needed = src_path.stat().st_size * (1 if gguf_type == "stored" else 2)
     else:
         needed = int(sum(p.numel() for p in model.parameters()) * _BYTES_PER_WEIGHT[gguf_type])
     # a converted checkpoint is written whole first (a scratch file beside the target), then pruned
@@ -162,16 +180,29 @@ def _write_gguf_folder(model, tokenizer, plan: DropPlan, layout: GGUFPlan, src_p
                   "data": data.get("data"), "source_block_count": plan.num_layers,
                   "version": package_versions()["entrodrop"], "weights": "source" if weights is None else gguf_type,
                   "heal": heal["method"] if heal else None}
+    adapter = gguf_type == "adapter"
     with atomic_folder(target) as tmp:
         out_file = tmp / f"{stem}.gguf"
-        write_gguf(src_path, plan, out_file, provenance, weights=weights, gguf_type=gguf_type)
+        write_gguf(src_path, plan, out_file, {**provenance, "heal": None, "weights": "source"} if adapter else provenance,
+                   weights=None if adapter else weights, gguf_type=gguf_type)
+        adapter_file = None
+        if adapter:  # the heal beside the stored base (gguf_adapter)
+            from gguf import GGUFReader
+
+            adapter_file = tmp / f"{stem}-heal-lora.gguf"
+            rank = heal_rank(heal)
+            new_name = {s: n for n, s in expected_tensors(GGUFReader(str(src_path)), layout).items()}
+            factors = lora_factors(weights, rank, kept=new_name)
+            write_lora_adapter(adapter_file, layout.arch, {new_name[n]: f for n, f in factors.items()}, rank,
+                               {**provenance, "base_file": out_file.name})
         verification = verify_gguf(out_file, src_path, layout, model, plan, tokenizer, weights=weights,
-                                   gguf_type=gguf_type, check_tokenizer=converted is not None) \
+                                   gguf_type=gguf_type, check_tokenizer=converted is not None,
+                                   adapter=adapter_file) \
             if verify else {"ok": False, "skipped": True, "loaders": {}}
         verdict = gguf_verdict(verification)
-        size = out_file.stat().st_size
+        size = out_file.stat().st_size + (adapter_file.stat().st_size if adapter_file else 0)
         dense_params, _, pruned_params, _ = plan_parameter_counts(model, plan)
-        hint = run_hint(out_file.name, layout)
+        hint = run_hint(out_file.name, layout, adapter_file.name if adapter_file else None)
         meta = jsonable({
             "format_version": EXPORT_FORMAT_VERSION, "format": "gguf", "gguf_architecture": layout.arch,
             "source": {"name": source.name, "source": source.source,
@@ -180,9 +211,13 @@ def _write_gguf_folder(model, tokenizer, plan: DropPlan, layout: GGUFPlan, src_p
             "plan": plan.to_dict(), "criterion": plan.criterion,
             "criterion_label": label.label_for(plan.blocks[0].kind),
             "dtype": "the source's quantisation (tensors copied byte for byte)" if weights is None else
+                     "the source's quantisation (tensors copied byte for byte), the heal as a LoRA adapter "
+                     f"(rank {heal_rank(heal)}, float16 factors)" if adapter else
                      f"{gguf_type}: {GGUF_TYPES[gguf_type]}" + (", norms in float32" if gguf_type not in ("f32", "source")
                                                                  else ""),
             "gguf_type": gguf_type, "heal": heal,
+            "adapter": {"file": adapter_file.name, "bytes": adapter_file.stat().st_size,
+                        "base_file": out_file.name} if adapter_file else None,
             "size": {"weights_bytes": size, "source_bytes": src_path.stat().st_size,
                      "source": f"GGUF file {src_path.name}" if converted is None else f"the dense model in {gguf_type}"},
             "num_layers": {"dense": plan.num_layers, "pruned": len(layout.kept_layers)},
@@ -191,7 +226,8 @@ def _write_gguf_folder(model, tokenizer, plan: DropPlan, layout: GGUFPlan, src_p
             "calibration": data or None, "checks": checks.to_dict() if checks else None,
             "verification": {**verification, "verdict": verdict}, "reload": hint, "versions": package_versions()})
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
-        (tmp / "Modelfile").write_text(f"FROM ./{out_file.name}\n")
+        (tmp / "Modelfile").write_text(f"FROM ./{out_file.name}\n"
+                                       + (f"ADAPTER ./{adapter_file.name}\n" if adapter_file else ""))
         (tmp / "README.md").write_text(model_card(meta, verdict, hint))
     return ExportResult(path=target, ok=bool(verification["ok"]), verdict=verdict, verification=verification,
                         plan=plan.to_dict(), remote_code=False, reload_hint=hint,
@@ -200,12 +236,14 @@ def _write_gguf_folder(model, tokenizer, plan: DropPlan, layout: GGUFPlan, src_p
                         source_bytes=src_path.stat().st_size)
 
 
-def run_hint(file_name: str, layout: GGUFPlan) -> str:
-    """Shell lines that run the file with llama.cpp and Ollama."""
+def run_hint(file_name: str, layout: GGUFPlan, adapter: str | None = None) -> str:
+    """Shell lines that run the file (with its LoRA adapter, if any) with llama.cpp and Ollama."""
     note = ("# a 'deci' file (layers without attention or MLP): llama.cpp and runtimes built on it load it\n"
             if layout.arch == "deci" else "")
-    return (f"{note}llama-cli -m {file_name} -p \"What is 12 + 30?\" -n 64\n"
-            f"ollama create pruned -f Modelfile   # the Modelfile beside it: FROM ./{file_name}\n"
+    lora = f" --lora {adapter}" if adapter else ""
+    modelfile = f"FROM ./{file_name}" + (f", ADAPTER ./{adapter}" if adapter else "")
+    return (f"{note}llama-cli -m {file_name}{lora} -p \"What is 12 + 30?\" -n 64\n"
+            f"ollama create pruned -f Modelfile   # the Modelfile beside it: {modelfile}\n"
             "ollama run pruned")
 
 
@@ -229,12 +267,16 @@ def expected_tensors(source_reader, layout: GGUFPlan) -> dict[str, str]:
 
 
 def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Module, plan: DropPlan, tokenizer, *,
-                weights: ModelTensors | None = None, gguf_type: str = "stored", check_tokenizer: bool = False) -> dict:
+                weights: ModelTensors | None = None, gguf_type: str = "stored", check_tokenizer: bool = False,
+                adapter: Path | None = None) -> dict:
     """Read ``path`` back (structure, and logits where transformers can load it); see the module docstring.
 
     With ``weights`` (the model's own tensors were written), each written tensor must de-quantise to the
     model's weight within ``gguf_type``'s rounding, and the reloaded logits must equal those of the model
-    with its weights rounded the same way (:func:`~.gguf_tensors.quantised_copy`)."""
+    with its weights rounded the same way (:func:`~.gguf_tensors.quantised_copy`). With an ``adapter`` (GGUF
+    type ``adapter``: ``path`` holds the source's tensors as stored), the adapter is read back against the
+    base and ``weights`` (:func:`~.gguf_adapter.check_lora_adapter`), and the reloaded base with the adapter
+    added must give the healed model's logits."""
     import numpy as np
     from gguf import GGUFReader, GGUFValueType
 
@@ -267,7 +309,7 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
         def as_source(n: str, t) -> bool:  # the source's tensor, type and bytes
             return t.tensor_type == by_name[expected[n]].tensor_type and np.array_equal(t.data, by_name[expected[n]].data)
 
-        if weights is None:
+        if weights is None or adapter is not None:
             differing = [n for n, t in got.items() if n in expected and not as_source(n, t)]
             what = "differ from the source"
         else:
@@ -282,24 +324,38 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
             entry["requantised"] = sum(1 for n, t in got.items() if n in expected and not as_source(n, t))
             entry["kept"] = (f"the model's own weights: {entry['requantised']} tensor(s) re-quantised within their "
                              "type's rounding, the others the source's bytes")
-        elif weights is not None:
+        elif weights is not None and adapter is None:
             entry["kept"] = f"the model's own weights within {gguf_type} rounding"
     except Exception as exc:  # an unreadable file is a verdict, not a crash
         entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     loaders["gguf reader (structure, bytes)"] = entry
+    if adapter is not None:
+        names = expected_tensors(GGUFReader(str(source_path)), layout)
+        try:
+            check = check_lora_adapter(adapter, path, weights, names)
+        except Exception as exc:
+            check = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        loaders["LoRA adapter (structure, base + update)"] = check
     if layout.arch != "deci":
-        reference = model if weights is None or gguf_type == "f32" else quantised_copy(model, gguf_type, weights)
-        check = _logits_check(path, reference, plan, tokenizer)
+        if adapter is not None:
+            reference = adapted_copy(model, layout.source_arch, adapter, source_path, names)
+        elif weights is None or gguf_type == "f32":
+            reference = model
+        else:
+            reference = quantised_copy(model, gguf_type, weights)
+        check = _logits_check(path, reference, plan, tokenizer, adapter=adapter,
+                              layers=len(layout.kept_layers), arch=layout.arch)
         if reference is not model:
             check["rounding_kl"] = _rounding_kl(model, reference, plan, tokenizer)
-        loaders["transformers from_pretrained(gguf_file=...)"] = check
+        loaders["transformers from_pretrained(gguf_file=...)" + (" + adapter" if adapter else "")] = check
     if check_tokenizer:  # transformers reads no 'deci' file: then the dense file the tokenizer keys were copied from
         loaders["tokenizer from the file"] = _tokenizer_check(path if layout.arch != "deci" else source_path, tokenizer)
     ok = all(r.get("ok") for r in loaders.values())
     return {"ok": ok, "loaders": loaders, "runtime": "llama.cpp" if layout.arch == "deci" else "llama.cpp, transformers"}
 
 
-def _logits_check(path: Path, model: nn.Module, plan: DropPlan, tokenizer) -> dict:
+def _logits_check(path: Path, model: nn.Module, plan: DropPlan, tokenizer, *, adapter: Path | None = None,
+                  layers: int = 0, arch: str = "llama") -> dict:
     from transformers import AutoModelForCausalLM
 
     dtype = next(model.parameters()).dtype
@@ -315,6 +371,8 @@ def _logits_check(path: Path, model: nn.Module, plan: DropPlan, tokenizer) -> di
         config = load_config(str(path))  # with the file's RoPE scaling, which transformers does not read
         reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
                                                         dtype=dtype).eval()
+        if adapter is not None:  # added to the reloaded weights as llama.cpp adds it to its matmuls
+            apply_lora_adapter(reloaded, arch, layers, adapter)
         with torch.inference_mode():
             logits = reloaded(input_ids=ids).logits.float()
         diff = float((logits - reference).abs().max()) if logits.shape == reference.shape else float("inf")
@@ -344,7 +402,7 @@ def _rounding_kl(model: nn.Module, rounded: nn.Module, plan: DropPlan, tokenizer
     with torch.inference_mode(), preview_plan(model, plan), preview_plan(rounded, plan):
         exact = model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu().log_softmax(-1)
         approx = rounded(input_ids=ids.to(next(rounded.parameters()).device)).logits.float().cpu().log_softmax(-1)
-    return float((exact.exp() * (exact - approx)).sum(-1).mean())
+    return max(float((exact.exp() * (exact - approx)).sum(-1).mean()), 0.0)  # a KL: float noise can dip below 0
 
 
 def gguf_verdict(verification: dict) -> str:
@@ -358,6 +416,10 @@ def gguf_verdict(verification: dict) -> str:
         elif "same_ids" in r:
             parts.append(f"{name}: " + (f"ok ({r['tokens']} tokens of a fixed text, the same ids)" if r["ok"]
                                         else "FAILED (a fixed text encodes to other ids)"))
+        elif "problems" in r and "rank" in r:  # a LoRA adapter
+            parts.append(f"{name}: " + (f"ok ({r['tensors']} tensors, rank {r['rank']}, base + product off the "
+                                        f"healed weights by {r['max_error']:.1e} of the heal's update)" if r["ok"]
+                                        else "FAILED (" + "; ".join(r["problems"][:3]) + ")"))
         elif "problems" in r:
             kept = r.get("kept", "kept tensors byte-identical to the source")
             parts.append(f"{name}: " + (f"ok ({r['tensors']} tensors, {r['layers']} layers, {kept})" if r["ok"]

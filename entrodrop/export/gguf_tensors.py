@@ -37,6 +37,8 @@ GGUF_TYPES: dict[str, str] = {
     "stored": "the source's tensors copied as stored (same quantisation, byte for byte)",
     "source": "the model's own weights in the source file's types: tensors it shares with the source copied as "
               "stored, the others re-quantised in their source type (q8_0 where gguf has no quantiser: K-quants)",
+    "adapter": "after a LoRA heal: the source's tensors copied as stored, and the heal as a llama.cpp LoRA adapter "
+               "file beside them (its low-rank factors in float16)",
     "q8_0": "8-bit blocks by gguf's quantiser (about 1.06 bytes per weight)",
     "q5_1": "5-bit blocks with a minimum (0.75 bytes per weight)",
     "q5_0": "5-bit blocks (0.69 bytes per weight)",
@@ -79,7 +81,8 @@ def _writable(qtype) -> bool:
 def describe_gguf_type(gguf_type: str) -> str:
     """A few words for what a file written in ``gguf_type`` holds (after :func:`resolve_gguf_type`)."""
     return {"stored": "the source's quantisation",
-            "source": "the source's types (tensors the heal changed re-quantised)"}.get(gguf_type, gguf_type)
+            "source": "the source's types (tensors the heal changed re-quantised)",
+            "adapter": "the source's quantisation with the heal as a LoRA adapter"}.get(gguf_type, gguf_type)
 
 
 def resolve_gguf_type(gguf_type: str, *, heal: str | None, gguf_source: bool) -> str:
@@ -161,6 +164,11 @@ def _permute_heads(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _unpermute_heads(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of :func:`_permute_heads`: llama.cpp's interleaved pairs -> transformers' rotate-half rows."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 class ModelTensors:
     """The tensors of ``model`` (transformers names and layout) by GGUF name, in GGUF layout.
 
@@ -207,27 +215,47 @@ class ModelTensors:
         """Whether the source file has a tensor ``gguf_name``."""
         return gguf_name in self._stored
 
+    def _heads(self, gguf_name: str) -> int | None:
+        """The head count whose rows llama.cpp permutes in ``gguf_name`` (None: not permuted)."""
+        if self.arch == "llama" and ".attn_q." in gguf_name:
+            return self.config.num_attention_heads
+        if self.arch == "llama" and ".attn_k." in gguf_name:
+            return getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        return None
+
     def array(self, gguf_name: str) -> np.ndarray:
         """The tensor named ``gguf_name``, float32, in llama.cpp's layout (module docstring)."""
         if gguf_name not in self._hf_name:
             raise KeyError(f"The model has no weight for the GGUF tensor {gguf_name!r}.")
         w = self._params[self._hf_name[gguf_name]].detach().to("cpu", torch.float32).numpy()
-        if self.arch == "llama" and ".attn_q." in gguf_name:
-            w = _permute_heads(w, self.config.num_attention_heads)
-        elif self.arch == "llama" and ".attn_k." in gguf_name:
-            w = _permute_heads(w, getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads)
+        if (heads := self._heads(gguf_name)) is not None:
+            w = _permute_heads(w, heads)
         elif self.arch == "gemma3" and gguf_name.endswith("norm.weight"):
             w = w + np.float32(1.0)
         return w
 
+    def add_update(self, gguf_name: str, update: np.ndarray) -> None:
+        """Add ``update`` (a change of the matrix ``gguf_name``, in llama.cpp's layout) to the model's weight."""
+        if (heads := self._heads(gguf_name)) is not None:
+            update = _unpermute_heads(update, heads)
+        param = self._params[self._hf_name[gguf_name]]
+        param.add_(torch.from_numpy(np.ascontiguousarray(update)).to(param.device, param.dtype))
+
+    def source_array(self, gguf_name: str) -> np.ndarray | None:
+        """The source file's tensor ``gguf_name`` de-quantised (float32, llama.cpp's layout); None if it has none."""
+        from gguf.quants import dequantize
+
+        stored = self._stored.get(gguf_name)
+        if stored is None:
+            return None
+        return dequantize(np.asarray(stored.data), stored.tensor_type).reshape(tuple(reversed(
+            [int(n) for n in stored.shape])))
+
     def unchanged(self, gguf_name: str) -> bool:
         """Whether the source file's tensor de-quantises to the model's weight exactly (so its bytes are it)."""
         if gguf_name not in self._unchanged:
-            from gguf.quants import dequantize
-
-            stored, w = self._stored.get(gguf_name), self.array(gguf_name)
-            self._unchanged[gguf_name] = stored is not None and np.array_equal(
-                dequantize(np.asarray(stored.data), stored.tensor_type).reshape(w.shape), w)
+            stored, w = self.source_array(gguf_name), self.array(gguf_name)
+            self._unchanged[gguf_name] = stored is not None and np.array_equal(stored.reshape(w.shape), w)
         return self._unchanged[gguf_name]
 
     def written_type(self, gguf_name: str, gguf_type: str):

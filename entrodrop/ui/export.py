@@ -109,7 +109,9 @@ def create_ui() -> ExportTab:
                                         info="'stored' copies a GGUF source's quantised tensors byte for byte (the "
                                              "smallest file); a healed model or a safetensors source is written "
                                              "from its own weights (Llama, Gemma 3): 'source' keeps the source's "
-                                             "types (auto after a linear heal), q8_0 keeps a LoRA heal (auto).")
+                                             "types (auto after a linear heal), q8_0 keeps a LoRA heal in one file "
+                                             "(auto); 'adapter' keeps it as a llama.cpp LoRA adapter beside the "
+                                             "stored tensors (smaller; run both files together).")
             tab.overwrite = gr.Checkbox(False, label="Replace my export of the same name", elem_id="export-overwrite")
             tab.healed = gr.Checkbox(True, label="Export the healed model when step 5 healed these blocks",
                                      elem_id="export-healed")
