@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .gguf_tensors import ModelTensors
+from .gguf_tensors import ModelTensors, dequantized
 
 _MAX_ERROR = 1e-4  # relative (Frobenius) error of the factored update: float rounding, not a lost direction
 _MAX_WRITTEN_ERROR = 1e-2  # the same once the factors are float16, as written
@@ -131,7 +131,6 @@ def check_lora_adapter(path: Path, base_path: Path, tensors: ModelTensors, sourc
     maps the base file's names to the source's): what llama.cpp checks when it loads an adapter (type, architecture,
     names, shapes), that every changed tensor has its update, and that base + ``b @ a`` is the healed weight."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     meta, pairs = read_lora_adapter(path)
     reader = GGUFReader(str(base_path))
@@ -155,7 +154,7 @@ def check_lora_adapter(path: Path, base_path: Path, tensors: ModelTensors, sourc
         if a.shape[1] != in_dim or b.shape[0] != out_dim or a.shape[0] != b.shape[1]:
             problems.append(f"{name}: lora_a {a.shape} and lora_b {b.shape} do not fit the base's ({out_dim}, {in_dim})")
             continue
-        stored = dequantize(np.asarray(base[name].data), base[name].tensor_type).reshape(out_dim, in_dim)
+        stored = dequantized(base[name])
         want = tensors.array(source_names[name])
         error = float(np.linalg.norm(stored + scale * (b @ a) - want) / max(np.linalg.norm(want - stored), 1e-30))
         worst = max(worst, error)

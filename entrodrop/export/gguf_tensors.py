@@ -164,6 +164,13 @@ def _permute_heads(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def dequantized(tensor) -> np.ndarray:
+    """A GGUF reader's tensor as float32 values in its logical shape (rows, columns: ggml's ``ne`` reversed)."""
+    from gguf.quants import dequantize
+
+    return dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(tuple(reversed([int(n) for n in tensor.shape])))
+
+
 def _unpermute_heads(w: np.ndarray, heads: int) -> np.ndarray:
     """The inverse of :func:`_permute_heads`: llama.cpp's interleaved pairs -> transformers' rotate-half rows."""
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -243,13 +250,8 @@ class ModelTensors:
 
     def source_array(self, gguf_name: str) -> np.ndarray | None:
         """The source file's tensor ``gguf_name`` de-quantised (float32, llama.cpp's layout); None if it has none."""
-        from gguf.quants import dequantize
-
         stored = self._stored.get(gguf_name)
-        if stored is None:
-            return None
-        return dequantize(np.asarray(stored.data), stored.tensor_type).reshape(tuple(reversed(
-            [int(n) for n in stored.shape])))
+        return None if stored is None else dequantized(stored)
 
     def unchanged(self, gguf_name: str) -> bool:
         """Whether the source file's tensor de-quantises to the model's weight exactly (so its bytes are it)."""
