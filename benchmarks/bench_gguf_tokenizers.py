@@ -45,7 +45,7 @@ def build_tokenizer(name: str, texts: list[str], vocab: int):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from entrodrop.export.gguf_convert import _LLAMA3_SPLIT
+    from entrodrop.export.gguf_vocab import _LLAMA3_SPLIT
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     split = {"gpt-2": byte_level,

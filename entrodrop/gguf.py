@@ -7,6 +7,11 @@ RoPE scaling: llama.cpp's converter writes Llama 3.1+ scaling (``rope_type`` ``l
 from such a file would run with unscaled positions: another model than llama.cpp runs. :func:`gguf_rope_parameters`
 reads them back as a config's ``rope_parameters`` (the Llama 3 parameters fitted to the divisors and checked
 to give them again), or refuses a scaling it cannot express.
+
+Gemma 3's attention scale: llama.cpp scales queries by 1/sqrt(head size) (the 62-layer 27B by 1/sqrt(hidden
+size / heads); read in its ``llama-model.cpp``), while transformers' GGUF loader leaves the config's
+``query_pre_attn_scalar`` at its default, 256, right only where the head size is 256 (270M to 12B).
+:func:`gemma3_query_scalar` is llama.cpp's value, which loading a Gemma 3 file sets and converting one checks.
 """
 
 from __future__ import annotations
@@ -132,6 +137,13 @@ def llama3_rope_parameters(factors: np.ndarray, theta: float, head_dim: int) -> 
             return params
     raise ValueError(f"The file's {ROPE_FREQS} ({ff.size} divisors from {ff.min():.4g} to {ff.max():.4g}) is not "
                      f"Llama 3's RoPE scaling, the only form EntroDrop reads back. {_ROPE_WAY_ON}")
+
+
+def gemma3_query_scalar(config) -> int:
+    """``query_pre_attn_scalar`` as llama.cpp computes it for a Gemma 3 ``config`` (module docstring)."""
+    if config.num_hidden_layers == 62:
+        return config.hidden_size // config.num_attention_heads
+    return config.head_dim
 
 
 def gguf_rope_parameters(path: str | os.PathLike) -> dict | None:

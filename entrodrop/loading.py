@@ -28,7 +28,7 @@ import torch
 from entrodrop.arch import ArchSpec, check_config_supported, config_model_type, get_arch, get_layers
 from entrodrop.bundled import _BUNDLED_FILES, BUNDLED_MODELS, DEFAULT_MODEL, bundled_model_path  # noqa: F401
 from entrodrop.devices import available_memory_bytes, format_bytes, input_device, parse_device, parse_dtype
-from entrodrop.gguf import check_gguf_file, gguf_rope_parameters
+from entrodrop.gguf import check_gguf_file, gemma3_query_scalar, gguf_rope_parameters
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -252,6 +252,8 @@ def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> Pr
         rope = gguf_rope_parameters(resolved.gguf_path)
         if rope is not None:
             config.rope_parameters = rope
+        if getattr(config, "model_type", None) == "gemma3_text":  # its attention scale, as llama.cpp reads it
+            config.query_pre_attn_scalar = gemma3_query_scalar(config)
     return config
 
 

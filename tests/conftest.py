@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # check the public default.
 os.environ.setdefault("ENTRODROP_ALLOW_LOCAL_MODELS", "1")
 
+import json  # noqa: E402
 import socket  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
@@ -47,6 +48,30 @@ def build_tiny_tokenizer(vocab_size: int = 384, bos: str | None = None, pre_toke
         return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS)
     backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS, bos_token=bos)
+
+
+def build_tiny_sentencepiece_tokenizer(vocab_size: int = 384):
+    """A SentencePiece BPE tokenizer laid out as Gemma's is: control tokens, a user-defined newline and runs of
+    spaces, the 256 byte pieces, merged pieces in merge order, single characters last; spaces spelled '▁'."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    space = "\u2581"
+    control = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    fixed = control + ["\n", space * 2, space * 3] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = normalizers.Replace(" ", space)
+    alphabet = sorted({space if c == " " else c for text in _TINY_CORPUS for c in text})
+    merged_slots = vocab_size - len(fixed) - len(alphabet)
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + merged_slots, show_progress=False)
+    trainer_tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]["merges"][:merged_slots]
+    merges = [(space, space), (space * 2, space)] + [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained]
+    pieces = fixed + [a + b for a, b in merges[2:]] + alphabet
+    tokenizer = GemmaTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, add_bos_token=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": control[5:]})
+    tokenizer.add_tokens(["\n"])
+    return tokenizer
 
 
 @pytest.fixture(scope="session")

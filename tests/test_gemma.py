@@ -150,3 +150,29 @@ def test_gemma_in_its_own_types_copies_what_is_unchanged_and_writes_k_quants_it_
     finally:
         with torch.no_grad():
             weight.copy_(original)
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_vocabulary_rebuilt_from_its_tokenizer_is_the_files_own(gemma):
+    """The SentencePiece vocabulary a safetensors Gemma 3 converts with (tokens, types, scores rebuilt from
+    tokenizer.json) against Google's, in the bundled file: the same tokens and types; the same scores but for
+    the single characters, 31 lower in the file, so the same order, which is all llama.cpp's merging reads."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from entrodrop.export.gguf_convert import check_convertible
+    from entrodrop.export.gguf_vocab import sentencepiece_vocabulary
+
+    assert check_convertible(gemma.model, gemma.tokenizer) == {"general.architecture": "gemma3",
+                                                               "gemma3.block_count": 18}
+    fields = GGUFReader(gemma.gguf_file).fields
+    tokens, scores, types = sentencepiece_vocabulary(gemma.tokenizer, gemma.model.config.vocab_size)
+    assert tokens == fields["tokenizer.ggml.tokens"].contents()
+    assert types == fields["tokenizer.ggml.token_type"].contents()
+    ours, theirs = np.asarray(scores, dtype=np.float32), np.asarray(fields["tokenizer.ggml.scores"].contents())
+    differ = np.flatnonzero(ours != theirs)
+    singles = [i for i, t in enumerate(tokens) if types[i] == 1 and len(t) == 1]
+    assert set(differ) <= set(singles) and set(ours[differ] - theirs[differ]) == {31.0}
+    normal = np.asarray(types) == 1
+    assert np.array_equal(np.argsort(-ours[normal], kind="stable"), np.argsort(-theirs[normal], kind="stable"))

@@ -336,7 +336,7 @@ def test_a_transformers_checkpoint_converts_to_gguf_that_reloads_with_its_logits
 def test_tokenizers_llama_cpp_cannot_name_are_refused(tiny_tokenizer):
     from tokenizers import pre_tokenizers
 
-    from entrodrop.export.gguf_convert import _pre_tokenizer_name
+    from entrodrop.export.gguf_vocab import bpe_pre_tokenizer_name as _pre_tokenizer_name
 
     assert _pre_tokenizer_name(tiny_tokenizer) == "gpt-2"
     tok = copy.deepcopy(tiny_tokenizer)
@@ -365,7 +365,7 @@ def llama3_style_tokenizer(ignore_merges: bool = True):
     and a BOS token before every text."""
     from tokenizers import Regex, pre_tokenizers
 
-    from entrodrop.export.gguf_convert import _LLAMA3_SPLIT
+    from entrodrop.export.gguf_vocab import _LLAMA3_SPLIT
 
     split = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

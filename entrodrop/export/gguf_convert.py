@@ -6,44 +6,35 @@ then prunes it with the model's own weights).
 What is converted, and what is refused with the reason (a file that loads and computes or tokenizes
 something else is worse than none):
 
-* the Llama family (``model_type`` ``llama``) with no biases: the layout of :mod:`.gguf_tensors`, checked
+* the Llama family (``model_type`` ``llama``) with no biases, and a byte-level BPE tokenizer whose
+  pre-tokenizer llama.cpp knows by name (:mod:`.gguf_vocab`): the layout of :mod:`.gguf_tensors`, checked
   against the bundled SmolLM2 file. RoPE unscaled, scaled as Llama 3.1+ does (written as llama.cpp's
   converter does, a ``rope_freqs`` tensor of per-frequency divisors) or linearly (two keys); the reload check
   reads these back (:func:`entrodrop.gguf.gguf_rope_parameters`); YaRN, dynamic and LongRoPE are refused.
-  Gemma 3 from safetensors is refused: its SentencePiece vocabulary needs the token scores of
-  ``tokenizer.model``, which this writer does not read;
-* a byte-level BPE tokenizer with no normaliser, whose pre-tokenizer llama.cpp knows by name. llama.cpp picks
-  the regular expressions that split text before BPE from ``tokenizer.ggml.pre`` alone (read in its
-  ``llama-vocab.cpp``), so the name must be the one whose expressions the tokenizer's own pre-tokenizer runs.
-  Three are recognised from the structure of ``tokenizer.json``'s ``pre_tokenizer``: GPT-2's byte-level
-  expression alone is ``gpt-2``; digits split one by one and then that expression is ``smollm`` (SmolLM,
-  StarCoder); Llama 3's expression as a ``Split`` step and then byte-level without its own expression is
-  ``llama-bpe``, which llama.cpp runs with whole-piece lookup before merging (the BPE model's
-  ``ignore_merges``, required to match). Any other is refused, with llama.cpp's ``convert_hf_to_gguf.py``
-  (which names many more by hashing a test text) as the way on.
+* Gemma 3 text models (``model_type`` ``gemma3_text``) with a SentencePiece BPE tokenizer (:mod:`.gguf_vocab`),
+  written as the bundled Gemma 3 file is, key for key. llama.cpp hard-codes parts of Gemma 3 that a config
+  can set otherwise (read in its ``llama-model.cpp``), so a checkpoint is refused where it differs from them:
+  every sixth layer global (``layer_types`` by index), sliding layers' RoPE base 10000 and global layers'
+  unscaled, the attention scaled by the head size (``query_pre_attn_scalar``; the 62-layer 27B by the
+  hidden size over the heads), no logit soft-capping, tanh GELU, tied embeddings.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
-from ..gguf import ROPE_FREQS, rope_freq_factors
+from ..gguf import ROPE_FREQS, gemma3_query_scalar, rope_freq_factors
 from .gguf_tensors import ModelTensors, file_type
+from .gguf_vocab import WAY_ON, bpe_pre_tokenizer_name, check_sentencepiece, write_vocabulary
+from .gguf_write import GEMMA3_SWA_PATTERN
 
-CONVERTIBLE = ("llama",)  # model_type -> written as GGUF architecture "llama"
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-# Llama 3's split (tokenizer.json writes it as a Split step before a ByteLevel step without its own regex);
-# llama.cpp's pre-tokenizer "llama-bpe" runs the same expression and looks a whole piece up before merging it
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# model_type -> the GGUF architecture it is written as, and the kind of vocabulary it carries (gguf_vocab)
+CONVERTIBLE = {"llama": ("llama", "bpe"), "gemma3_text": ("gemma3", "sentencepiece")}
 # RoPE scalings written as llama.cpp reads them and read back into a config on load (entrodrop.gguf)
 _WRITTEN_SCALING = ("default", "llama3", "linear")
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5  # gguf.TokenType values
-_WAY_ON = ("Convert the safetensors export with llama.cpp's convert_hf_to_gguf.py, or export safetensors "
-           "(format='safetensors').")
+GEMMA3_SWA_BASE = 10000.0  # llama.cpp's RoPE base for Gemma 3's sliding-window layers (not read from the file)
 
 
 def _rope_theta(config) -> float:
@@ -52,51 +43,51 @@ def _rope_theta(config) -> float:
     return float(theta if theta is not None else getattr(config, "rope_theta", 10000.0))
 
 
-def _rope_scaling(config) -> str:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+def _rope_scaling(params) -> str:
     return str(params.get("rope_type", params.get("type")) or "default") if isinstance(params, dict) else "default"
 
 
-def _pre_tokenizer_name(tokenizer) -> str:
-    """llama.cpp's name for ``tokenizer``'s pre-tokenizer (module docstring); ValueError when there is none."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(f"The tokenizer ({type(tokenizer).__name__}) has no tokenizer.json to convert: GGUF needs "
-                         f"its vocabulary and merges. {_WAY_ON}")
-    spec = json.loads(backend.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ValueError(f"The tokenizer is a {model.get('type')} model{' with byte fallback' if model.get('byte_fallback') else ''}; "
-                         f"EntroDrop converts byte-level BPE tokenizers only. {_WAY_ON}")
-    if spec.get("normalizer") is not None:
-        raise ValueError(f"The tokenizer normalises text ({spec['normalizer'].get('type')}) before BPE, which "
-                         f"llama.cpp's BPE tokenizer does not do. {_WAY_ON}")
+def _check_llama(config) -> None:
+    scaling = _rope_scaling(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None))
+    if scaling not in _WRITTEN_SCALING:
+        raise ValueError(f"The model scales RoPE as '{scaling}', which this converter does not write (it writes "
+                         f"Llama 3's scaling, as llama.cpp's rope_freqs tensor, and linear scaling). {WAY_ON}")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError(f"The model's attention or MLP layers have biases, which this converter does not write. {WAY_ON}")
 
-    def byte_level(p: dict, regex: bool = True) -> bool:
-        return all(p.get(k) == v for k, v in {**_BYTE_LEVEL, "use_regex": regex}.items())
 
-    pre = spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
-    name = None
-    if len(steps) == 1 and byte_level(steps[0]):
-        name = "gpt-2"
-    elif len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and byte_level(steps[1]):
-        name = "smollm"
-    elif (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": _LLAMA3_SPLIT}
-          and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert") and byte_level(steps[1], False)):
-        name = "llama-bpe"
-    if name is None:
-        raise ValueError(f"llama.cpp splits text before BPE by a named set of expressions, and this tokenizer's "
-                         f"pre-tokenizer ({json.dumps(pre)[:200]}) is not one EntroDrop can name (it knows GPT-2's, "
-                         f"SmolLM's and Llama 3's); a wrong name would load and tokenize differently. {_WAY_ON}")
-    # llama.cpp takes a piece found whole in the vocabulary as one token under llama-bpe only (ignore_merges)
-    lookup = bool(model.get("ignore_merges"))
-    if lookup != (name == "llama-bpe"):
-        does = "looks whole pieces up before merging" if lookup else "merges every piece"
-        raise ValueError(f"The tokenizer splits text as llama.cpp's '{name}' does, but it {does} (ignore_merges="
-                         f"{lookup}), which llama.cpp does not do under that name: some words would tokenize "
-                         f"differently. {_WAY_ON}")
-    return name
+def _check_gemma3(config) -> None:
+    """Refuse what llama.cpp's Gemma 3 would compute otherwise than transformers does (module docstring)."""
+    kinds = list(getattr(config, "layer_types", None) or [])
+    expected = ["full_attention" if i % GEMMA3_SWA_PATTERN == GEMMA3_SWA_PATTERN - 1 else "sliding_attention"
+                for i in range(config.num_hidden_layers)]
+    scalar = gemma3_query_scalar(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    why = None
+    if kinds != expected:
+        moved = next(i for i, (kind, wanted) in enumerate(zip(kinds, expected, strict=True)) if kind != wanted)
+        why = (f"llama.cpp gives Gemma 3 layers their attention kind by index (every {GEMMA3_SWA_PATTERN}th is "
+               f"global), and this model's layer {moved} is {kinds[moved]}")
+    elif _rope_scaling(full) != "default" or _rope_scaling(sliding) != "default":
+        why = (f"the model scales RoPE ({_rope_scaling(full)} for global layers, {_rope_scaling(sliding)} for "
+               "sliding ones), which EntroDrop does not write or read back for Gemma 3")
+    elif float(sliding.get("rope_theta", GEMMA3_SWA_BASE)) != GEMMA3_SWA_BASE:
+        why = (f"its sliding-window layers rotate with RoPE base {sliding.get('rope_theta')}, and llama.cpp uses "
+               f"{GEMMA3_SWA_BASE:g} for them whatever the file says")
+    elif getattr(config, "query_pre_attn_scalar", scalar) != scalar:
+        why = (f"it scales attention by 1/sqrt({config.query_pre_attn_scalar}), and llama.cpp by 1/sqrt({scalar}) "
+               f"for a {config.num_hidden_layers}-layer Gemma 3")
+    elif getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        why = "it soft-caps logits, which llama.cpp's Gemma 3 does not do"
+    elif getattr(config, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        why = f"its MLP runs {config.hidden_activation}, and llama.cpp's Gemma 3 the tanh GELU"
+    elif getattr(config, "attention_bias", False) or getattr(config, "use_bidirectional_attention", False):
+        why = "it has attention biases or bidirectional attention, which llama.cpp's Gemma 3 does not run"
+    elif not getattr(config, "tie_word_embeddings", True):
+        why = "its output matrix is not the token embedding, as every Gemma 3 has it and the bundled file holds it"
+    if why:
+        raise ValueError(f"This Gemma 3 cannot be written as a GGUF llama.cpp runs the same: {why}. {WAY_ON}")
 
 
 def check_convertible(model: nn.Module, tokenizer=None) -> dict:
@@ -105,51 +96,47 @@ def check_convertible(model: nn.Module, tokenizer=None) -> dict:
     config = model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in CONVERTIBLE:
-        why = (" (its SentencePiece vocabulary needs the token scores of tokenizer.model, which this writer does "
-               "not read; the bundled Gemma 3 is a GGUF file and exports to GGUF)" if str(model_type).startswith("gemma")
-               else "")
         raise ValueError(f"A GGUF export of a '{model_type}' model loaded from safetensors is not supported "
-                         f"(supported: {', '.join(CONVERTIBLE)}; any model loaded from a .gguf file){why}. {_WAY_ON}")
-    scaling = _rope_scaling(config)
-    if scaling not in _WRITTEN_SCALING:
-        raise ValueError(f"The model scales RoPE as '{scaling}', which this converter does not write (it writes "
-                         f"Llama 3's scaling, as llama.cpp's rope_freqs tensor, and linear scaling). {_WAY_ON}")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ValueError(f"The model's attention or MLP layers have biases, which this converter does not write. {_WAY_ON}")
+                         f"(supported: {', '.join(CONVERTIBLE)}; any model loaded from a .gguf file). {WAY_ON}")
+    arch, vocabulary = CONVERTIBLE[model_type]
+    (_check_llama if arch == "llama" else _check_gemma3)(config)
     if tokenizer is not None:
-        _pre_tokenizer_name(tokenizer)
-    return {"general.architecture": "llama", "llama.block_count": config.num_hidden_layers}
+        (bpe_pre_tokenizer_name if vocabulary == "bpe" else check_sentencepiece)(tokenizer)
+    return {"general.architecture": arch, f"{arch}.block_count": config.num_hidden_layers}
 
 
-def _vocabulary(tokenizer, size: int) -> tuple[list[str], list[int]]:
-    """Token strings by id (``size`` of them, as the embedding has rows) and their GGUF token types."""
-    vocab = tokenizer.get_vocab()
-    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
-    tokens, types = [f"[PAD{i}]" for i in range(size)], [_TOKEN_UNUSED] * size
-    for text, i in vocab.items():
-        if i >= size:
-            raise ValueError(f"The tokenizer has token id {i}, but the model's embedding has {size} rows.")
-        tokens[i] = text
-        types[i] = (_TOKEN_CONTROL if added[text].special else _TOKEN_USER_DEFINED) if text in added else _TOKEN_NORMAL
-    return tokens, types
+def _write_llama_keys(writer, config, head_dim: int) -> None:
+    from gguf import RopeScalingType
+
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_dimension_count(head_dim)
+    params = getattr(config, "rope_parameters", None) or {}
+    if _rope_scaling(params) == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
 
 
-def _merges(tokenizer) -> list[str]:
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("merges") or []
-    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+def _write_gemma3_keys(writer, config, head_dim: int) -> None:
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(config.rope_parameters["full_attention"]["rope_theta"]))
+    writer.add_sliding_window(config.sliding_window)
 
 
 def write_dense_gguf(model: nn.Module, tokenizer, out_file: str | Path, gguf_type: str) -> None:
-    """Write ``model`` (all its layers) with ``tokenizer`` as a Llama GGUF file, weights in ``gguf_type``."""
-    from gguf import GGMLQuantizationType, GGUFWriter, RopeScalingType
+    """Write ``model`` (all its layers) with ``tokenizer`` as a GGUF file, weights in ``gguf_type``."""
+    from gguf import GGMLQuantizationType, GGUFWriter
 
     if tokenizer is None:
         raise ValueError("A GGUF file carries the tokenizer: pass tokenizer=.")
-    check_convertible(model, tokenizer)
+    arch = check_convertible(model, tokenizer)["general.architecture"]
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer = GGUFWriter(str(out_file), "llama", use_temp_file=False)
+    writer = GGUFWriter(str(out_file), arch, use_temp_file=False)
     writer.add_name(str(getattr(config, "_name_or_path", "") or "model").rstrip("/").rsplit("/", 1)[-1])
     writer.add_file_type(int(file_type(gguf_type)))
     writer.add_context_length(config.max_position_embeddings)
@@ -159,39 +146,17 @@ def write_dense_gguf(model: nn.Module, tokenizer, out_file: str | Path, gguf_typ
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_rope_dimension_count(head_dim)
-    if _rope_scaling(config) == "linear":
-        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(config.rope_parameters["factor"]))
-    if head_dim != config.hidden_size // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    (_write_llama_keys if arch == "llama" else _write_gemma3_keys)(writer, config, head_dim)
     writer.add_vocab_size(config.vocab_size)
-    tokens, types = _vocabulary(tokenizer, config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(_merges(tokenizer))
-    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
-                          (writer.add_unk_token_id, tokenizer.unk_token_id), (writer.add_pad_token_id, tokenizer.pad_token_id)):
-        if isinstance(token_id, int):
-            add(token_id)
-    ids = tokenizer("a")["input_ids"]  # what encoding adds around a text, as the tokenizer does it
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
-    writer.add_add_eos_token(tokenizer.eos_token_id is not None and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id)
-    writer.add_add_space_prefix(False)
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
-    tensors = ModelTensors(model, "llama", config.num_hidden_layers)
+    write_vocabulary(writer, tokenizer, config.vocab_size, CONVERTIBLE[config.model_type][1])
+    tensors = ModelTensors(model, arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name in tensors.names():
         if tied and name == "output.weight":
             continue  # llama.cpp uses the token embedding when the file has no output matrix
         data, qtype = tensors.encoded(name, gguf_type)
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
-    factors = rope_freq_factors(config)
+    factors = rope_freq_factors(config) if arch == "llama" else None
     if factors is not None:  # Llama 3's scaling: one divisor per frequency, float32 as llama.cpp's converter has it
         writer.add_tensor(ROPE_FREQS, factors, raw_dtype=GGMLQuantizationType.F32)
     writer.write_header_to_file()

@@ -131,8 +131,8 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
     ``stored`` copies the source's tensors byte for byte, ``adapter`` does too and writes a LoRA heal as a
     llama.cpp adapter file beside them, the others write the model's own weights (``auto``:
     :func:`~.gguf_tensors.resolve_gguf_type`). A model loaded from
-    safetensors or the hub is converted first (:mod:`.gguf_convert`: the Llama family with a tokenizer
-    llama.cpp can name), the dense file written to a scratch folder beside ``out_dir`` and removed after.
+    safetensors or the hub is converted first (:mod:`.gguf_convert`: the Llama family and Gemma 3, with a
+    tokenizer llama.cpp runs the same), the dense file written to a scratch folder beside ``out_dir`` and removed after.
     Raises before writing: ValueError for what GGUF cannot express (sub-block plans outside the Llama family,
     Gemma 3 plans that move a layer's attention kind, a checkpoint or tokenizer the converter refuses, a
     healed model as ``stored``), TargetNotEmptyError, PermissionError, OSError (ENOSPC for a full disk)."""
