@@ -1,5 +1,13 @@
-"""GGUF checkpoints: a cheap check that a file can be one, forgetting the quantisation bookkeeping of a model
-de-quantised from one (so ``save_pretrained`` accepts it), and RoPE scaling as llama.cpp stores it.
+"""GGUF checkpoints: a cheap check that a file can be one, each file parsed once, forgetting the
+quantisation bookkeeping of a model de-quantised from one (so ``save_pretrained`` accepts it), and RoPE scaling
+as llama.cpp stores it.
+
+One reader per file: ``gguf.GGUFReader`` parses every metadata array into Python objects when it opens a file,
+which for Gemma 3's 262,144-piece vocabulary takes 10-20 s here (SmolLM2's 49,152: about 5 s), and loading a
+model opened the file four times (transformers' config, tokenizer and weights, and the RoPE check below); an
+export opened its source up to six times more. Inside :func:`gguf_parse_once` every reader of one unchanged
+file on that thread is one parsed reader, transformers' included (and its tensor-name maps, one per
+architecture instead of one per module).
 
 RoPE scaling: llama.cpp's converter writes Llama 3.1+ scaling (``rope_type`` ``llama3``) as a tensor,
 ``rope_freqs.weight``, of one divisor per rotary frequency, and linear scaling as the keys
@@ -18,15 +26,24 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import gguf as gguf_package
 import numpy as np
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 GGUF_MAGIC = b"GGUF"
+# the package's own, whatever gguf_parse_once puts in their place for a while
+_GGUFReader, _get_tensor_name_map = gguf_package.GGUFReader, gguf_package.get_tensor_name_map
+_scope = threading.local()  # .readers {(real path, size, mtime): reader}, .name_maps: while in gguf_parse_once
+_patch_lock = threading.Lock()
+_patched_scopes = 0  # threads inside gguf_parse_once; the package's two names are ours while above 0
 _GGUF_HEADER_BYTES = 24  # magic, version (uint32), tensor count and metadata count (uint64 each)
 
 
@@ -146,12 +163,63 @@ def gemma3_query_scalar(config) -> int:
     return config.head_dim
 
 
+def gguf_reader(path: str | os.PathLike):
+    """A ``gguf.GGUFReader`` of ``path``: inside :func:`gguf_parse_once`, the one this thread already parsed for
+    the file unless it changed since (size or modification time)."""
+    readers = getattr(_scope, "readers", None)
+    if readers is None:
+        return _GGUFReader(str(path))
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in readers:
+        readers[key] = _GGUFReader(str(path))
+    return readers[key]
+
+
+def _shared_reader(path, mode: str = "r"):
+    """``gguf.GGUFReader`` inside a scope (transformers imports it at each call): the shared reader for read-only
+    use, a fresh one otherwise; another thread, outside any scope, gets a fresh one as before."""
+    return gguf_reader(path) if mode == "r" else _GGUFReader(path, mode)
+
+
+def _shared_name_map(arch, n_blocks: int):
+    """``gguf.get_tensor_name_map`` inside a scope: one map per architecture and depth (transformers builds one
+    for each of a model's ~400 modules, 2-3 s a load here); the maps are only read."""
+    maps = getattr(_scope, "name_maps", None)
+    if maps is None:
+        return _get_tensor_name_map(arch, n_blocks)
+    if (arch, n_blocks) not in maps:
+        maps[arch, n_blocks] = _get_tensor_name_map(arch, n_blocks)
+    return maps[arch, n_blocks]
+
+
+@contextmanager
+def gguf_parse_once() -> Iterator[None]:
+    """Within this block, on this thread, each GGUF file is parsed once and each tensor-name map built once, ours
+    (:func:`gguf_reader`) and transformers' (``gguf.GGUFReader``, ``gguf.get_tensor_name_map``) alike; they are
+    let go at its end. Nests."""
+    global _patched_scopes
+    if getattr(_scope, "readers", None) is not None:  # nested: the outer scope's serve
+        yield
+        return
+    _scope.readers, _scope.name_maps = {}, {}
+    with _patch_lock:
+        _patched_scopes += 1
+        gguf_package.GGUFReader, gguf_package.get_tensor_name_map = _shared_reader, _shared_name_map
+    try:
+        yield
+    finally:
+        del _scope.readers, _scope.name_maps
+        with _patch_lock:
+            _patched_scopes -= 1
+            if not _patched_scopes:
+                gguf_package.GGUFReader, gguf_package.get_tensor_name_map = _GGUFReader, _get_tensor_name_map
+
+
 def gguf_rope_parameters(path: str | os.PathLike) -> dict | None:
     """The ``rope_parameters`` a GGUF file's RoPE scaling stands for (module docstring); None for none.
     ValueError (saying why) for a scaling that cannot be read back faithfully."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
 
     def value(key: str, default=None):
         return reader.fields[key].contents() if key in reader.fields else default

@@ -28,7 +28,7 @@ import torch
 from entrodrop.arch import ArchSpec, check_config_supported, config_model_type, get_arch, get_layers
 from entrodrop.bundled import _BUNDLED_FILES, BUNDLED_MODELS, DEFAULT_MODEL, bundled_model_path  # noqa: F401
 from entrodrop.devices import available_memory_bytes, format_bytes, input_device, parse_device, parse_dtype
-from entrodrop.gguf import check_gguf_file, gemma3_query_scalar, gguf_rope_parameters
+from entrodrop.gguf import check_gguf_file, gemma3_query_scalar, gguf_parse_once, gguf_rope_parameters
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -211,6 +211,7 @@ def hub_reachable(timeout: float = 2.0, ttl: float = 60.0) -> bool:
     return ok
 
 
+@gguf_parse_once()  # transformers opens a GGUF file once per part (entrodrop.gguf)
 def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config (cheap: no weights), with hub and GGUF failures turned into ValueErrors."""
     from transformers import AutoConfig
@@ -326,6 +327,7 @@ def _check_causal_lm(config) -> None:
         )
 
 
+@gguf_parse_once()  # transformers opens a GGUF file once per part (entrodrop.gguf)
 def load_model(
     spec: str = DEFAULT_MODEL,
     *,

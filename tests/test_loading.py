@@ -2,14 +2,16 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_model
 from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config, T5Config, ViTConfig
 
+from entrodrop import gguf as entrodrop_gguf
 from entrodrop import loading
 from entrodrop.cache import ModelCache
-from entrodrop.gguf import strip_gguf_quantization
+from entrodrop.gguf import gguf_parse_once, gguf_reader, strip_gguf_quantization
 from entrodrop.loading import (
     InsufficientMemoryError,
     load_config,
@@ -402,6 +404,51 @@ def test_truncated_gguf_names_the_file(tmp_path):
     cut.write_bytes(whole.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"Could not read the GGUF file '.*cut\.gguf'.*truncated or corrupt.*download it again"):
         load_config(str(cut))
+
+
+def test_a_gguf_config_parses_the_file_once(tmp_path, monkeypatch):
+    """transformers' config reader and the RoPE check share one parse (a vocabulary's parse costs seconds)."""
+    import gguf
+
+    opened = []
+
+    class Counting(entrodrop_gguf._GGUFReader):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(entrodrop_gguf, "_GGUFReader", Counting)
+    path = _write_small_gguf(tmp_path / "small.gguf")
+    load_config(str(path))
+    assert opened == [str(path)]
+    assert gguf.GGUFReader is Counting  # what it was before the load, not the shared reader
+
+
+def test_gguf_readers_are_shared_within_a_scope_and_its_thread_only(tmp_path):
+    import gguf
+
+    path = _write_small_gguf(tmp_path / "small.gguf")
+    assert gguf_reader(path) is not gguf_reader(path)  # outside a scope: a fresh parse each time
+    with gguf_parse_once():
+        first = gguf_reader(path)
+        assert gguf.GGUFReader(str(path)) is first  # what transformers' `from gguf import GGUFReader` gets
+        with gguf_parse_once():  # nested: the outer scope's readers
+            assert gguf_reader(path) is first
+        elsewhere = []
+        worker = threading.Thread(target=lambda: elsewhere.append(gguf.GGUFReader(str(path))))
+        worker.start()
+        worker.join()
+        assert isinstance(elsewhere[0], gguf.gguf_reader.GGUFReader) and elsewhere[0] is not first
+        writer = gguf.GGUFWriter(str(path), "llama")  # the file rewritten, longer: parsed again
+        writer.add_tensor("token_embd.weight", np.ones((128, 32), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        again = gguf_reader(path)
+        assert again is not first and again.tensors[0].shape.tolist() == [32, 128]
+    assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader
+    assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
 
 
 @pytest.mark.parametrize(

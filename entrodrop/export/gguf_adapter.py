@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..gguf import gguf_reader
 from .gguf_tensors import ModelTensors, dequantized
 
 _MAX_ERROR = 1e-4  # relative (Frobenius) error of the factored update: float rounding, not a lost direction
@@ -109,9 +110,7 @@ def write_lora_adapter(path: Path, arch: str, factors: dict[str, LoraFactors], r
 
 def read_lora_adapter(path: Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(metadata, base tensor name -> (a, b)) of an adapter file; a tensor without its pair is left out."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     parts: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
@@ -130,10 +129,8 @@ def check_lora_adapter(path: Path, base_path: Path, tensors: ModelTensors, sourc
     """Read the adapter back against its base file and the healed model (``tensors``, dense layout; ``source_names``
     maps the base file's names to the source's): what llama.cpp checks when it loads an adapter (type, architecture,
     names, shapes), that every changed tensor has its update, and that base + ``b @ a`` is the healed weight."""
-    from gguf import GGUFReader
-
     meta, pairs = read_lora_adapter(path)
-    reader = GGUFReader(str(base_path))
+    reader = gguf_reader(base_path)
     base, base_arch = {t.name: t for t in reader.tensors}, reader.fields["general.architecture"].contents()
     problems = []
     if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":

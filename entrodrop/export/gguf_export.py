@@ -35,6 +35,7 @@ from torch import nn
 from ..checks import ChecksResult
 from ..costs import plan_parameter_counts
 from ..criteria import get_criterion
+from ..gguf import gguf_parse_once, gguf_reader
 from ..loading import load_config
 from ..plan import DropPlan
 from ..prune import check_plan, preview_plan
@@ -86,8 +87,6 @@ def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | No
     ``heal`` is the method a healed model was healed with (None: not healed). A model not loaded from GGUF is
     converted (:mod:`.gguf_convert`, which says what it refuses); give its ``tokenizer`` to have that checked
     here too."""
-    from gguf import GGUFReader
-
     check_plan(model, plan)
     if not plan.blocks:
         raise ValueError("The plan drops no block, so the export would be the dense model: give blocks to drop.")
@@ -109,7 +108,7 @@ def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | No
         layout = plan_gguf(check_convertible(model, tokenizer), plan)
     else:
         try:
-            reader = GGUFReader(str(path))
+            reader = gguf_reader(path)
         except Exception as exc:  # a truncated or corrupted file: numpy's and gguf's own errors
             raise ValueError(f"The GGUF source '{path.name}' cannot be read ({type(exc).__name__}: {exc}); it may be "
                              "truncated or corrupted. Download it again.") from exc
@@ -119,6 +118,7 @@ def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | No
     return layout
 
 
+@gguf_parse_once()  # the source and the written file are each parsed once (entrodrop.gguf)
 def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.PathLike, *, scores=None,
                 checks: ChecksResult | dict | None = None, source: ModelSource | None = None,
                 overwrite: bool = False, verify: bool = True, name: str | None = None, gguf_type: str = "auto",
@@ -187,11 +187,9 @@ def _write_gguf_folder(model, tokenizer, plan: DropPlan, layout: GGUFPlan, src_p
                    weights=None if adapter else weights, gguf_type=gguf_type)
         adapter_file = None
         if adapter:  # the heal beside the stored base (gguf_adapter)
-            from gguf import GGUFReader
-
             adapter_file = tmp / f"{stem}-heal-lora.gguf"
             rank = heal_rank(heal)
-            new_name = {s: n for n, s in expected_tensors(GGUFReader(str(src_path)), layout).items()}
+            new_name = {s: n for n, s in expected_tensors(gguf_reader(src_path), layout).items()}
             factors = lora_factors(weights, rank, kept=new_name)
             write_lora_adapter(adapter_file, layout.arch, {new_name[n]: f for n, f in factors.items()}, rank,
                                {**provenance, "base_file": out_file.name})
@@ -278,12 +276,12 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
     base and ``weights`` (:func:`~.gguf_adapter.check_lora_adapter`), and the reloaded base with the adapter
     added must give the healed model's logits."""
     import numpy as np
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
     loaders: dict[str, dict] = {}
     entry: dict = {}
     try:
-        written, src = GGUFReader(str(path)), GGUFReader(str(source_path))
+        written, src = gguf_reader(path), gguf_reader(source_path)
         problems = []
         arch = written.fields["general.architecture"].contents()
         n_new = len(layout.kept_layers)
@@ -330,7 +328,7 @@ def verify_gguf(path: Path, source_path: Path, layout: GGUFPlan, model: nn.Modul
         entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     loaders["gguf reader (structure, bytes)"] = entry
     if adapter is not None:
-        names = expected_tensors(GGUFReader(str(source_path)), layout)
+        names = expected_tensors(gguf_reader(source_path), layout)
         try:
             check = check_lora_adapter(adapter, path, weights, names)
         except Exception as exc:

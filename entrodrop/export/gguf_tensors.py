@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..gguf import gguf_reader
+
 GGUF_TYPES: dict[str, str] = {
     "auto": "as stored for a GGUF-loaded model as dropped; after a linear heal, source; after a LoRA heal or "
             "from safetensors, q8_0",
@@ -185,7 +187,7 @@ class ModelTensors:
     that file's type, and copies the stored bytes of a tensor the model still has unchanged."""
 
     def __init__(self, model: nn.Module, arch: str, num_layers: int, source=None):
-        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
         check_float_arch(arch)
         self.arch = arch
@@ -199,7 +201,7 @@ class ModelTensors:
             if gguf_name is not None:
                 self._hf_name.setdefault(gguf_name, hf_name)  # tied lm_head: the embedding comes first
         self._gguf_name = {h: g for g, h in self._hf_name.items()}
-        reader = GGUFReader(str(source)) if isinstance(source, (str, Path)) else source
+        reader = gguf_reader(source) if isinstance(source, (str, Path)) else source
         self._stored = {t.name: t for t in reader.tensors} if reader is not None else {}
         self._unchanged: dict[str, bool] = {}
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..gguf import gguf_reader
 from ..plan import DropPlan
 from .gguf_tensors import ModelTensors, file_type
 
@@ -148,9 +149,9 @@ def write_gguf(source: str | Path, plan: DropPlan, out_file: str | Path, provena
     (before writing) for a plan GGUF cannot express; the caller writes into a temporary folder and removes it
     on any failure."""
     import numpy as np
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType, GGUFWriter
 
-    reader = GGUFReader(str(source))
+    reader = gguf_reader(source)
     layout = plan_gguf(reader, plan)
     src, dst = layout.source_arch, layout.arch
     n_src, n_new = plan.num_layers, len(layout.kept_layers)
