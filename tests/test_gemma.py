@@ -9,6 +9,7 @@ import types
 import pytest
 
 from entrodrop import bundled
+from entrodrop.gguf import gguf_parse_once, gguf_reader
 from entrodrop.loading import BUNDLED_MODELS, bundled_model_path, load_model, resolve_model_spec
 
 GEMMA = "gemma3-270m"
@@ -81,8 +82,10 @@ def test_gemma_resolves_to_an_assembled_gguf():
 
 @pytest.fixture(scope="module")
 def gemma():
-    """The real Gemma 3 270M, de-quantised once for this module (about 50-80 s on a CPU)."""
-    return load_model(GEMMA)
+    """The real Gemma 3 270M, de-quantised once for this module (about 30 s on a CPU), its file parsed once for the
+    load and every test's reader (a parse of its 262k-piece vocabulary takes 10-20 s)."""
+    with gguf_parse_once():
+        yield load_model(GEMMA)
 
 
 @pytest.mark.slow
@@ -127,11 +130,10 @@ def test_gemma_in_its_own_types_copies_what_is_unchanged_and_writes_k_quants_it_
     import numpy as np
     import torch
     from gguf import GGMLQuantizationType as T
-    from gguf import GGUFReader
 
     from entrodrop.export.gguf_tensors import ModelTensors, within_rounding
 
-    reader = GGUFReader(gemma.gguf_file)
+    reader = gguf_reader(gemma.gguf_file)
     tensors = ModelTensors(gemma.model, "gemma3", 18, source=reader)
     stored = {t.name: t for t in reader.tensors}
     quantised = [n for n, t in stored.items() if t.tensor_type not in (T.F32, T.F16) and n in tensors]
@@ -159,14 +161,13 @@ def test_gemma_vocabulary_rebuilt_from_its_tokenizer_is_the_files_own(gemma):
     tokenizer.json) against Google's, in the bundled file: the same tokens and types; the same scores but for
     the single characters, 31 lower in the file, so the same order, which is all llama.cpp's merging reads."""
     import numpy as np
-    from gguf import GGUFReader
 
     from entrodrop.export.gguf_convert import check_convertible
     from entrodrop.export.gguf_vocab import sentencepiece_vocabulary
 
     assert check_convertible(gemma.model, gemma.tokenizer) == {"general.architecture": "gemma3",
                                                                "gemma3.block_count": 18}
-    fields = GGUFReader(gemma.gguf_file).fields
+    fields = gguf_reader(gemma.gguf_file).fields
     tokens, scores, types = sentencepiece_vocabulary(gemma.tokenizer, gemma.model.config.vocab_size)
     assert tokens == fields["tokenizer.ggml.tokens"].contents()
     assert types == fields["tokenizer.ggml.token_type"].contents()

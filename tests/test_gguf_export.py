@@ -20,6 +20,7 @@ from entrodrop.export import ModelSource, TargetNotEmptyError
 from entrodrop.export.gguf_export import check_gguf_export, export_gguf
 from entrodrop.export.gguf_tensors import ModelTensors, check_float_arch, encode, round_trip, within_rounding
 from entrodrop.export.gguf_write import plan_gguf
+from entrodrop.gguf import gguf_reader
 from entrodrop.plan import DropPlan
 
 WHOLE = "layer:3,layer:12,layer:25,layer:26"
@@ -136,7 +137,7 @@ def assert_gguf_layout_is_the_files(model, gguf_path) -> None:
     llama.cpp's: the model de-quantised from a GGUF file, written back, is that file's tensors exactly."""
     from gguf.quants import dequantize
 
-    reader = GGUFReader(str(gguf_path))
+    reader = gguf_reader(gguf_path)  # inside the caller's gguf_parse_once, its parse
     arch = reader.fields["general.architecture"].contents()
     tensors = ModelTensors(model, arch, reader.fields[f"{arch}.block_count"].contents())
     wanted = ("token_embd", "blk.1.attn_q.", "blk.1.attn_k.", "blk.1.attn_v.", "blk.1.attn_norm", "blk.1.ffn_down",
@@ -208,8 +209,9 @@ def test_a_healed_model_is_written_from_its_own_weights_and_reloads_with_its_log
     assert kept.weights_bytes <= 26 / 30 * kept.source_bytes * 1.05  # the size of the unhealed export
     reader = GGUFReader(str(next((tmp_path / "source").glob("*-pruned-healed.gguf"))))
     meta = fields(reader)
-    assert meta["general.file_type"] == fields(GGUFReader(str(bundled_model.gguf_file)))["general.file_type"]
-    source_tensors = {t.name: t for t in GGUFReader(str(bundled_model.gguf_file)).tensors}
+    source_file = GGUFReader(str(bundled_model.gguf_file))
+    assert meta["general.file_type"] == fields(source_file)["general.file_type"]
+    source_tensors = {t.name: t for t in source_file.tensors}
     copied, requantised = [], []
     for t in reader.tensors:
         src = source_tensors[source_name(t.name) if t.name.startswith("blk.") else t.name]
