@@ -1,13 +1,14 @@
 """GGUF exports against the pruned model and against llama.cpp: size, agreement, KV cache.
 
     npm install --prefix /tmp/llamacpp node-llama-cpp@3.21.1      # once: a prebuilt llama.cpp (~730 MB)
-    .venv/bin/python benchmarks/bench_gguf.py [--counts layer=4,attn=8] [--plan BLOCKS ...] \
+    .venv/bin/python benchmarks/bench_gguf.py [--model smollm2|gemma3-270m] [--counts layer=4,attn=8] [--plan BLOCKS ...] \
         [--heal linear|lora] [--gguf-type auto|stored|source|adapter|q8_0|q4_1|f16|...] \
         [--from-safetensors [--rope-llama3 8,1,4,64]] [--prompts 8] [--new-tokens 8] [--llama-cpp /tmp/llamacpp] \
         [--json out.json]
 
 For each plan (``--counts``: ``recommended`` for that many blocks of that kind, chosen on the calibration
-part of gsm8k as the app does; ``--plan``: blocks given), on the bundled SmolLM2 (Q4_1 GGUF):
+part of gsm8k as the app does; ``--plan``: blocks given), on a bundled model (``--model``: SmolLM2, a Q4_1 GGUF,
+or Gemma 3 270M, a Q4_K_M GGUF); a plan the export refuses is reported with the refusal:
 
 * with ``--from-safetensors``: the model saved as safetensors and loaded from there first, so the export
   converts it (the metadata and tokenizer written by EntroDrop); ``--rope-llama3`` gives it Llama 3.1's RoPE
@@ -18,13 +19,20 @@ part of gsm8k as the app does; ``--plan``: blocks given), on the bundled SmolLM2
   then with the healed model, and also with the healed model with its weights rounded as the file holds them
   (so llama.cpp's arithmetic and the file's rounding are told apart); with ``--gguf-type adapter`` (a LoRA
   heal), llama.cpp runs the stored base with the adapter file, and without it as the control;
-* ``export_gguf``: the file's size against the source's and against (kept layers / 30) x the source's, and
+* ``export_gguf``: the file's size against the source's and against (kept layers / all layers) x the source's, and
   its own verification verdict;
 * agreement on ``--prompts`` prompts, each the first 32 tokens of a window of the **report** part of
   gsm8k: the greedy continuation (``--new-tokens``) of the pruned model in transformers (de-quantised
   weights, the plan's preview) against llama.cpp running the exported GGUF. The same comparison of the
   dense float model with llama.cpp running the source GGUF is the baseline: llama.cpp computes with the
   quantised weights, so even the dense model's continuations can part from the float model's;
+* teacher-forced (``--kl-windows`` report-part windows of ``--kl-len`` tokens, from token 32 on): at every position,
+  whether llama.cpp and transformers rank the same token first, and the KL of llama.cpp's next-token
+  distribution to transformers' (coarsened to llama.cpp's 20 likeliest tokens and the rest: a lower bound of the
+  full KL), for the dense model and the source file (the baseline) and for each exported file; free of the
+  near-ties that make a greedy continuation part for good at one flipped token; with ``--from-safetensors`` and
+  a type of its own (q8_0, f16, ...), also the dense model converted to that type, against the float model and
+  against the model rounded as that file holds it: llama.cpp's own error at the type, measured the same way;
 * llama.cpp's tokens of 9 texts (the first 64 tokens of each prompt's window, decoded, and a line of digits,
   tabs and doubled spaces) against the tokenizer's, special-token text parsed by both;
 * llama.cpp's KV cache for 512 cells, dense and pruned, with flash attention off and on (llama.cpp pads
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -70,6 +79,32 @@ def llama_cpp(prefix: Path, model: Path, ids: list[int], n: int, flash: bool = F
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def teacher_forced(prefix: Path, path: Path, model, plan: DropPlan | None, windows: list[list[int]], start: int = 32,
+                   k: int = 20, lora: Path | None = None) -> dict:
+    """llama.cpp running ``path`` against transformers running ``model`` (under ``plan``), teacher-forced along
+    ``windows`` from token ``start`` on: the share of positions where both rank the same token first, and the mean
+    KL(llama.cpp || transformers) of the next-token distributions coarsened to llama.cpp's ``k`` likeliest tokens
+    and the rest (a lower bound of the full KL, by the data-processing inequality)."""
+    script = prefix / "llama_cpp_scores.mjs"
+    script.write_text((SCRIPT.parent / script.name).read_text())
+    args = ["node", str(script), str(path), json.dumps(windows), str(start), str(k)] + ([str(lora)] if lora else [])
+    out = subprocess.run(args, cwd=prefix, capture_output=True, text=True, timeout=1800, check=True)
+    cpp = json.loads(out.stdout.strip().splitlines()[-1])["windows"]
+    kls, same = [], 0
+    with preview_plan(model, plan) if plan is not None else torch.no_grad(), torch.no_grad():
+        for window, positions in zip(windows, cpp, strict=True):
+            probs = torch.softmax(model(torch.tensor([window])).logits[0].double(), -1)
+            for j, top in enumerate(positions):
+                ours = probs[start - 1 + j]
+                tokens = [t for t, _ in top]
+                p = torch.tensor([pr for _, pr in top], dtype=torch.float64)
+                q = ours[tokens]
+                rest_p, rest_q = max(1 - float(p.sum()), 1e-12), max(1 - float(q.sum()), 1e-12)
+                kls.append(float((p * (p / q).log()).sum()) + rest_p * math.log(rest_p / rest_q))
+                same += int(tokens[0] == int(ours.argmax()))
+    return {"positions": len(kls), "top1_agreement": same / len(kls), "kl": sum(kls) / len(kls)}
+
+
 def float_greedy(model, ids: list[int], n: int, plan: DropPlan | None) -> list[int]:
     with preview_plan(model, plan) if plan is not None else torch.no_grad():
         tokens = greedy_generate(model, None, torch.tensor([ids]), n, pad_token_id=0, min_new_tokens=n)
@@ -90,6 +125,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3-270m"))
     parser.add_argument("--counts", default="layer=4,attn=8")
     parser.add_argument("--plan", action="append", default=[])
     parser.add_argument("--prompts", type=int, default=8)
@@ -105,19 +141,22 @@ def main() -> None:
                         help="with --from-safetensors: give the model Llama 3.1's RoPE scaling with these parameters "
                              "(e.g. 8,1,4,64: most frequencies divided by 8 within the prompts' length), so the "
                              "export writes rope_freqs; also compares llama.cpp with the model left unscaled")
+    parser.add_argument("--kl-windows", type=int, default=2,
+                        help="report-part windows scored teacher-forced in llama.cpp (0: none)")
+    parser.add_argument("--kl-len", type=int, default=96, help="their length; scored from token 32 on")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log as it happens
     prefix = Path(args.llama_cpp)
-    loaded = load_model("smollm2")
+    loaded = load_model(args.model)
     scratch = tempfile.TemporaryDirectory()
     if args.from_safetensors:
         from entrodrop.gguf import strip_gguf_quantization
 
         strip_gguf_quantization(loaded.model)
-        theta = loaded.model.config.rope_parameters["rope_theta"]
         if args.rope_llama3:
+            theta = loaded.model.config.rope_parameters["rope_theta"]
             factor, low, high, original = (float(v) for v in args.rope_llama3.split(","))
             loaded.model.config.rope_parameters = {
                 "rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
@@ -132,14 +171,17 @@ def main() -> None:
                 scratch.name, dtype=torch.float32, rope_parameters={"rope_type": "default", "rope_theta": theta}).eval()
     elif args.rope_llama3:
         parser.error("--rope-llama3 needs --from-safetensors")
+    if args.rope_llama3 and args.model != "smollm2":
+        parser.error("--rope-llama3 gives the Llama-family SmolLM2 Llama 3's scaling; it has no meaning for Gemma 3")
     source = ModelSource.of(loaded)
-    reference_gguf = Path(bundled_model_path("smollm2"))  # the dense model's own file, for the baseline
+    reference_gguf = Path(bundled_model_path(args.model))  # the dense model's own file, for the baseline
     counts = [(k.split("=")[0], int(k.split("=")[1])) for k in args.counts.split(",") if k.strip()]
     plans = recommended_plans(loaded, counts, 32, 256)
     plans.update({f"given {p}": DropPlan.parse(p, loaded.num_layers) for p in args.plan})
     windows, described = load_windows(loaded.tokenizer, {"source": "gsm8k"}, num_samples=args.prompts, seq_len=256,
                                       part="report", config=loaded.model.config)
     prompts = [w[:32].tolist() for w in windows]
+    scored = [w[:args.kl_len].tolist() for w in windows[:args.kl_windows]]
     n = args.new_tokens
     dense_float = [float_greedy(loaded.model, p, n, None) for p in prompts]
     dense_cpp = [llama_cpp(prefix, reference_gguf, p, n)["tokens"] for p in prompts]
@@ -149,10 +191,28 @@ def main() -> None:
     results = {"prompts": described, "new_tokens": n,
                "baseline": None if args.rope_llama3 else agreement(dense_float, dense_cpp),
                "kv_dense": kv_dense, "plans": {}}
-    print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}")
+    if scored and not args.rope_llama3:
+        results["baseline_teacher_forced"] = teacher_forced(prefix, reference_gguf, loaded.model, None, scored)
+    print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}; teacher-forced: "
+          f"{results.get('baseline_teacher_forced')}")
     print(f"dense KV cache: {kv_dense}")
     gguf_type = resolve_gguf_type(args.gguf_type, heal=args.heal, gguf_source=bool(source.gguf_file))
     results.update(heal=args.heal, gguf_type=gguf_type)
+    if scored and args.from_safetensors and not args.rope_llama3 and gguf_type not in ("stored", "source", "adapter"):
+        # the dense model converted the same way: llama.cpp's own error at this type, the pruned files' yardstick
+        from entrodrop.export.gguf_convert import write_dense_gguf
+
+        dense_file = Path(scratch.name) / f"dense-{gguf_type}.gguf"
+        write_dense_gguf(loaded.model, loaded.tokenizer, dense_file, gguf_type)
+        rounded = quantised_copy(loaded.model, gguf_type)
+        results["baseline_same_type"] = {
+            "float": teacher_forced(prefix, dense_file, loaded.model, None, scored),
+            "rounded": teacher_forced(prefix, dense_file, rounded, None, scored)}
+        del rounded
+        dense_file.unlink()
+        print(f"dense converted to {gguf_type}, teacher-forced: llama.cpp vs transformers (float): "
+              f"{results['baseline_same_type']['float']}; vs transformers rounded as the file: "
+              f"{results['baseline_same_type']['rounded']}")
     with tempfile.TemporaryDirectory() as tmp:
         for label, plan in plans.items():
             model, record = loaded.model, None
@@ -164,8 +224,13 @@ def main() -> None:
                 healed = heal(loaded.model, plan, calib, settings)
                 model, record = healed.model, heal_record(healed)
                 print(f"\n{label}: {healed.summary()}")
-            out = export_gguf(model, loaded.tokenizer, plan, Path(tmp) / label.replace(" ", "-"), source=source,
-                              gguf_type=gguf_type, heal=record)
+            try:
+                out = export_gguf(model, loaded.tokenizer, plan, Path(tmp) / label.replace(" ", "-"), source=source,
+                                  gguf_type=gguf_type, heal=record)
+            except ValueError as refusal:  # what llama.cpp cannot run faithfully, refused before writing
+                results["plans"][label] = {"blocks": plan.compact(), "refused": str(refusal)}
+                print(f"\n{label}: {plan.compact()}\n  refused: {refusal}")
+                continue
             path = next(p for p in out.path.glob("*.gguf") if not p.name.endswith("-heal-lora.gguf"))
             lora = next(out.path.glob("*-heal-lora.gguf"), None)  # GGUF type adapter: the heal beside the base
             kept = plan.num_layers - len(plan.layers_of("layer"))
@@ -175,6 +240,9 @@ def main() -> None:
             pruned_float = [float_greedy(model, p, n, plan) for p in prompts]
             pruned_cpp = [llama_cpp(prefix, path, p, n, lora=lora)["tokens"] for p in prompts]
             row["agreement"] = agreement(pruned_float, pruned_cpp)
+            if scored:
+                row["teacher_forced"] = teacher_forced(prefix, path, model, plan, scored, lora=lora)
+                print(f"  teacher-forced, llama.cpp vs transformers: {row['teacher_forced']}")
             if lora is not None:  # the control: the base alone, without the heal
                 row["adapter_bytes"] = lora.stat().st_size
                 row["agreement_without_adapter"] = agreement(
@@ -194,6 +262,9 @@ def main() -> None:
                 rounded_float = [float_greedy(rounded, p, n, plan) for p in prompts]
                 row["agreement_with_rounded"] = agreement(rounded_float, pruned_cpp)
                 row["rounding_agreement"] = agreement(pruned_float, rounded_float)
+                if scored:  # llama.cpp's arithmetic alone: against the weights it reads
+                    row["teacher_forced_rounded"] = teacher_forced(prefix, path, rounded, plan, scored)
+                    print(f"  teacher-forced, llama.cpp vs transformers rounded as the file: {row['teacher_forced_rounded']}")
                 print(f"  llama.cpp vs transformers with the weights rounded as the file holds them: "
                       f"{row['agreement_with_rounded']}\n  transformers, rounded vs not: {row['rounding_agreement']}")
                 del rounded
