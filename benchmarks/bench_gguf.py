@@ -22,7 +22,7 @@ or Gemma 3 270M, a Q4_K_M GGUF); a plan the export refuses is reported with the 
 * ``export_gguf``: the file's size against the source's and against (kept layers / all layers) x the source's, and
   its own verification verdict;
 * agreement on ``--prompts`` prompts, each the first 32 tokens of a window of the **report** part of
-  gsm8k: the greedy continuation (``--new-tokens``) of the pruned model in transformers (de-quantised
+  gsm8k (``--part development`` for choosing a default; the report part is for quoting): the greedy continuation (``--new-tokens``) of the pruned model in transformers (de-quantised
   weights, the plan's preview) against llama.cpp running the exported GGUF. The same comparison of the
   dense float model with llama.cpp running the source GGUF is the baseline: llama.cpp computes with the
   quantised weights, so even the dense model's continuations can part from the float model's;
@@ -141,11 +141,19 @@ def main() -> None:
                         help="with --from-safetensors: give the model Llama 3.1's RoPE scaling with these parameters "
                              "(e.g. 8,1,4,64: most frequencies divided by 8 within the prompts' length), so the "
                              "export writes rope_freqs; also compares llama.cpp with the model left unscaled")
+    parser.add_argument("--part", default="report", choices=("report", "development"),
+                        help="the part of gsm8k the prompts and scored windows come from")
     parser.add_argument("--kl-windows", type=int, default=2,
-                        help="report-part windows scored teacher-forced in llama.cpp (0: none)")
+                        help="windows scored teacher-forced in llama.cpp (0: none)")
     parser.add_argument("--kl-len", type=int, default=96, help="their length; scored from token 32 on")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.rope_llama3 and not args.from_safetensors:
+        parser.error("--rope-llama3 needs --from-safetensors")
+    if args.rope_llama3 and args.model != "smollm2":
+        parser.error("--rope-llama3 gives the Llama-family SmolLM2 Llama 3's scaling; it has no meaning for Gemma 3")
+    if args.kl_windows and args.kl_len <= 32:
+        parser.error("--kl-len must be over 32: positions are scored from token 32 on")
     torch.set_num_threads(args.threads)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows in a log as it happens
     prefix = Path(args.llama_cpp)
@@ -169,17 +177,13 @@ def main() -> None:
 
             unscaled = AutoModelForCausalLM.from_pretrained(
                 scratch.name, dtype=torch.float32, rope_parameters={"rope_type": "default", "rope_theta": theta}).eval()
-    elif args.rope_llama3:
-        parser.error("--rope-llama3 needs --from-safetensors")
-    if args.rope_llama3 and args.model != "smollm2":
-        parser.error("--rope-llama3 gives the Llama-family SmolLM2 Llama 3's scaling; it has no meaning for Gemma 3")
     source = ModelSource.of(loaded)
     reference_gguf = Path(bundled_model_path(args.model))  # the dense model's own file, for the baseline
     counts = [(k.split("=")[0], int(k.split("=")[1])) for k in args.counts.split(",") if k.strip()]
     plans = recommended_plans(loaded, counts, 32, 256)
     plans.update({f"given {p}": DropPlan.parse(p, loaded.num_layers) for p in args.plan})
     windows, described = load_windows(loaded.tokenizer, {"source": "gsm8k"}, num_samples=args.prompts, seq_len=256,
-                                      part="report", config=loaded.model.config)
+                                      part=args.part, config=loaded.model.config)
     prompts = [w[:32].tolist() for w in windows]
     scored = [w[:args.kl_len].tolist() for w in windows[:args.kl_windows]]
     n = args.new_tokens

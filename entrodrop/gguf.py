@@ -39,11 +39,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 GGUF_MAGIC = b"GGUF"
-# the package's own, whatever gguf_parse_once puts in their place for a while
-_GGUFReader, _get_tensor_name_map = gguf_package.GGUFReader, gguf_package.get_tensor_name_map
-_scope = threading.local()  # .readers {(real path, size, mtime): reader}, .name_maps: while in gguf_parse_once
+_scope = threading.local()  # .readers {file identity: reader}, .name_maps: while in gguf_parse_once
 _patch_lock = threading.Lock()
 _patched_scopes = 0  # threads inside gguf_parse_once; the package's two names are ours while above 0
+_replaced: tuple | None = None  # what those two names were when the first of those scopes began
 _GGUF_HEADER_BYTES = 24  # magic, version (uint32), tensor count and metadata count (uint64 each)
 
 
@@ -156,40 +155,46 @@ def llama3_rope_parameters(factors: np.ndarray, theta: float, head_dim: int) -> 
                      f"Llama 3's RoPE scaling, the only form EntroDrop reads back. {_ROPE_WAY_ON}")
 
 
-def gemma3_query_scalar(config) -> int:
-    """``query_pre_attn_scalar`` as llama.cpp computes it for a Gemma 3 ``config`` (module docstring)."""
-    if config.num_hidden_layers == 62:
-        return config.hidden_size // config.num_attention_heads
-    return config.head_dim
+def gemma3_query_scalar(num_layers: int, hidden_size: int, heads: int, head_dim: int) -> int:
+    """``query_pre_attn_scalar`` as llama.cpp computes it for a Gemma 3 of these sizes (module docstring)."""
+    return hidden_size // heads if num_layers == 62 else head_dim
+
+
+def _package_reader(path, mode: str = "r"):
+    """A fresh parse by the package's ``GGUFReader``, as it was before any scope put the shared one in its place."""
+    replaced = _replaced
+    return (replaced[0] if replaced is not None else gguf_package.GGUFReader)(str(path), mode)
 
 
 def gguf_reader(path: str | os.PathLike):
     """A ``gguf.GGUFReader`` of ``path``: inside :func:`gguf_parse_once`, the one this thread already parsed for
-    the file unless it changed since (size or modification time)."""
+    the file unless it changed or was replaced since (its inode, size and change times)."""
     readers = getattr(_scope, "readers", None)
     if readers is None:
-        return _GGUFReader(str(path))
+        return _package_reader(path)
     stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    key = (os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in readers:
-        readers[key] = _GGUFReader(str(path))
+        readers[key] = _package_reader(path)
     return readers[key]
 
 
 def _shared_reader(path, mode: str = "r"):
     """``gguf.GGUFReader`` inside a scope (transformers imports it at each call): the shared reader for read-only
     use, a fresh one otherwise; another thread, outside any scope, gets a fresh one as before."""
-    return gguf_reader(path) if mode == "r" else _GGUFReader(path, mode)
+    return gguf_reader(path) if mode == "r" else _package_reader(path, mode)
 
 
 def _shared_name_map(arch, n_blocks: int):
     """``gguf.get_tensor_name_map`` inside a scope: one map per architecture and depth (transformers builds one
     for each of a model's ~400 modules, 2-3 s a load here); the maps are only read."""
+    replaced = _replaced
+    build = replaced[1] if replaced is not None else gguf_package.get_tensor_name_map
     maps = getattr(_scope, "name_maps", None)
     if maps is None:
-        return _get_tensor_name_map(arch, n_blocks)
+        return build(arch, n_blocks)
     if (arch, n_blocks) not in maps:
-        maps[arch, n_blocks] = _get_tensor_name_map(arch, n_blocks)
+        maps[arch, n_blocks] = build(arch, n_blocks)
     return maps[arch, n_blocks]
 
 
@@ -197,23 +202,26 @@ def _shared_name_map(arch, n_blocks: int):
 def gguf_parse_once() -> Iterator[None]:
     """Within this block, on this thread, each GGUF file is parsed once and each tensor-name map built once, ours
     (:func:`gguf_reader`) and transformers' (``gguf.GGUFReader``, ``gguf.get_tensor_name_map``) alike; they are
-    let go at its end. Nests."""
-    global _patched_scopes
+    let go at its end, and the package's two names are given back what they were before. Nests."""
+    global _patched_scopes, _replaced
     if getattr(_scope, "readers", None) is not None:  # nested: the outer scope's serve
         yield
         return
-    _scope.readers, _scope.name_maps = {}, {}
     with _patch_lock:
+        if not _patched_scopes:
+            _replaced = gguf_package.GGUFReader, gguf_package.get_tensor_name_map
+            gguf_package.GGUFReader, gguf_package.get_tensor_name_map = _shared_reader, _shared_name_map
         _patched_scopes += 1
-        gguf_package.GGUFReader, gguf_package.get_tensor_name_map = _shared_reader, _shared_name_map
     try:
+        _scope.readers, _scope.name_maps = {}, {}
         yield
     finally:
-        del _scope.readers, _scope.name_maps
+        _scope.readers = _scope.name_maps = None
         with _patch_lock:
             _patched_scopes -= 1
             if not _patched_scopes:
-                gguf_package.GGUFReader, gguf_package.get_tensor_name_map = _GGUFReader, _get_tensor_name_map
+                gguf_package.GGUFReader, gguf_package.get_tensor_name_map = _replaced
+                _replaced = None
 
 
 def gguf_rope_parameters(path: str | os.PathLike) -> dict | None:

@@ -254,7 +254,8 @@ def load_config(spec: str | ResolvedSpec, trust_remote_code: bool = False) -> Pr
         if rope is not None:
             config.rope_parameters = rope
         if getattr(config, "model_type", None) == "gemma3_text":  # its attention scale, as llama.cpp reads it
-            config.query_pre_attn_scalar = gemma3_query_scalar(config)
+            config.query_pre_attn_scalar = gemma3_query_scalar(config.num_hidden_layers, config.hidden_size,
+                                                               config.num_attention_heads, config.head_dim)
     return config
 
 

@@ -96,6 +96,17 @@ def test_plans_gguf_cannot_run_faithfully_are_refused_with_the_reason(arch, bloc
         plan_gguf(fake_reader(arch, 18), DropPlan.parse(blocks, 18))
 
 
+def test_a_gemma_3_27b_plan_is_refused_where_llama_cpp_would_change_its_attention_scale():
+    """llama.cpp scales the 62-layer Gemma 3 by 1/sqrt(hidden / heads) = 1/sqrt(168), every other depth by
+    1/sqrt(head size) = 1/sqrt(128): any whole-layer drop from the 27B changes its scale, so it is refused."""
+    sizes = {"general.architecture": "gemma3", "gemma3.block_count": 62, "gemma3.embedding_length": 5376,
+             "gemma3.attention.head_count": 32, "gemma3.attention.key_length": 128}  # Gemma 3 27B's
+    six = DropPlan.parse(",".join(f"layer:{i}" for i in range(6, 12)), 62)  # every kept layer keeps its kind
+    with pytest.raises(ValueError, match=r"1/sqrt\(168\) for its 62 layers, 1/sqrt\(128\) for 56"):
+        plan_gguf(sizes, six)
+    assert plan_gguf({**sizes, "gemma3.attention.key_length": 168}, six).kept_layers[6] == 12  # the same scale
+
+
 def test_plans_that_gguf_expresses_get_their_layout():
     layout = plan_gguf(fake_reader("gemma3", 18), DropPlan.parse(",".join(f"layer:{i}" for i in range(6, 12)), 18))
     assert layout.kept_layers == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17] and layout.arch == "gemma3"
@@ -137,7 +148,7 @@ def assert_gguf_layout_is_the_files(model, gguf_path) -> None:
     llama.cpp's: the model de-quantised from a GGUF file, written back, is that file's tensors exactly."""
     from gguf.quants import dequantize
 
-    reader = gguf_reader(gguf_path)  # inside the caller's gguf_parse_once, its parse
+    reader = gguf_reader(gguf_path)  # shared where the caller is inside gguf_parse_once
     arch = reader.fields["general.architecture"].contents()
     tensors = ModelTensors(model, arch, reader.fields[f"{arch}.block_count"].contents())
     wanted = ("token_embd", "blk.1.attn_q.", "blk.1.attn_k.", "blk.1.attn_v.", "blk.1.attn_norm", "blk.1.ffn_down",

@@ -8,7 +8,6 @@ import torch
 from conftest import save_tiny_model
 from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config, T5Config, ViTConfig
 
-from entrodrop import gguf as entrodrop_gguf
 from entrodrop import loading
 from entrodrop.cache import ModelCache
 from entrodrop.gguf import gguf_parse_once, gguf_reader, strip_gguf_quantization
@@ -412,16 +411,16 @@ def test_a_gguf_config_parses_the_file_once(tmp_path, monkeypatch):
 
     opened = []
 
-    class Counting(entrodrop_gguf._GGUFReader):
+    class Counting(gguf.GGUFReader):
         def __init__(self, *args, **kwargs):
             opened.append(args[0])
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(entrodrop_gguf, "_GGUFReader", Counting)
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)  # as someone else's patch would be
     path = _write_small_gguf(tmp_path / "small.gguf")
     load_config(str(path))
     assert opened == [str(path)]
-    assert gguf.GGUFReader is Counting  # what it was before the load, not the shared reader
+    assert gguf.GGUFReader is Counting  # given back what it was before the load, not the shared reader
 
 
 def test_gguf_readers_are_shared_within_a_scope_and_its_thread_only(tmp_path):

@@ -61,11 +61,14 @@ def _check_gemma3(config) -> None:
     kinds = list(getattr(config, "layer_types", None) or [])
     expected = ["full_attention" if i % GEMMA3_SWA_PATTERN == GEMMA3_SWA_PATTERN - 1 else "sliding_attention"
                 for i in range(config.num_hidden_layers)]
-    scalar = gemma3_query_scalar(config)
+    scalar = gemma3_query_scalar(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                                 config.head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
     full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
     why = None
-    if kinds != expected:
+    if len(kinds) != len(expected):
+        why = f"its config gives {len(kinds)} layer kinds for {len(expected)} layers"
+    elif kinds != expected:
         moved = next(i for i, (kind, wanted) in enumerate(zip(kinds, expected, strict=True)) if kind != wanted)
         why = (f"llama.cpp gives Gemma 3 layers their attention kind by index (every {GEMMA3_SWA_PATTERN}th is "
                f"global), and this model's layer {moved} is {kinds[moved]}")
@@ -92,7 +95,8 @@ def _check_gemma3(config) -> None:
 
 def check_convertible(model: nn.Module, tokenizer=None) -> dict:
     """Refuse what cannot be converted faithfully (ValueError naming why; the tokenizer too when given); else
-    the metadata values the planner reads (architecture and block count)."""
+    the metadata values the planner reads (architecture, block count, and the sizes Gemma 3's attention scale
+    follows in llama.cpp)."""
     config = model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in CONVERTIBLE:
@@ -102,7 +106,10 @@ def check_convertible(model: nn.Module, tokenizer=None) -> dict:
     (_check_llama if arch == "llama" else _check_gemma3)(config)
     if tokenizer is not None:
         (bpe_pre_tokenizer_name if vocabulary == "bpe" else check_sentencepiece)(tokenizer)
-    return {"general.architecture": arch, f"{arch}.block_count": config.num_hidden_layers}
+    heads = config.num_attention_heads
+    return {"general.architecture": arch, f"{arch}.block_count": config.num_hidden_layers,
+            f"{arch}.embedding_length": config.hidden_size, f"{arch}.attention.head_count": heads,
+            f"{arch}.attention.key_length": getattr(config, "head_dim", None) or config.hidden_size // heads}
 
 
 def _write_llama_keys(writer, config, head_dim: int) -> None:

@@ -186,7 +186,8 @@ def _merges(tokenizer) -> list[str]:
 
 def write_vocabulary(writer, tokenizer, size: int, kind: str) -> None:
     """Add ``tokenizer`` to the GGUF ``writer`` as llama.cpp reads it: ``kind`` ``bpe`` or ``sentencepiece``
-    (module docstring), ``size`` tokens as the embedding has rows."""
+    (module docstring), ``size`` tokens as the embedding has rows; a SentencePiece tokenizer as
+    :func:`check_sentencepiece` passed it (the converter's ``check_convertible`` runs it first)."""
     if kind == "bpe":
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(bpe_pre_tokenizer_name(tokenizer))
@@ -195,7 +196,6 @@ def write_vocabulary(writer, tokenizer, size: int, kind: str) -> None:
         writer.add_token_types(types)
         writer.add_token_merges(_merges(tokenizer))
     else:
-        check_sentencepiece(tokenizer)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         tokens, scores, types = sentencepiece_vocabulary(tokenizer, size)

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..gguf import gguf_reader
+from ..gguf import gemma3_query_scalar, gguf_reader
 from ..plan import DropPlan
 from .gguf_tensors import ModelTensors, file_type
 
@@ -114,6 +114,14 @@ def plan_gguf(reader, plan: DropPlan) -> GGUFPlan:
                 f"{kinds[is_global(new)]} attention: the file would load and compute something else ({len(moved)} "
                 f"kept layer(s) change kind). Choose layers whose removal keeps every kept layer's kind (e.g. "
                 f"{pattern} consecutive layers), or export safetensors.")
+        sizes = [_field_value(reader, f"gemma3.{key}") for key in
+                 ("embedding_length", "attention.head_count", "attention.key_length")]
+        scalars = [gemma3_query_scalar(n, *sizes) for n in (blocks, len(kept))]
+        if None not in sizes and scalars[0] != scalars[1]:
+            raise ValueError(
+                f"llama.cpp scales a Gemma 3's attention by the layer count (1/sqrt({scalars[0]}) for its "
+                f"{blocks} layers, 1/sqrt({scalars[1]}) for {len(kept)}), so a file of {len(kept)} layers would load "
+                "and compute something else. Export safetensors.")
     new_index = {old: new for new, old in enumerate(kept)}
     return GGUFPlan(arch="deci" if (attn or mlp) else arch, source_arch=arch, kept_layers=kept,
                     no_attn={new_index[i] for i in attn}, no_ffn={new_index[i] for i in mlp})
