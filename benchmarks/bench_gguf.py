@@ -33,6 +33,8 @@ or Gemma 3 270M, a Q4_K_M GGUF); a plan the export refuses is reported with the 
   near-ties that make a greedy continuation part for good at one flipped token; with ``--from-safetensors`` and
   a type of its own (q8_0, f16, ...), also the dense model converted to that type, against the float model and
   against the model rounded as that file holds it: llama.cpp's own error at the type, measured the same way;
+  and, wherever a file rounds the weights, what the rounding alone costs in transformers (KL of the rounded
+  model to the float one, full distributions), which says how sensitive the model is to any such change;
 * llama.cpp's tokens of 9 texts (the first 64 tokens of each prompt's window, decoded, and a line of digits,
   tabs and doubled spaces) against the tokenizer's, special-token text parsed by both;
 * llama.cpp's KV cache for 512 cells, dense and pruned, with flash attention off and on (llama.cpp pads
@@ -103,6 +105,21 @@ def teacher_forced(prefix: Path, path: Path, model, plan: DropPlan | None, windo
                 kls.append(float((p * (p / q).log()).sum()) + rest_p * math.log(rest_p / rest_q))
                 same += int(tokens[0] == int(ours.argmax()))
     return {"positions": len(kls), "top1_agreement": same / len(kls), "kl": sum(kls) / len(kls)}
+
+
+def rounding_kl(model, rounded, plan: DropPlan | None, windows: list[list[int]], start: int = 32) -> float:
+    """Mean KL(rounded || model) of the next-token distributions along ``windows`` from token ``start`` on, both
+    in transformers (full distributions): what the file's rounding alone costs, and so how sensitive the model is."""
+    kls = []
+    with torch.no_grad():
+        for window in windows:
+            ids = torch.tensor([window])
+            with preview_plan(model, plan) if plan is not None else torch.no_grad():
+                ours = torch.log_softmax(model(ids).logits[0, start - 1:-1].double(), -1)
+            with preview_plan(rounded, plan) if plan is not None else torch.no_grad():
+                theirs = torch.log_softmax(rounded(ids).logits[0, start - 1:-1].double(), -1)
+            kls += (theirs.exp() * (theirs - ours)).sum(-1).tolist()
+    return sum(kls) / len(kls)
 
 
 def float_greedy(model, ids: list[int], n: int, plan: DropPlan | None) -> list[int]:
@@ -200,7 +217,8 @@ def main() -> None:
     print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}; teacher-forced: "
           f"{results.get('baseline_teacher_forced')}")
     print(f"dense KV cache: {kv_dense}")
-    gguf_type = resolve_gguf_type(args.gguf_type, heal=args.heal, gguf_source=bool(source.gguf_file))
+    gguf_type = resolve_gguf_type(args.gguf_type, heal=args.heal, gguf_source=bool(source.gguf_file),
+                                  model_type=loaded.model.config.model_type)
     results.update(heal=args.heal, gguf_type=gguf_type)
     if scored and args.from_safetensors and not args.rope_llama3 and gguf_type not in ("stored", "source", "adapter"):
         # the dense model converted the same way: llama.cpp's own error at this type, the pruned files' yardstick
@@ -211,12 +229,14 @@ def main() -> None:
         rounded = quantised_copy(loaded.model, gguf_type)
         results["baseline_same_type"] = {
             "float": teacher_forced(prefix, dense_file, loaded.model, None, scored),
-            "rounded": teacher_forced(prefix, dense_file, rounded, None, scored)}
+            "rounded": teacher_forced(prefix, dense_file, rounded, None, scored),
+            "rounding_kl": rounding_kl(loaded.model, rounded, None, scored)}
         del rounded
         dense_file.unlink()
         print(f"dense converted to {gguf_type}, teacher-forced: llama.cpp vs transformers (float): "
               f"{results['baseline_same_type']['float']}; vs transformers rounded as the file: "
-              f"{results['baseline_same_type']['rounded']}")
+              f"{results['baseline_same_type']['rounded']}; the rounding alone, in transformers: KL "
+              f"{results['baseline_same_type']['rounding_kl']:.3g}")
     with tempfile.TemporaryDirectory() as tmp:
         for label, plan in plans.items():
             model, record = loaded.model, None
@@ -268,7 +288,9 @@ def main() -> None:
                 row["rounding_agreement"] = agreement(pruned_float, rounded_float)
                 if scored:  # llama.cpp's arithmetic alone: against the weights it reads
                     row["teacher_forced_rounded"] = teacher_forced(prefix, path, rounded, plan, scored)
-                    print(f"  teacher-forced, llama.cpp vs transformers rounded as the file: {row['teacher_forced_rounded']}")
+                    row["rounding_kl"] = rounding_kl(model, rounded, plan, scored)
+                    print(f"  teacher-forced, llama.cpp vs transformers rounded as the file: {row['teacher_forced_rounded']}"
+                          f"; the rounding alone, in transformers: KL {row['rounding_kl']:.3g}")
                 print(f"  llama.cpp vs transformers with the weights rounded as the file holds them: "
                       f"{row['agreement_with_rounded']}\n  transformers, rounded vs not: {row['rounding_agreement']}")
                 del rounded

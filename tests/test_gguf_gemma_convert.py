@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import build_tiny_sentencepiece_tokenizer
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from tiny_models import _COMMON, tiny_model
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
@@ -66,8 +66,13 @@ def test_a_gemma_3_checkpoint_converts_to_a_gguf_that_reloads_with_its_logits_an
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied: llama.cpp reads the embedding
     norm = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
     assert float(norm.data[0]) == pytest.approx(1.0 + model.model.layers[0].input_layernorm.weight[0].item())
-    q8 = export_gguf(model, spm_tokenizer, DropPlan.parse("layer:5", LAYERS), tmp_path / "q8", source=source)
-    assert q8.ok, q8.verdict  # auto: q8_0, compared with the model rounded as the file holds it
+    auto = export_gguf(model, spm_tokenizer, DropPlan.parse("layer:5", LAYERS), tmp_path / "auto", source=source)
+    assert auto.ok, auto.verdict  # auto for Gemma 3: float16 (its pruned models are fragile in 8 bits)
+    written = GGUFReader(str(next((tmp_path / "auto").glob("*-f16.gguf"))))
+    assert {t.tensor_type for t in written.tensors if len(t.shape) > 1} == {GGMLQuantizationType.F16}
+    q8 = export_gguf(model, spm_tokenizer, DropPlan.parse("layer:5", LAYERS), tmp_path / "q8", source=source,
+                     gguf_type="q8_0")
+    assert q8.ok, q8.verdict  # compared with the model rounded as the file holds it
 
 
 @pytest.mark.parametrize(("changes", "message"), [

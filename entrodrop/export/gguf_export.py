@@ -91,7 +91,8 @@ def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | No
     if not plan.blocks:
         raise ValueError("The plan drops no block, so the export would be the dense model: give blocks to drop.")
     path = gguf_source_file(model, source)
-    gguf_type = resolve_gguf_type(gguf_type, heal=heal, gguf_source=path is not None)
+    gguf_type = resolve_gguf_type(gguf_type, heal=heal, gguf_source=path is not None,
+                                  model_type=getattr(model.config, "model_type", None))
     own = ", ".join(t for t in GGUF_TYPES if t not in ("auto", "stored", "source", "adapter"))
     if heal is not None and gguf_type == "stored":
         raise ValueError("A healed model has new weights, while GGUF type 'stored' copies the source's tensors as "
@@ -140,7 +141,8 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
     method = heal["method"] if heal else None
     layout = check_gguf_export(model, plan, source, heal=method, gguf_type=gguf_type, tokenizer=tokenizer)
     src_path = gguf_source_file(model, source)
-    gguf_type = resolve_gguf_type(gguf_type, heal=method, gguf_source=src_path is not None)
+    gguf_type = resolve_gguf_type(gguf_type, heal=method, gguf_source=src_path is not None,
+                                  model_type=getattr(model.config, "model_type", None))
     weights = None if gguf_type == "stored" else ModelTensors(model, layout.source_arch, plan.num_layers, source=src_path)
     # the source's own types keep the source's name, which usually says its quantisation (…Q4_1.gguf); an
     # adapter's base is the unhealed pruned file, and the adapter file says it holds the heal

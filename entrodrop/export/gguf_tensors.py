@@ -34,8 +34,8 @@ from torch import nn
 from ..gguf import gguf_reader
 
 GGUF_TYPES: dict[str, str] = {
-    "auto": "as stored for a GGUF-loaded model as dropped; after a linear heal, source; after a LoRA heal or "
-            "from safetensors, q8_0",
+    "auto": "as stored for a GGUF-loaded model as dropped; after a linear heal, source; after a LoRA heal, q8_0; "
+            "from safetensors, q8_0 (Gemma 3: f16)",
     "stored": "the source's tensors copied as stored (same quantisation, byte for byte)",
     "source": "the model's own weights in the source file's types: tensors it shares with the source copied as "
               "stored, the others re-quantised in their source type (q8_0 where gguf has no quantiser: K-quants)",
@@ -51,6 +51,9 @@ GGUF_TYPES: dict[str, str] = {
     "f32": "float32 (4 bytes per weight; the weights exactly)",
 }
 FLOAT_ARCHS = ("llama", "gemma3")  # layouts checked against real files (module docstring)
+# auto for a model converted from safetensors, by its config's model_type where not q8_0: a pruned Gemma 3 in
+# Q8_0 parts from itself in llama.cpp ten times as much as the dense model does (docs/results.md section 7)
+_AUTO_CONVERTED = {"gemma3_text": "f16"}
 _BLOCK = 32  # values per block of every block type written here
 
 
@@ -87,20 +90,22 @@ def describe_gguf_type(gguf_type: str) -> str:
             "adapter": "the source's quantisation with the heal as a LoRA adapter"}.get(gguf_type, gguf_type)
 
 
-def resolve_gguf_type(gguf_type: str, *, heal: str | None, gguf_source: bool) -> str:
+def resolve_gguf_type(gguf_type: str, *, heal: str | None, gguf_source: bool, model_type: str | None = None) -> str:
     """``gguf_type`` with ``auto`` decided for a model healed by the method ``heal`` (None: not healed).
 
     From a GGUF source: the source's bytes where they are the weights; after a linear heal, the source's own
     types (its maps change a few matrices by a lot, and re-quantising them keeps the heal: 48% and 70% of the
     lost nats won back against 49% and 73% in float, at the unhealed file's size); after a LoRA heal, Q8_0
     (its update moves every matrix by less than a 4-bit step, and re-quantising erases it: 84% -> 9%).
-    Measured on the development part, docs/results.md section 7. Without a GGUF source, Q8_0."""
+    Without a GGUF source (``model_type``: the config's), Q8_0, and float16 for Gemma 3, whose pruned models
+    llama.cpp's 8-bit arithmetic moves ten times as far as the dense model. Measured on the development part,
+    docs/results.md section 7."""
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"Unknown GGUF tensor type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}.")
     if gguf_type != "auto":
         return gguf_type
     if not gguf_source:
-        return "q8_0"
+        return _AUTO_CONVERTED.get(model_type, "q8_0")
     return {None: "stored", "linear": "source"}.get(heal, "q8_0")
 
 

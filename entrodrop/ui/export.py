@@ -243,8 +243,8 @@ class ExportHandlers:
                             "name' to replace it, or choose another name.") from exc
             if file_format == "gguf":  # what GGUF cannot express is refused before anything is written
                 method = heal_entry[1].method if heal_entry is not None else None
-                gguf_type = resolve_gguf_type(gguf_type, heal=method,
-                                              gguf_source=bool(ModelSource.of(loaded).gguf_file))
+                gguf_type = resolve_gguf_type(gguf_type, heal=method, gguf_source=bool(ModelSource.of(loaded).gguf_file),
+                                              model_type=loaded.model.config.model_type)
                 try:
                     check_gguf_export(loaded.model, plan, ModelSource.of(loaded), heal=method,
                                       gguf_type=gguf_type, tokenizer=loaded.tokenizer)
