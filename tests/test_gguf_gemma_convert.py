@@ -73,6 +73,8 @@ def test_a_gemma_3_checkpoint_converts_to_a_gguf_that_reloads_with_its_logits_an
     q8 = export_gguf(model, spm_tokenizer, DropPlan.parse("layer:5", LAYERS), tmp_path / "q8", source=source,
                      gguf_type="q8_0")
     assert q8.ok, q8.verdict  # compared with the model rounded as the file holds it
+    assert "export with GGUF type f16" in (tmp_path / "q8" / "README.md").read_text()  # the measured caveat
+    assert "Quantised, and this is a pruned Gemma 3" not in (tmp_path / "auto" / "README.md").read_text()
 
 
 @pytest.mark.parametrize(("changes", "message"), [

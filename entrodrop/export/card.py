@@ -85,6 +85,9 @@ def _fmt(value) -> str:
     return str(value)
 
 
+_FLOAT_GGUF_TYPES = ("f16", "bf16", "f32")  # GGUF types that do not quantise the weights
+
+
 def model_card(meta: dict, verdict: str, hint: str) -> str:
     """The card ``README.md``: front matter, what was dropped and why, calibration, checks, verdict, reload."""
     plan = meta["plan"]
@@ -122,6 +125,13 @@ def model_card(meta: dict, verdict: str, hint: str) -> str:
     if check_verdict:
         warn = "⚠ **A check found this plan damaged**: " if check_verdict["level"] == "damaged" else "Check verdict: "
         lines += ["", f"{warn}{check_verdict['text']} (thresholds: {check_verdict['thresholds']})."]
+    if gguf_file and source.get("family") == "gemma3" and meta.get("gguf_type") not in _FLOAT_GGUF_TYPES:
+        lines += ["", "⚠ **Quantised, and this is a pruned Gemma 3.** Measured on Gemma 3 270M without 6 of its 18 "
+                      "layers (EntroDrop's docs/results.md, section 7, on its report texts): the pruned model is about "
+                      "ten times as sensitive to rounding as the dense one, and llama.cpp's quantised arithmetic "
+                      "moved its Q4_K_M and Q8_0 files 9-15 times as far from the model as it moves the dense "
+                      "files from the dense model, while its f16 file ran as the model does. For a file llama.cpp "
+                      "runs as EntroDrop's preview and checks did, export with GGUF type f16."]
     if meta.get("gguf"):
         lines += ["", "The source was a quantised GGUF file: these are **de-quantised float safetensors from GGUF**, "
                       "not the original quantisation."]
