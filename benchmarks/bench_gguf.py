@@ -81,19 +81,29 @@ def llama_cpp(prefix: Path, model: Path, ids: list[int], n: int, flash: bool = F
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def teacher_forced(prefix: Path, path: Path, model, plan: DropPlan | None, windows: list[list[int]], start: int = 32,
-                   k: int = 20, lora: Path | None = None) -> dict:
-    """llama.cpp running ``path`` against transformers running ``model`` (under ``plan``), teacher-forced along
-    ``windows`` from token ``start`` on: the share of positions where both rank the same token first, and the mean
-    KL(llama.cpp || transformers) of the next-token distributions coarsened to llama.cpp's ``k`` likeliest tokens
-    and the rest (a lower bound of the full KL, by the data-processing inequality)."""
+def planned(model, plan: DropPlan | None):
+    """``model`` runs ``plan`` within this block (the dense model for None), without gradients."""
+    return preview_plan(model, plan) if plan is not None else torch.no_grad()
+
+
+def llama_cpp_scores(prefix: Path, path: Path, windows: list[list[int]], start: int = 32, k: int = 20,
+                     lora: Path | None = None) -> list:
+    """llama.cpp running ``path`` (with the adapter ``lora``) teacher-forced along ``windows``: its ``k`` likeliest
+    next tokens and their probabilities after each position from ``start - 1`` on (llama_cpp_scores.mjs)."""
     script = prefix / "llama_cpp_scores.mjs"
     script.write_text((SCRIPT.parent / script.name).read_text())
     args = ["node", str(script), str(path), json.dumps(windows), str(start), str(k)] + ([str(lora)] if lora else [])
     out = subprocess.run(args, cwd=prefix, capture_output=True, text=True, timeout=1800, check=True)
-    cpp = json.loads(out.stdout.strip().splitlines()[-1])["windows"]
+    return json.loads(out.stdout.strip().splitlines()[-1])["windows"]
+
+
+def teacher_forced(cpp: list, model, plan: DropPlan | None, windows: list[list[int]], start: int = 32) -> dict:
+    """llama.cpp's distributions ``cpp`` (:func:`llama_cpp_scores` of ``windows``) against transformers running
+    ``model`` under ``plan``: the share of positions where both rank the same token first, and the mean
+    KL(llama.cpp || transformers) of the next-token distributions coarsened to llama.cpp's likeliest tokens and
+    the rest (a lower bound of the full KL, by the data-processing inequality)."""
     kls, same = [], 0
-    with preview_plan(model, plan) if plan is not None else torch.no_grad(), torch.no_grad():
+    with planned(model, plan), torch.no_grad():
         for window, positions in zip(windows, cpp, strict=True):
             probs = torch.softmax(model(torch.tensor([window])).logits[0].double(), -1)
             for j, top in enumerate(positions):
@@ -114,16 +124,16 @@ def rounding_kl(model, rounded, plan: DropPlan | None, windows: list[list[int]],
     with torch.no_grad():
         for window in windows:
             ids = torch.tensor([window])
-            with preview_plan(model, plan) if plan is not None else torch.no_grad():
+            with planned(model, plan):
                 ours = torch.log_softmax(model(ids).logits[0, start - 1:-1].double(), -1)
-            with preview_plan(rounded, plan) if plan is not None else torch.no_grad():
+            with planned(rounded, plan):
                 theirs = torch.log_softmax(rounded(ids).logits[0, start - 1:-1].double(), -1)
             kls += (theirs.exp() * (theirs - ours)).sum(-1).tolist()
     return sum(kls) / len(kls)
 
 
 def float_greedy(model, ids: list[int], n: int, plan: DropPlan | None) -> list[int]:
-    with preview_plan(model, plan) if plan is not None else torch.no_grad():
+    with planned(model, plan):
         tokens = greedy_generate(model, None, torch.tensor([ids]), n, pad_token_id=0, min_new_tokens=n)
     return tokens.tolist()
 
@@ -213,7 +223,8 @@ def main() -> None:
                "baseline": None if args.rope_llama3 else agreement(dense_float, dense_cpp),
                "kv_dense": kv_dense, "plans": {}}
     if scored and not args.rope_llama3:
-        results["baseline_teacher_forced"] = teacher_forced(prefix, reference_gguf, loaded.model, None, scored)
+        results["baseline_teacher_forced"] = teacher_forced(llama_cpp_scores(prefix, reference_gguf, scored),
+                                                            loaded.model, None, scored)
     print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}; teacher-forced: "
           f"{results.get('baseline_teacher_forced')}")
     print(f"dense KV cache: {kv_dense}")
@@ -227,9 +238,10 @@ def main() -> None:
         dense_file = Path(scratch.name) / f"dense-{gguf_type}.gguf"
         write_dense_gguf(loaded.model, loaded.tokenizer, dense_file, gguf_type)
         rounded = quantised_copy(loaded.model, gguf_type)
+        cpp = llama_cpp_scores(prefix, dense_file, scored)
         results["baseline_same_type"] = {
-            "float": teacher_forced(prefix, dense_file, loaded.model, None, scored),
-            "rounded": teacher_forced(prefix, dense_file, rounded, None, scored),
+            "float": teacher_forced(cpp, loaded.model, None, scored),
+            "rounded": teacher_forced(cpp, rounded, None, scored),
             "rounding_kl": rounding_kl(loaded.model, rounded, None, scored)}
         del rounded
         dense_file.unlink()
@@ -264,8 +276,9 @@ def main() -> None:
             pruned_float = [float_greedy(model, p, n, plan) for p in prompts]
             pruned_cpp = [llama_cpp(prefix, path, p, n, lora=lora)["tokens"] for p in prompts]
             row["agreement"] = agreement(pruned_float, pruned_cpp)
+            cpp = llama_cpp_scores(prefix, path, scored, lora=lora) if scored else None
             if scored:
-                row["teacher_forced"] = teacher_forced(prefix, path, model, plan, scored, lora=lora)
+                row["teacher_forced"] = teacher_forced(cpp, model, plan, scored)
                 print(f"  teacher-forced, llama.cpp vs transformers: {row['teacher_forced']}")
             if lora is not None:  # the control: the base alone, without the heal
                 row["adapter_bytes"] = lora.stat().st_size
@@ -287,7 +300,7 @@ def main() -> None:
                 row["agreement_with_rounded"] = agreement(rounded_float, pruned_cpp)
                 row["rounding_agreement"] = agreement(pruned_float, rounded_float)
                 if scored:  # llama.cpp's arithmetic alone: against the weights it reads
-                    row["teacher_forced_rounded"] = teacher_forced(prefix, path, rounded, plan, scored)
+                    row["teacher_forced_rounded"] = teacher_forced(cpp, rounded, plan, scored)
                     row["rounding_kl"] = rounding_kl(model, rounded, plan, scored)
                     print(f"  teacher-forced, llama.cpp vs transformers rounded as the file: {row['teacher_forced_rounded']}"
                           f"; the rounding alone, in transformers: KL {row['rounding_kl']:.3g}")

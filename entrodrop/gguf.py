@@ -160,10 +160,15 @@ def gemma3_query_scalar(num_layers: int, hidden_size: int, heads: int, head_dim:
     return hidden_size // heads if num_layers == 62 else head_dim
 
 
+def _package_own() -> tuple:
+    """The package's ``GGUFReader`` and ``get_tensor_name_map`` as they were before any scope replaced them."""
+    replaced = _replaced  # read once: another thread's last scope may give them back meanwhile
+    return replaced if replaced is not None else (gguf_package.GGUFReader, gguf_package.get_tensor_name_map)
+
+
 def _package_reader(path, mode: str = "r"):
-    """A fresh parse by the package's ``GGUFReader``, as it was before any scope put the shared one in its place."""
-    replaced = _replaced
-    return (replaced[0] if replaced is not None else gguf_package.GGUFReader)(str(path), mode)
+    """A fresh parse by the package's own ``GGUFReader``."""
+    return _package_own()[0](str(path), mode)
 
 
 def gguf_reader(path: str | os.PathLike):
@@ -188,8 +193,7 @@ def _shared_reader(path, mode: str = "r"):
 def _shared_name_map(arch, n_blocks: int):
     """``gguf.get_tensor_name_map`` inside a scope: one map per architecture and depth (transformers builds one
     for each of a model's ~400 modules, 2-3 s a load here); the maps are only read."""
-    replaced = _replaced
-    build = replaced[1] if replaced is not None else gguf_package.get_tensor_name_map
+    build = _package_own()[1]
     maps = getattr(_scope, "name_maps", None)
     if maps is None:
         return build(arch, n_blocks)
