@@ -1,5 +1,6 @@
 """The second bundled family, Gemma 3 270M (alias ``gemma3-270m``): a clear message when its package is
-absent, and (slow) the real model loading and calibrating through the gemma3 adapter."""
+absent, and (slow) the real model loading and calibrating through the gemma3 adapter, its GGUF layout and
+vocabulary, and its default GGUF export (float16)."""
 
 import importlib.util
 import math
@@ -178,3 +179,32 @@ def test_gemma_vocabulary_rebuilt_from_its_tokenizer_is_the_files_own(gemma):
     assert set(differ) <= set(singles) and set(ours[differ] - theirs[differ]) == {31.0}
     normal = np.asarray(types) == 1
     assert np.array_equal(np.argsort(-ours[normal], kind="stable"), np.argsort(-theirs[normal], kind="stable"))
+
+
+@pytest.mark.slow
+@needs_gemma
+def test_gemma_exports_to_gguf_in_float16_by_default_and_reloads_as_the_pruned_model(gemma, tmp_path):
+    """auto from Gemma 3's own Q4_K_M file is float16, not the stored quantisation (llama.cpp's quantised arithmetic
+    moves a pruned Gemma 3 far from itself, docs/results.md section 7): the six layers 6-11 dropped (every kept
+    layer keeps its attention kind), each weight within float16 rounding of the model's, and transformers'
+    reload of the file computes the pruned model as the file rounds it."""
+    from gguf import GGMLQuantizationType as T
+
+    from entrodrop.export import ModelSource
+    from entrodrop.export.gguf_export import export_gguf
+    from entrodrop.plan import DropPlan
+
+    plan = DropPlan.parse(",".join(f"layer:{i}" for i in range(6, 12)), 18)
+    result = export_gguf(gemma.model, gemma.tokenizer, plan, tmp_path / "out", source=ModelSource.of(gemma))
+    assert result.ok, result.verdict
+    assert "the model's own weights within f16 rounding" in result.verdict
+    reloaded = result.verification["loaders"]["transformers from_pretrained(gguf_file=...)"]
+    assert reloaded["max_abs_diff"] == 0.0 and reloaded["rounding_kl"] < 1e-4
+    path = next((tmp_path / "out").glob("*-f16.gguf"))
+    reader = gguf_reader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    assert meta["gemma3.block_count"] == 12 and meta["entrodrop.weights"] == "f16"
+    assert meta["entrodrop.source_layers"] == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17]
+    assert {t.tensor_type for t in reader.tensors if len(t.shape) > 1} == {T.F16}
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Quantised, and this is a pruned Gemma 3" not in card  # the caveat is for quantised files

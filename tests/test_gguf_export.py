@@ -298,14 +298,16 @@ def test_each_tensor_gets_the_type_its_gguf_type_says():
     with pytest.raises(ValueError, match="needs the source file's tensor type"):
         ggml_type("source", (64, 64))
     # auto: a GGUF source's bytes as dropped; a linear heal in the source's types; a LoRA heal, or no GGUF source,
-    # q8_0, but float16 for a Gemma 3 from safetensors
+    # q8_0; a Gemma 3, float16
     assert resolve_gguf_type("auto", heal=None, gguf_source=True) == "stored"
     assert resolve_gguf_type("auto", heal="linear", gguf_source=True) == "source"
     assert resolve_gguf_type("auto", heal="lora", gguf_source=True) == "q8_0"
     assert resolve_gguf_type("auto", heal="linear", gguf_source=False) == "q8_0"
     assert resolve_gguf_type("auto", heal=None, gguf_source=False, model_type="llama") == "q8_0"
-    assert resolve_gguf_type("auto", heal=None, gguf_source=False, model_type="gemma3_text") == "f16"
-    assert resolve_gguf_type("auto", heal=None, gguf_source=True, model_type="gemma3_text") == "stored"
+    for source in (True, False):  # Gemma 3: float16 from any source, healed or not
+        for heal in (None, "linear", "lora"):
+            assert resolve_gguf_type("auto", heal=heal, gguf_source=source, model_type="gemma3_text") == "f16"
+    assert resolve_gguf_type("stored", heal=None, gguf_source=True, model_type="gemma3_text") == "stored"
     assert resolve_gguf_type("q4_0", heal="lora", gguf_source=True) == "q4_0"
 
 

@@ -70,15 +70,16 @@ def add_format_args(parser) -> None:
 
     parser.add_argument("--format", default="safetensors", choices=("safetensors", "gguf"),
                         help="gguf: a file for llama.cpp / Ollama (whole layers, or attention blocks of Llama-family "
-                             "models), from a .gguf source, whose tokenizer and settings it keeps, or a Llama "
-                             "safetensors one, converted")
+                             "models), from a .gguf source, whose tokenizer and settings it keeps, or a Llama or "
+                             "Gemma 3 safetensors one, converted")
     parser.add_argument("--gguf-type", default="auto", choices=tuple(GGUF_TYPES),
                         help="with --format gguf: 'stored' copies a .gguf source's quantised tensors byte for byte; "
                              "the others write the model's own weights (Llama, Gemma 3): 'source' in the source "
                              "file's types, re-quantising only what a heal changed, or one block or float type; "
                              "'adapter', after a LoRA heal: the stored tensors and the heal as a llama.cpp LoRA "
-                             "adapter file beside them (run with --lora); auto (default): stored without a heal, "
-                             "source after a linear heal, q8_0 after a LoRA heal or from safetensors")
+                             "adapter file beside them (run with --lora); auto (default): f16 for Gemma 3 (llama.cpp's "
+                             "quantised arithmetic moves a pruned one far from itself); otherwise stored without a "
+                             "heal, source after a linear heal, q8_0 after a LoRA heal or from safetensors")
 
 
 def register(subparsers) -> None:

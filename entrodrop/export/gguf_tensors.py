@@ -34,8 +34,8 @@ from torch import nn
 from ..gguf import gguf_reader
 
 GGUF_TYPES: dict[str, str] = {
-    "auto": "as stored for a GGUF-loaded model as dropped; after a linear heal, source; after a LoRA heal, q8_0; "
-            "from safetensors, q8_0 (Gemma 3: f16)",
+    "auto": "Gemma 3: f16. Others: as stored for a GGUF-loaded model as dropped; after a linear heal, source; "
+            "after a LoRA heal, q8_0; from safetensors, q8_0",
     "stored": "the source's tensors copied as stored (same quantisation, byte for byte)",
     "source": "the model's own weights in the source file's types: tensors it shares with the source copied as "
               "stored, the others re-quantised in their source type (q8_0 where gguf has no quantiser: K-quants)",
@@ -51,9 +51,10 @@ GGUF_TYPES: dict[str, str] = {
     "f32": "float32 (4 bytes per weight; the weights exactly)",
 }
 FLOAT_ARCHS = ("llama", "gemma3")  # layouts checked against real files (module docstring)
-# auto for a model converted from safetensors, by its config's model_type where not q8_0: a pruned Gemma 3 in
-# Q8_0 parts from itself in llama.cpp ten times as much as the dense model does (docs/results.md section 7)
-_AUTO_CONVERTED = {"gemma3_text": "f16"}
+# auto by the config's model_type, whatever the source: llama.cpp's quantised arithmetic moves a pruned Gemma 3
+# 9-15x as far from itself as the dense model (its stored Q4_K_M copy and Q8_0), and runs its f16 file as it
+# is (docs/results.md section 7, "Gemma 3 in llama.cpp")
+_AUTO_BY_MODEL = {"gemma3_text": "f16"}
 _BLOCK = 32  # values per block of every block type written here
 
 
@@ -97,15 +98,18 @@ def resolve_gguf_type(gguf_type: str, *, heal: str | None, gguf_source: bool, mo
     types (its maps change a few matrices by a lot, and re-quantising them keeps the heal: 48% and 70% of the
     lost nats won back against 49% and 73% in float, at the unhealed file's size); after a LoRA heal, Q8_0
     (its update moves every matrix by less than a 4-bit step, and re-quantising erases it: 84% -> 9%).
-    Without a GGUF source (``model_type``: the config's), Q8_0, and float16 for Gemma 3, whose pruned models
-    llama.cpp's 8-bit arithmetic moves ten times as far as the dense model. Measured on the development part,
-    docs/results.md section 7."""
+    Without a GGUF source, Q8_0. Before all that, by ``model_type`` (the config's): float16 for Gemma 3, from any
+    source, healed or not; llama.cpp runs its pruned models' quantised files (the stored Q4_K_M copy, Q8_0) 9-15x
+    as far from the model as the dense files, and the float16 ones as the model runs. Measured on the
+    development part, docs/results.md section 7."""
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"Unknown GGUF tensor type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}.")
     if gguf_type != "auto":
         return gguf_type
+    if model_type in _AUTO_BY_MODEL:
+        return _AUTO_BY_MODEL[model_type]
     if not gguf_source:
-        return _AUTO_CONVERTED.get(model_type, "q8_0")
+        return "q8_0"
     return {None: "stored", "linear": "source"}.get(heal, "q8_0")
 
 

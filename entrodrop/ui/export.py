@@ -103,7 +103,8 @@ def create_ui() -> ExportTab:
                                          "in the dtype it is written in.")
             tab.file_format = gr.Radio(FORMATS, value="safetensors", label="Format", elem_id="export-format",
                                        info="GGUF: whole layers, or attention blocks of Llama-family models; from a "
-                                            "GGUF source (its tokenizer and settings kept) or a Llama safetensors one.")
+                                            "GGUF source (its tokenizer and settings kept) or a Llama or Gemma 3 "
+                                            "safetensors one.")
             tab.gguf_type = gr.Dropdown(GGUF_TYPE_CHOICES, value=AUTO_GGUF_TYPE, label="GGUF tensors",
                                         elem_id="export-gguf-type",
                                         info="'stored' copies a GGUF source's quantised tensors byte for byte (the "
@@ -111,7 +112,9 @@ def create_ui() -> ExportTab:
                                              "from its own weights (Llama, Gemma 3): 'source' keeps the source's "
                                              "types (auto after a linear heal), q8_0 keeps a LoRA heal in one file "
                                              "(auto); 'adapter' keeps it as a llama.cpp LoRA adapter beside the "
-                                             "stored tensors (smaller; run both files together).")
+                                             "stored tensors (smaller; run both files together). Gemma 3: "
+                                             "auto is f16 from any source, since llama.cpp's quantised arithmetic "
+                                             "moves a pruned Gemma 3 far from itself.")
             tab.overwrite = gr.Checkbox(False, label="Replace my export of the same name", elem_id="export-overwrite")
             tab.healed = gr.Checkbox(True, label="Export the healed model when step 5 healed these blocks",
                                      elem_id="export-healed")
