@@ -1,6 +1,6 @@
 """Calibration overhead and memory on the bundled model, measured in one run.
 
-    .venv/bin/python benchmarks/bench_calibration.py [--samples 32] [--seq-len 256] [--threads 1,2] [--json out.json]
+    .venv/bin/python benchmarks/bench_calibration.py [--samples 32] [--seq-len 256] [--threads 1,2] [--breakdown-only] [--json out.json]
 
 1. Time, at each torch thread count: calibration with bucket + knn entropy and cosine + angular scores
    at all three granularities, with the statistics on the forward's thread (``overlap=False``) and on a
@@ -14,6 +14,12 @@
 3. Memory: peak resident memory *added* by calibration (the kernel's high-water mark, reset after
    loading and a warm-up calibration), 32 versus 128 samples, each in a fresh process.
    Goal: at most 5% apart.
+4. Where calibration's time goes (``--breakdown-windows`` windows, at each thread count): calibration with
+   bucket + knn, bucket alone and knn alone (``overlap=False``), alternated like the runs above with a bare
+   decoder forward of the same windows. knn's part is what adding it costs (both minus bucket alone),
+   bucket's likewise, and the rest (capturing the streams, cosines, the angular matrix, the massive-token
+   report) is what the single-estimator runs add to the forward beyond their estimator.
+   ``--breakdown-only`` runs this part alone.
 """
 
 from __future__ import annotations
@@ -37,23 +43,9 @@ from entrodrop.loading import load_model
 SETTINGS = EstimatorSettings(("bucket", "knn"))
 
 
-def alternating_seconds(model, windows, spec, rounds: int) -> dict[str, float]:
-    """Total seconds of each of four runs over ``windows``, alternated ``rounds`` times (rotated order)."""
-
-    def decoder():
-        for row in windows:
-            model.base_model(input_ids=row[None], use_cache=False)
-
-    def full():
-        for row in windows:
-            model(input_ids=row[None], use_cache=False)
-
-    runs = {
-        "full": full,
-        "decoder": decoder,
-        "calibration": lambda: run_calibration(model, windows, settings=SETTINGS, spec=spec, overlap=False),
-        "calibration_overlap": lambda: run_calibration(model, windows, settings=SETTINGS, spec=spec, overlap=True),
-    }
+def alternate(runs: dict, rounds: int) -> dict[str, float]:
+    """Total seconds of each of ``runs`` (name -> callable), alternated ``rounds`` times in a rotated order so
+    that each sees the same machine load."""
     totals = dict.fromkeys(runs, 0.0)
     names = list(runs)
     for r in range(rounds):
@@ -63,6 +55,44 @@ def alternating_seconds(model, windows, spec, rounds: int) -> dict[str, float]:
                 runs[name]()
                 totals[name] += time.perf_counter() - t0
     return totals
+
+
+def decoder_pass(model, windows) -> None:
+    """A bare forward of the decoder without the LM head (which calibration skips), one window at a time."""
+    for row in windows:
+        model.base_model(input_ids=row[None], use_cache=False)
+
+
+def alternating_seconds(model, windows, spec, rounds: int) -> dict[str, float]:
+    """Total seconds of each of four runs over ``windows``, alternated ``rounds`` times (rotated order)."""
+
+    def full():
+        for row in windows:
+            model(input_ids=row[None], use_cache=False)
+
+    return alternate({
+        "full": full,
+        "decoder": lambda: decoder_pass(model, windows),
+        "calibration": lambda: run_calibration(model, windows, settings=SETTINGS, spec=spec, overlap=False),
+        "calibration_overlap": lambda: run_calibration(model, windows, settings=SETTINGS, spec=spec, overlap=True),
+    }, rounds)
+
+
+def statistics_breakdown(model, windows, spec, rounds: int) -> dict[str, float]:
+    """Seconds per window of a decoder forward and of what calibration adds to it, by part (section 4 above)."""
+
+    def calibration(*estimators):
+        return lambda: run_calibration(model, windows, settings=EstimatorSettings(estimators), spec=spec,
+                                       overlap=False)
+
+    totals = alternate({"decoder": lambda: decoder_pass(model, windows), "both": calibration("bucket", "knn"),
+                        "bucket": calibration("bucket"), "knn": calibration("knn")}, rounds)
+    per = {k: v / (rounds * len(windows)) for k, v in totals.items()}
+    parts = {"knn": per["both"] - per["bucket"], "bucket": per["both"] - per["knn"],
+             "rest": per["bucket"] + per["knn"] - per["both"] - per["decoder"]}
+    return {"decoder_s": per["decoder"], "calibration_s": per["both"], **{f"{k}_s": v for k, v in parts.items()},
+            "calibration_vs_decoder": per["both"] / per["decoder"],
+            **{f"{k}_vs_decoder": v / per["decoder"] for k, v in parts.items()}}
 
 
 def data_parallel_child(samples: int, seq_len: int, out: str) -> None:
@@ -157,6 +187,8 @@ def main() -> None:
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dp-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dp-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown-windows", type=int, default=16)
+    parser.add_argument("--breakdown-only", action="store_true", help="run section 4 (where the time goes) alone")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.memory_child is not None:
@@ -169,6 +201,25 @@ def main() -> None:
     loaded = load_model("smollm2")
     corpus = load_corpus("gsm8k")
     windows = make_windows(loaded.tokenizer, corpus, num_samples=args.samples, seq_len=args.seq_len, seed=0)
+    breakdown = {}
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        statistics_breakdown(loaded.model, windows[:1], loaded.arch, 1)  # warm-up
+        breakdown[threads] = statistics_breakdown(loaded.model, windows[: args.breakdown_windows], loaded.arch,
+                                                  args.rounds)
+    print(f"where calibration's time goes: {args.breakdown_windows} windows x {args.seq_len} tokens on "
+          f"{loaded.name}, {args.rounds} alternating rounds, per window")
+    for threads, b in breakdown.items():
+        print(f"  {threads} torch thread(s): decoder forward {b['decoder_s'] * 1e3:.0f} ms, calibration "
+              f"{b['calibration_s'] * 1e3:.0f} ms ({b['calibration_vs_decoder']:.3f}x); added, as a share of the "
+              f"forward: knn {b['knn_vs_decoder']:.3f}, bucket {b['bucket_vs_decoder']:.3f}, the rest "
+              f"{b['rest_vs_decoder']:.3f}")
+    if args.breakdown_only:
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"model": loaded.name, "seq_len": args.seq_len, "breakdown_by_threads": breakdown}, fh,
+                          indent=2)
+        return
     timing = {}
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
@@ -202,6 +253,7 @@ def main() -> None:
         "process_peak_ratio": round(large["peak_bytes"] / small["peak_bytes"], 3),
         "added_peak_ratio": round(large["added_bytes"] / max(small["added_bytes"], 1), 3),
         "statistics_state_bytes": state,
+        "breakdown_by_threads": breakdown,
     }
     print(f"calibration of {args.samples} x {args.seq_len} tokens on {loaded.name}, {args.rounds} alternating rounds, "
           f"{result['cores']} cores")
