@@ -1,6 +1,7 @@
 """Calibration overhead and memory on the bundled model, measured in one run.
 
-    .venv/bin/python benchmarks/bench_calibration.py [--samples 32] [--seq-len 256] [--threads 1,2] [--breakdown-only] [--json out.json]
+    .venv/bin/python benchmarks/bench_calibration.py [--samples 32] [--seq-len 256] [--threads 1,2]
+        [--breakdown-only] [--breakdown-windows 16] [--json out.json]
 
 1. Time, at each torch thread count: calibration with bucket + knn entropy and cosine + angular scores
    at all three granularities, with the statistics on the forward's thread (``overlap=False``) and on a
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--breakdown-only", action="store_true", help="run section 4 (where the time goes) alone")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.breakdown_windows < 1:
+        parser.error("--breakdown-windows must be at least 1")
     if args.memory_child is not None:
         memory_child(args.memory_child, args.seq_len)
         return
@@ -201,13 +204,13 @@ def main() -> None:
     loaded = load_model("smollm2")
     corpus = load_corpus("gsm8k")
     windows = make_windows(loaded.tokenizer, corpus, num_samples=args.samples, seq_len=args.seq_len, seed=0)
+    part = windows[: args.breakdown_windows]
     breakdown = {}
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         statistics_breakdown(loaded.model, windows[:1], loaded.arch, 1)  # warm-up
-        breakdown[threads] = statistics_breakdown(loaded.model, windows[: args.breakdown_windows], loaded.arch,
-                                                  args.rounds)
-    print(f"where calibration's time goes: {args.breakdown_windows} windows x {args.seq_len} tokens on "
+        breakdown[threads] = statistics_breakdown(loaded.model, part, loaded.arch, args.rounds)
+    print(f"where calibration's time goes: {len(part)} windows x {args.seq_len} tokens on "
           f"{loaded.name}, {args.rounds} alternating rounds, per window")
     for threads, b in breakdown.items():
         print(f"  {threads} torch thread(s): decoder forward {b['decoder_s'] * 1e3:.0f} ms, calibration "
@@ -217,8 +220,8 @@ def main() -> None:
     if args.breakdown_only:
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump({"model": loaded.name, "seq_len": args.seq_len, "breakdown_by_threads": breakdown}, fh,
-                          indent=2)
+                json.dump({"model": loaded.name, "windows": len(part), "seq_len": args.seq_len, "rounds": args.rounds,
+                           "cores": len(os.sched_getaffinity(0)), "breakdown_by_threads": breakdown}, fh, indent=2)
         return
     timing = {}
     for threads in (int(t) for t in args.threads.split(",")):
@@ -253,6 +256,7 @@ def main() -> None:
         "process_peak_ratio": round(large["peak_bytes"] / small["peak_bytes"], 3),
         "added_peak_ratio": round(large["added_bytes"] / max(small["added_bytes"], 1), 3),
         "statistics_state_bytes": state,
+        "breakdown_windows": len(part),
         "breakdown_by_threads": breakdown,
     }
     print(f"calibration of {args.samples} x {args.seq_len} tokens on {loaded.name}, {args.rounds} alternating rounds, "

@@ -307,6 +307,7 @@ def test_each_tensor_gets_the_type_its_gguf_type_says():
     for source in (True, False):  # Gemma 3: float16 from any source, healed or not
         for heal in (None, "linear", "lora"):
             assert resolve_gguf_type("auto", heal=heal, gguf_source=source, model_type="gemma3_text") == "f16"
+    assert resolve_gguf_type("auto", heal=None, gguf_source=True, model_type="gemma3") == "f16"  # multimodal config
     assert resolve_gguf_type("stored", heal=None, gguf_source=True, model_type="gemma3_text") == "stored"
     assert resolve_gguf_type("q4_0", heal="lora", gguf_source=True) == "q4_0"
 

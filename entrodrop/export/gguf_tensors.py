@@ -54,7 +54,7 @@ FLOAT_ARCHS = ("llama", "gemma3")  # layouts checked against real files (module 
 # auto by the config's model_type, whatever the source: llama.cpp's quantised arithmetic moves a pruned Gemma 3
 # 9-15x as far from itself as the dense model (its stored Q4_K_M copy and Q8_0), and runs its f16 file as it
 # is (docs/results.md section 7, "Gemma 3 in llama.cpp")
-_AUTO_BY_MODEL = {"gemma3_text": "f16"}
+_AUTO_BY_MODEL = {"gemma3_text": "f16", "gemma3": "f16"}  # the text model, and its multimodal parent
 _BLOCK = 32  # values per block of every block type written here
 
 
