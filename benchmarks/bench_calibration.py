@@ -58,22 +58,18 @@ def alternate(runs: dict, rounds: int) -> dict[str, float]:
     return totals
 
 
-def decoder_pass(model, windows) -> None:
-    """A bare forward of the decoder without the LM head (which calibration skips), one window at a time."""
+def forward_each(module, windows) -> None:
+    """A bare forward of ``module`` (the full LM, or ``model.base_model``: the decoder without the LM head, which
+    calibration skips), one window at a time, without hooks."""
     for row in windows:
-        model.base_model(input_ids=row[None], use_cache=False)
+        module(input_ids=row[None], use_cache=False)
 
 
 def alternating_seconds(model, windows, spec, rounds: int) -> dict[str, float]:
     """Total seconds of each of four runs over ``windows``, alternated ``rounds`` times (rotated order)."""
-
-    def full():
-        for row in windows:
-            model(input_ids=row[None], use_cache=False)
-
     return alternate({
-        "full": full,
-        "decoder": lambda: decoder_pass(model, windows),
+        "full": lambda: forward_each(model, windows),
+        "decoder": lambda: forward_each(model.base_model, windows),
         "calibration": lambda: run_calibration(model, windows, settings=SETTINGS, spec=spec, overlap=False),
         "calibration_overlap": lambda: run_calibration(model, windows, settings=SETTINGS, spec=spec, overlap=True),
     }, rounds)
@@ -86,7 +82,7 @@ def statistics_breakdown(model, windows, spec, rounds: int) -> dict[str, float]:
         return lambda: run_calibration(model, windows, settings=EstimatorSettings(estimators), spec=spec,
                                        overlap=False)
 
-    totals = alternate({"decoder": lambda: decoder_pass(model, windows), "both": calibration("bucket", "knn"),
+    totals = alternate({"decoder": lambda: forward_each(model.base_model, windows), "both": calibration("bucket", "knn"),
                         "bucket": calibration("bucket"), "knn": calibration("knn")}, rounds)
     per = {k: v / (rounds * len(windows)) for k, v in totals.items()}
     parts = {"knn": per["both"] - per["bucket"], "bucket": per["both"] - per["knn"],
@@ -205,11 +201,19 @@ def main() -> None:
     corpus = load_corpus("gsm8k")
     windows = make_windows(loaded.tokenizer, corpus, num_samples=args.samples, seq_len=args.seq_len, seed=0)
     part = windows[: args.breakdown_windows]
-    breakdown = {}
+    breakdown, timing = {}, {}
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         statistics_breakdown(loaded.model, windows[:1], loaded.arch, 1)  # warm-up
         breakdown[threads] = statistics_breakdown(loaded.model, part, loaded.arch, args.rounds)
+        if args.breakdown_only:
+            continue
+        alternating_seconds(loaded.model, windows[:2], loaded.arch, 1)  # warm-up
+        sec = alternating_seconds(loaded.model, windows, loaded.arch, args.rounds)
+        timing[threads] = {**{f"{k}_s": round(v, 2) for k, v in sec.items()},
+                           "ratio_vs_full_lm": round(sec["calibration"] / sec["full"], 3),
+                           "ratio_vs_decoder": round(sec["calibration"] / sec["decoder"], 3),
+                           "overlap_ratio_vs_decoder": round(sec["calibration_overlap"] / sec["decoder"], 3)}
     print(f"where calibration's time goes: {len(part)} windows x {args.seq_len} tokens on "
           f"{loaded.name}, {args.rounds} alternating rounds, per window")
     for threads, b in breakdown.items():
@@ -223,15 +227,6 @@ def main() -> None:
                 json.dump({"model": loaded.name, "windows": len(part), "seq_len": args.seq_len, "rounds": args.rounds,
                            "cores": len(os.sched_getaffinity(0)), "breakdown_by_threads": breakdown}, fh, indent=2)
         return
-    timing = {}
-    for threads in (int(t) for t in args.threads.split(",")):
-        torch.set_num_threads(threads)
-        alternating_seconds(loaded.model, windows[:2], loaded.arch, 1)  # warm-up
-        sec = alternating_seconds(loaded.model, windows, loaded.arch, args.rounds)
-        timing[threads] = {**{f"{k}_s": round(v, 2) for k, v in sec.items()},
-                           "ratio_vs_full_lm": round(sec["calibration"] / sec["full"], 3),
-                           "ratio_vs_decoder": round(sec["calibration"] / sec["decoder"], 3),
-                           "overlap_ratio_vs_decoder": round(sec["calibration_overlap"] / sec["decoder"], 3)}
     dp = data_parallel(args.samples, args.seq_len)
 
     memory = {}  # each size in a fresh process: one run's allocator state must not leak into the next

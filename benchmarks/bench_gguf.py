@@ -59,8 +59,8 @@ from bench_heal import recommended_plans  # noqa: E402
 
 from entrodrop.checks import load_windows  # noqa: E402
 from entrodrop.evaluate import greedy_generate  # noqa: E402
-from entrodrop.export import ModelSource, export_gguf  # noqa: E402
-from entrodrop.export.gguf_tensors import ModelTensors, quantised_copy, resolve_gguf_type  # noqa: E402
+from entrodrop.export import ModelSource, export_gguf, gguf_type_for  # noqa: E402
+from entrodrop.export.gguf_tensors import ModelTensors, quantised_copy  # noqa: E402
 from entrodrop.heal import HealSettings, heal, heal_record  # noqa: E402
 from entrodrop.loading import bundled_model_path, load_model  # noqa: E402
 from entrodrop.plan import DropPlan  # noqa: E402
@@ -69,12 +69,19 @@ from entrodrop.prune import preview_plan  # noqa: E402
 SCRIPT = Path(__file__).resolve().parent / "llama_cpp_greedy.mjs"
 
 
+def node_script(prefix: Path, name: str) -> Path:
+    """This folder's node script ``name`` copied into ``prefix``, where node-llama-cpp is installed (node resolves
+    the package from the script's own folder)."""
+    script = prefix / name
+    script.write_text((SCRIPT.parent / name).read_text())
+    return script
+
+
 def llama_cpp(prefix: Path, model: Path, ids: list[int], n: int, flash: bool = False, texts: list[str] = (),
               lora: Path | None = None) -> dict:
     """llama.cpp's greedy continuation of ``ids`` (with the LoRA adapter ``lora``), its KV-cache line and its
     tokens of ``texts`` (the script runs inside ``prefix``)."""
-    script = prefix / SCRIPT.name
-    script.write_text(SCRIPT.read_text())
+    script = node_script(prefix, SCRIPT.name)
     out = subprocess.run(["node", str(script), str(model), json.dumps(ids), str(n), "1" if flash else "0",
                           json.dumps(list(texts)), str(lora or "")], cwd=prefix, capture_output=True, text=True,
                          timeout=300, check=True)
@@ -90,11 +97,16 @@ def llama_cpp_scores(prefix: Path, path: Path, windows: list[list[int]], start: 
                      lora: Path | None = None) -> list:
     """llama.cpp running ``path`` (with the adapter ``lora``) teacher-forced along ``windows``: its ``k`` likeliest
     next tokens and their probabilities after each position from ``start - 1`` on (llama_cpp_scores.mjs)."""
-    script = prefix / "llama_cpp_scores.mjs"
-    script.write_text((SCRIPT.parent / script.name).read_text())
+    script = node_script(prefix, "llama_cpp_scores.mjs")
     args = ["node", str(script), str(path), json.dumps(windows), str(start), str(k)] + ([str(lora)] if lora else [])
     out = subprocess.run(args, cwd=prefix, capture_output=True, text=True, timeout=1800, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["windows"]
+
+
+def next_token_logits(model, plan: DropPlan | None, window: list[int], start: int) -> torch.Tensor:
+    """``model``'s logits (float64) under ``plan`` for the tokens of ``window`` from ``start`` on: (positions, vocab)."""
+    with planned(model, plan), torch.no_grad():
+        return model(torch.tensor([window])).logits[0, start - 1:-1].double()
 
 
 def teacher_forced(cpp: list, model, plan: DropPlan | None, windows: list[list[int]], start: int = 32) -> dict:
@@ -103,17 +115,15 @@ def teacher_forced(cpp: list, model, plan: DropPlan | None, windows: list[list[i
     KL(llama.cpp || transformers) of the next-token distributions coarsened to llama.cpp's likeliest tokens and
     the rest (a lower bound of the full KL, by the data-processing inequality)."""
     kls, same = [], 0
-    with planned(model, plan), torch.no_grad():
-        for window, positions in zip(windows, cpp, strict=True):
-            probs = torch.softmax(model(torch.tensor([window])).logits[0].double(), -1)
-            for j, top in enumerate(positions):
-                ours = probs[start - 1 + j]
-                tokens = [t for t, _ in top]
-                p = torch.tensor([pr for _, pr in top], dtype=torch.float64)
-                q = ours[tokens]
-                rest_p, rest_q = max(1 - float(p.sum()), 1e-12), max(1 - float(q.sum()), 1e-12)
-                kls.append(float((p * (p / q).log()).sum()) + rest_p * math.log(rest_p / rest_q))
-                same += int(tokens[0] == int(ours.argmax()))
+    for window, positions in zip(windows, cpp, strict=True):
+        probs = torch.softmax(next_token_logits(model, plan, window, start), -1)
+        for ours, top in zip(probs, positions, strict=True):
+            tokens = [t for t, _ in top]
+            p = torch.tensor([pr for _, pr in top], dtype=torch.float64)
+            q = ours[tokens]
+            rest_p, rest_q = max(1 - float(p.sum()), 1e-12), max(1 - float(q.sum()), 1e-12)
+            kls.append(float((p * (p / q).log()).sum()) + rest_p * math.log(rest_p / rest_q))
+            same += int(tokens[0] == int(ours.argmax()))
     return {"positions": len(kls), "top1_agreement": same / len(kls), "kl": sum(kls) / len(kls)}
 
 
@@ -121,14 +131,10 @@ def rounding_kl(model, rounded, plan: DropPlan | None, windows: list[list[int]],
     """Mean KL(rounded || model) of the next-token distributions along ``windows`` from token ``start`` on, both
     in transformers (full distributions): what the file's rounding alone costs, and so how sensitive the model is."""
     kls = []
-    with torch.no_grad():
-        for window in windows:
-            ids = torch.tensor([window])
-            with planned(model, plan):
-                ours = torch.log_softmax(model(ids).logits[0, start - 1:-1].double(), -1)
-            with planned(rounded, plan):
-                theirs = torch.log_softmax(rounded(ids).logits[0, start - 1:-1].double(), -1)
-            kls += (theirs.exp() * (theirs - ours)).sum(-1).tolist()
+    for window in windows:
+        ours = torch.log_softmax(next_token_logits(model, plan, window, start), -1)
+        theirs = torch.log_softmax(next_token_logits(rounded, plan, window, start), -1)
+        kls += (theirs.exp() * (theirs - ours)).sum(-1).tolist()
     return sum(kls) / len(kls)
 
 
@@ -228,8 +234,7 @@ def main() -> None:
     print(f"dense: llama.cpp (source GGUF) vs transformers (float): {results['baseline']}; teacher-forced: "
           f"{results.get('baseline_teacher_forced')}")
     print(f"dense KV cache: {kv_dense}")
-    gguf_type = resolve_gguf_type(args.gguf_type, heal=args.heal, gguf_source=bool(source.gguf_file),
-                                  model_type=loaded.model.config.model_type)
+    gguf_type = gguf_type_for(loaded.model, source, args.gguf_type, args.heal)
     results.update(heal=args.heal, gguf_type=gguf_type)
     if scored and args.from_safetensors and not args.rope_llama3 and gguf_type not in ("stored", "source", "adapter"):
         # the dense model converted the same way: llama.cpp's own error at this type, the pruned files' yardstick

@@ -28,7 +28,7 @@ One module per concept:
   Q8_0; :mod:`.gguf_export` — :func:`export_gguf`, the verified GGUF folder for llama.cpp / Ollama.
 """
 
-from .gguf_export import check_gguf_export, export_gguf
+from .gguf_export import check_gguf_export, export_gguf, gguf_type_for
 from .gguf_tensors import GGUF_TYPES, describe_gguf_type, resolve_gguf_type
 from .metadata import EXPORT_FORMAT_VERSION, METADATA_FILE, ModelSource, jsonable, package_versions
 from .publish import iter_zip_export, push_folder_to_hub, zip_export
@@ -47,7 +47,7 @@ from .write import (
 
 __all__ = [
     "EXPORT_DTYPES", "EXPORT_FORMAT_VERSION", "GGUF_TYPES", "METADATA_FILE", "REMOTE_CODE_FILE", "ExportResult", "ModelSource",
-    "TargetNotEmptyError", "check_gguf_export", "check_target", "describe_gguf_type", "export_gguf", "default_export_dtype", "export_dtype_for", "export_pruned",
+    "TargetNotEmptyError", "check_gguf_export", "check_target", "describe_gguf_type", "export_gguf", "gguf_type_for", "default_export_dtype", "export_dtype_for", "export_pruned",
     "export_size_bytes", "iter_zip_export", "jsonable", "load_pruned", "package_versions",
     "push_folder_to_hub", "remote_code_source", "resolve_gguf_type", "verify_export", "weights_bytes_in", "zip_export",
 ]

@@ -80,6 +80,14 @@ def gguf_source_file(model: nn.Module, source: ModelSource | None) -> Path | Non
     return Path(path)
 
 
+def gguf_type_for(model: nn.Module, source: ModelSource | None, gguf_type: str = "auto",
+                  heal: str | None = None) -> str:
+    """``gguf_type`` with ``auto`` decided (:func:`~.gguf_tensors.resolve_gguf_type`) for ``model`` loaded from
+    ``source`` and healed by the method ``heal`` (None: not healed); the others as given."""
+    return resolve_gguf_type(gguf_type, heal=heal, gguf_source=gguf_source_file(model, source) is not None,
+                             model_type=getattr(model.config, "model_type", None))
+
+
 def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | None, *, heal: str | None = None,
                       gguf_type: str = "auto", tokenizer=None) -> GGUFPlan:
     """Refuse, before any work, a GGUF export that cannot be written faithfully; the layout otherwise.
@@ -90,9 +98,8 @@ def check_gguf_export(model: nn.Module, plan: DropPlan, source: ModelSource | No
     check_plan(model, plan)
     if not plan.blocks:
         raise ValueError("The plan drops no block, so the export would be the dense model: give blocks to drop.")
+    gguf_type = gguf_type_for(model, source, gguf_type, heal)
     path = gguf_source_file(model, source)
-    gguf_type = resolve_gguf_type(gguf_type, heal=heal, gguf_source=path is not None,
-                                  model_type=getattr(model.config, "model_type", None))
     own = ", ".join(t for t in GGUF_TYPES if t not in ("auto", "stored", "source", "adapter"))
     if heal is not None and gguf_type == "stored":
         raise ValueError("A healed model has new weights, while GGUF type 'stored' copies the source's tensors as "
@@ -139,10 +146,9 @@ def export_gguf(model: nn.Module, tokenizer, plan: DropPlan, out_dir: str | os.P
     healed model as ``stored``), TargetNotEmptyError, PermissionError, OSError (ENOSPC for a full disk)."""
     source = source or ModelSource()
     method = heal["method"] if heal else None
+    gguf_type = gguf_type_for(model, source, gguf_type, method)
     layout = check_gguf_export(model, plan, source, heal=method, gguf_type=gguf_type, tokenizer=tokenizer)
     src_path = gguf_source_file(model, source)
-    gguf_type = resolve_gguf_type(gguf_type, heal=method, gguf_source=src_path is not None,
-                                  model_type=getattr(model.config, "model_type", None))
     weights = None if gguf_type == "stored" else ModelTensors(model, layout.source_arch, plan.num_layers, source=src_path)
     # the source's own types keep the source's name, which usually says its quantisation (…Q4_1.gguf); an
     # adapter's base is the unhealed pruned file, and the adapter file says it holds the heal

@@ -31,9 +31,9 @@ from ..export import (
     export_dtype_for,
     export_gguf,
     export_pruned,
+    gguf_type_for,
     iter_zip_export,
     push_folder_to_hub,
-    resolve_gguf_type,
     weights_bytes_in,
 )
 from ..progress import time_left
@@ -246,9 +246,8 @@ class ExportHandlers:
                             "name' to replace it, or choose another name.") from exc
             if file_format == "gguf":  # what GGUF cannot express is refused before anything is written
                 method = heal_entry[1].method if heal_entry is not None else None
-                gguf_type = resolve_gguf_type(gguf_type, heal=method, gguf_source=bool(ModelSource.of(loaded).gguf_file),
-                                              model_type=loaded.model.config.model_type)
                 try:
+                    gguf_type = gguf_type_for(loaded.model, ModelSource.of(loaded), gguf_type, method)
                     check_gguf_export(loaded.model, plan, ModelSource.of(loaded), heal=method,
                                       gguf_type=gguf_type, tokenizer=loaded.tokenizer)
                 except ValueError as exc:
