@@ -1,7 +1,7 @@
 """Calibration overhead and memory on the bundled model, measured in one run.
 
     .venv/bin/python benchmarks/bench_calibration.py [--samples 32] [--seq-len 256] [--threads 1,2]
-        [--breakdown-only] [--breakdown-windows 16] [--json out.json]
+        [--breakdown-only] [--breakdown-windows 16] [--passes-only] [--passes-batches 1,2,4,8] [--json out.json]
 
 1. Time, at each torch thread count: calibration with bucket + knn entropy and cosine + angular scores
    at all three granularities, with the statistics on the forward's thread (``overlap=False``) and on a
@@ -21,6 +21,11 @@
    bucket's likewise, and the rest (capturing the streams, cosines, the angular matrix, the massive-token
    report) is what the single-estimator runs add to the forward beyond their estimator.
    ``--breakdown-only`` runs this part alone.
+5. The estimators in passes of a few streams (the library's default on the CPU, ``estimators.CPU_PASS_BYTES``)
+   against one pass over all 61 streams, with 1, 2, 4 and 8 windows a batch (``--passes-batches``): the
+   median seconds of one captured batch's statistics, the two alternated ``--rounds`` times in this process,
+   and the peak memory added by a calibration of two such batches and its scores, each in a fresh process.
+   ``--passes-only`` runs this part alone.
 """
 
 from __future__ import annotations
@@ -29,15 +34,24 @@ import argparse
 import ctypes
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 
 import torch
 
-from entrodrop.calibrate import EstimatorSettings, RunningStats, run_calibration
+from entrodrop import estimators
+from entrodrop.calibrate import (  # _captured_batches and _fold: calibration's own capture and statistics step
+    EstimatorSettings,
+    RunningStats,
+    _captured_batches,
+    _fold,
+    run_calibration,
+)
 from entrodrop.data import load_corpus, make_windows
 from entrodrop.loading import load_model
 
@@ -126,15 +140,19 @@ def data_parallel(samples: int, seq_len: int) -> dict:
                         "--mixed_precision", "no", "--dynamo_backend", "no", *child, "--dp-out", two],
                        check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         results = {"one": json.loads(Path(one).read_text()), "two": json.loads(Path(two).read_text())}
-    a, b = results["one"]["scores"], results["two"]["scores"]
-    worst = max(abs(x - y) / max(abs(x), 1e-12)
-                for est in a["entropy_curve"] for x, y in zip(a["entropy_curve"][est], b["entropy_curve"][est], strict=True))
-    worst_cos = max(abs(x["cosine_importance"] - y["cosine_importance"]) / max(abs(x["cosine_importance"]), 1e-12)
-                    for x, y in zip(a["blocks"], b["blocks"], strict=True))
     return {"one_process_2_threads_s": round(results["one"]["seconds"], 2),
             "two_processes_1_thread_s": round(results["two"]["seconds"], 2),
             "speedup": round(results["one"]["seconds"] / results["two"]["seconds"], 3),
-            "max_relative_difference": max(worst, worst_cos)}
+            "max_relative_difference": score_difference(results["one"]["scores"], results["two"]["scores"])}
+
+
+def score_difference(a: dict, b: dict) -> float:
+    """Largest relative difference between two runs' scores (``Scores.to_dict()``): the entropy curves, all
+    and sink-free, and each block's cosine importance."""
+    curves = [(x, y) for key in ("entropy_curve", "entropy_curve_sinkfree") for est in a[key]
+              for x, y in zip(a[key][est], b[key][est], strict=True)]
+    cosines = [(x["cosine_importance"], y["cosine_importance"]) for x, y in zip(a["blocks"], b["blocks"], strict=True)]
+    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in curves + cosines)
 
 
 def _status_kib(field: str) -> int:
@@ -161,17 +179,80 @@ def peak_rss() -> int:
     return _status_kib("VmHWM") * 1024
 
 
-def memory_child(samples: int, seq_len: int) -> None:
-    """Run in a fresh process: peak RSS added by calibrating ``samples`` windows, printed as JSON."""
+def memory_child(samples: int, seq_len: int, batch: int = 1, one_pass: bool = False) -> None:
+    """Run in a fresh process: seconds and peak RSS added by calibrating ``samples`` windows, ``batch`` a forward,
+    printed as JSON. ``one_pass``: the estimators measure every stream in one pass (section 5)."""
+    if one_pass:
+        estimators.CPU_PASS_BYTES = ONE_PASS
     loaded = load_model("smollm2")
     corpus = load_corpus("gsm8k")
-    warm = make_windows(loaded.tokenizer, corpus, num_samples=2, seq_len=seq_len, seed=2)
-    run_calibration(loaded.model, warm, settings=SETTINGS, spec=loaded.arch)  # allocator steady state
+    warm = make_windows(loaded.tokenizer, corpus, num_samples=max(2, batch), seq_len=seq_len, seed=2)
+    run_calibration(loaded.model, warm, settings=SETTINGS, spec=loaded.arch, batch_size=batch)  # allocator steady
     windows = make_windows(loaded.tokenizer, corpus, num_samples=samples, seq_len=seq_len, seed=1)
     baseline = reset_peak_rss()
-    run_calibration(loaded.model, windows, settings=SETTINGS, spec=loaded.arch)
+    t0 = time.perf_counter()
+    scores = run_calibration(loaded.model, windows, settings=SETTINGS, spec=loaded.arch, batch_size=batch,
+                             overlap=False)
+    seconds = time.perf_counter() - t0
     peak = peak_rss()
-    print(json.dumps({"samples": samples, "baseline_bytes": baseline, "peak_bytes": peak, "added_bytes": peak - baseline}))
+    print(json.dumps({"samples": samples, "batch": batch, "one_pass": one_pass, "seconds": seconds,
+                      "baseline_bytes": baseline, "peak_bytes": peak, "added_bytes": peak - baseline,
+                      "scores": scores.to_dict()}))
+
+
+def run_memory_child(samples: int, seq_len: int, batch: int = 1, one_pass: bool = False) -> dict:
+    """:func:`memory_child` in a fresh process (one run's allocator state must not leak into the next)."""
+    command = [sys.executable, __file__, "--memory-child", str(samples), "--seq-len", str(seq_len),
+               "--batch", str(batch), *(["--one-pass"] if one_pass else [])]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+ONE_PASS = 2**62  # a pass budget no stream count reaches: the estimators measure every stream in one pass
+
+
+def passes(loaded, windows, batches: list[int], rounds: int) -> dict:
+    """Section 5, at each batch size (windows a forward): the median seconds of one batch's statistics in this
+    process, the estimators in passes (the default) and in one pass, alternated ``rounds`` times after a warm-up;
+    and, each in a fresh process, the peak memory a calibration of two such batches adds and its scores."""
+    default = estimators.CPU_PASS_BYTES
+    seq_len = windows.shape[1]
+    result = {}
+    for batch in batches:
+        mask = torch.ones_like(windows[:batch], dtype=torch.bool)
+        with closing(_captured_batches(loaded.model, loaded.arch, windows[:batch], mask, mask, range(1), batch,
+                                       torch.device("cpu"))) as captured:
+            streams = next(captured)
+        seconds = {"passes": [], "one_pass": []}
+        for r in range(rounds + 1):
+            for mode in (("passes", "one_pass") if r % 2 == 0 else ("one_pass", "passes")):
+                estimators.CPU_PASS_BYTES = ONE_PASS if mode == "one_pass" else default
+                stats = RunningStats(loaded.num_layers, SETTINGS.estimators)
+                t0 = time.perf_counter()
+                _fold(stats, streams, SETTINGS)
+                if r:  # round 0 warms up
+                    seconds[mode].append(time.perf_counter() - t0)
+        estimators.CPU_PASS_BYTES = default
+        runs = {mode: run_memory_child(2 * batch, seq_len, batch, one_pass=mode == "one_pass")
+                for mode in ("passes", "one_pass")}
+        result[batch] = {"tokens": int(streams.xs.shape[1]),
+                         "statistics_ms": {mode: round(statistics.median(v) * 1e3, 1) for mode, v in seconds.items()},
+                         "added_peak_mb": {mode: round(m["added_bytes"] / 2**20, 1) for mode, m in runs.items()},
+                         "max_relative_difference": score_difference(runs["one_pass"]["scores"],
+                                                                     runs["passes"]["scores"])}
+    return result
+
+
+def print_passes(result: dict, rounds: int) -> None:
+    print(f"the estimators in passes against one pass over all 61 streams ({len(os.sched_getaffinity(0))} cores): "
+          f"one batch's statistics, median of {rounds} alternated runs; peak memory added by calibrating 2 batches, "
+          f"each in a fresh process")
+    for batch, r in result.items():
+        t, m = r["statistics_ms"], r["added_peak_mb"]
+        print(f"  {batch} window(s) a batch ({r['tokens']} tokens): statistics {t['passes']:.0f} ms in passes, "
+              f"{t['one_pass']:.0f} ms in one ({t['passes'] / t['one_pass']:.3f}x); added peak {m['passes']:.0f} "
+              f"against {m['one_pass']:.0f} MiB ({m['passes'] / m['one_pass']:.3f}x); scores differ by "
+              f"{r['max_relative_difference']:.1e} (relative)")
 
 
 def main() -> None:
@@ -186,12 +267,19 @@ def main() -> None:
     parser.add_argument("--dp-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--breakdown-windows", type=int, default=16)
     parser.add_argument("--breakdown-only", action="store_true", help="run section 4 (where the time goes) alone")
+    parser.add_argument("--passes-batches", default="1,2,4,8", help="section 5: windows per batch to compare at")
+    parser.add_argument("--passes-only", action="store_true", help="run section 5 (statistics in passes) alone")
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--one-pass", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.breakdown_windows < 1:
         parser.error("--breakdown-windows must be at least 1")
+    batches = [int(b) for b in args.passes_batches.split(",")]
+    if min(batches) < 1 or max(batches) > args.samples:
+        parser.error("--passes-batches must be at least 1 and at most --samples")
     if args.memory_child is not None:
-        memory_child(args.memory_child, args.seq_len)
+        memory_child(args.memory_child, args.seq_len, args.batch, args.one_pass)
         return
     if args.dp_child is not None:
         data_parallel_child(args.dp_child, args.seq_len, args.dp_out)
@@ -200,6 +288,14 @@ def main() -> None:
     loaded = load_model("smollm2")
     corpus = load_corpus("gsm8k")
     windows = make_windows(loaded.tokenizer, corpus, num_samples=args.samples, seq_len=args.seq_len, seed=0)
+    if args.passes_only:
+        in_passes = passes(loaded, windows, batches, args.rounds)
+        print_passes(in_passes, args.rounds)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"model": loaded.name, "seq_len": args.seq_len, "rounds": args.rounds,
+                           "cores": len(os.sched_getaffinity(0)), "passes_by_batch": in_passes}, fh, indent=2)
+        return
     part = windows[: args.breakdown_windows]
     breakdown, timing = {}, {}
     for threads in (int(t) for t in args.threads.split(",")):
@@ -229,11 +325,8 @@ def main() -> None:
         return
     dp = data_parallel(args.samples, args.seq_len)
 
-    memory = {}  # each size in a fresh process: one run's allocator state must not leak into the next
-    for n in (int(x) for x in args.memory_samples.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(n), "--seq-len", str(args.seq_len)],
-                             capture_output=True, text=True, check=True).stdout
-        memory[n] = json.loads(out.strip().splitlines()[-1])
+    memory = {n: run_memory_child(n, args.seq_len) for n in (int(x) for x in args.memory_samples.split(","))}
+    in_passes = passes(loaded, windows, batches, args.rounds)
 
     sizes = sorted(memory)
     small, large = memory[sizes[0]], memory[sizes[-1]]
@@ -253,6 +346,7 @@ def main() -> None:
         "statistics_state_bytes": state,
         "breakdown_windows": len(part),
         "breakdown_by_threads": breakdown,
+        "passes_by_batch": in_passes,
     }
     print(f"calibration of {args.samples} x {args.seq_len} tokens on {loaded.name}, {args.rounds} alternating rounds, "
           f"{result['cores']} cores")
@@ -270,6 +364,7 @@ def main() -> None:
     print(f"  peak ratio {sizes[-1]} vs {sizes[0]} samples: process {result['process_peak_ratio']:.3f}, "
           f"added part {result['added_peak_ratio']:.3f} (goal within 5%)")
     print(f"  running statistics kept between batches: {state} bytes, whatever the sample count")
+    print_passes(in_passes, args.rounds)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

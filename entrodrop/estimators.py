@@ -39,6 +39,40 @@ ENTROPY_ESTIMATORS = ("bucket", "knn", "renyi")
 # fading below 20x in the last two streams (19x, 9x) does not let it back in.
 MASSIVE_RATIO = 20.0
 
+# The estimators measure a few streams per pass, as many as keep a pass's largest temporary (an (N, d)
+# or (N, N) float32 array per stream) within these bytes, at least one. On the CPU a pass then stays
+# within a core's cache (L2 here: 4 MiB) and reuses the memory the pass before freed: one pass over the
+# 31 streams X_0..X_30 of the bundled model would allocate about 18 MB per step at one 256-token window,
+# mapped in afresh page by page each time. On either, knn's N x N distances are kept for a pass's streams only,
+# not for all of a call's (31 x N^2 x 4 bytes: 0.5 GB at 2048 tokens a batch). Each stream's result is
+# the same, bit for bit (docs/results.md section 0).
+CPU_PASS_BYTES = 4 * 2**20
+ACCELERATOR_PASS_BYTES = 256 * 2**20
+
+
+def _streams_per_pass(n: int, d: int, device: torch.device) -> int:
+    budget = CPU_PASS_BYTES if device.type == "cpu" else ACCELERATOR_PASS_BYTES
+    return max(1, budget // (4 * n * max(n, d)))
+
+
+def _in_passes(measure, *streams: torch.Tensor):
+    """Apply ``measure`` to the streams of ``streams`` (each (..., N, d), the same leading shape) a few at a
+    time (see :data:`CPU_PASS_BYTES`). ``measure`` takes (s, N, d) tensors and returns a tensor (s, ...) or a
+    tuple of them; the passes' results are joined and shaped (lead..., ...)."""
+    *lead, n, d = streams[0].shape
+    flat = [z.reshape(-1, n, d) for z in streams]
+    count = flat[0].shape[0]
+    step = _streams_per_pass(n, d, flat[0].device)
+    parts = [measure(*(z[i : i + step] for z in flat)) for i in range(0, max(count, 1), step)]
+
+    def join(pieces: list[torch.Tensor]) -> torch.Tensor:
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out.reshape((*lead, *out.shape[1:]))
+
+    if isinstance(parts[0], tuple):
+        return tuple(join([p[j] for p in parts]) for j in range(len(parts[0])))
+    return join(parts)
+
 
 def bucket_entropy(z: torch.Tensor, bins: int = 20) -> torch.Tensor:
     """Sum over dimensions of the Shannon entropy of a per-dimension equal-width histogram.
@@ -53,9 +87,13 @@ def bucket_entropy(z: torch.Tensor, bins: int = 20) -> torch.Tensor:
     """
     if bins < 2:
         raise ValueError(f"bucket entropy needs at least 2 bins, got {bins}.")
+    return _in_passes(lambda part: _bucket_entropies(part, bins), z)
+
+
+def _bucket_entropies(z: torch.Tensor, bins: int) -> torch.Tensor:
+    """:func:`bucket_entropy` of each stream of ``z`` (S, N, d); returns (S,) float64."""
     z = z.float()
-    *lead, n, d = z.shape
-    z = z.reshape(-1, n, d)  # (S, N, d)
+    n, d = z.shape[1:]
     # amin and amax apart: over the token axis (not the last) torch's fused aminmax is 4x slower here
     lo, hi = z.amin(dim=1, keepdim=True), z.amax(dim=1, keepdim=True)  # (S, 1, d) each
     span = hi - lo
@@ -66,7 +104,7 @@ def bucket_entropy(z: torch.Tensor, bins: int = 20) -> torch.Tensor:
     counts = torch.bincount(bin_of.view(-1), minlength=z.shape[0] * d * bins).view(-1, d, bins).float()
     p = counts / n
     h = -(p * torch.log(p.clamp_min(1e-30))).sum(dim=(1, 2))  # (S,)
-    return h.double().reshape(lead)
+    return h.double()
 
 
 def knn_entropy(z: torch.Tensor, k: int = 25) -> torch.Tensor:
@@ -93,39 +131,47 @@ def knn_entropy(z: torch.Tensor, k: int = 25) -> torch.Tensor:
 
 
 def _knn_entropies(z: torch.Tensor, k: int, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """KL entropy of all N tokens and, when ``keep`` (N,) bool is given, of the kept tokens alone.
-
-    One distance matrix and one neighbour search serve both: the search asks for k + m
-    neighbours (m = tokens left out), so every kept token's k-th *kept* neighbour is among them.
-    """
-    z = z.float()
-    *lead, n, d = z.shape
+    """KL entropy of all N tokens and, when ``keep`` (N,) bool is given, of the kept tokens alone."""
+    n = z.shape[-2]
     n_keep = n if keep is None else int(keep.sum())
     if min(n, n_keep) <= k:
         raise ValueError(
             f"knn entropy with k={k} needs more than {k} tokens per batch, got {min(n, n_keep)}. "
             "Use a longer sequence length, a larger batch, or a smaller k."
         )
-    z = z.reshape(-1, n, d)  # (S, N, d)
+    if keep is None:
+        return _in_passes(lambda part: _knn_pass(part, k, None, 0)[0], z), None
+    keep = keep.to(z.device)
+    return _in_passes(lambda part: _knn_pass(part, k, keep, n - n_keep), z)
+
+
+def _knn_pass(
+    z: torch.Tensor, k: int, keep: torch.Tensor | None, m: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_knn_entropies` of the streams of ``z`` (S, N, d): (S,) for all tokens and (S,) or None for the
+    kept ones, ``m`` tokens being left out.
+
+    One distance matrix and one neighbour search serve both: the search asks for k + m
+    neighbours, so every kept token's k-th *kept* neighbour is among them.
+    """
+    z = z.float()
+    n = z.shape[1]
     sq = (z * z).sum(-1)  # (S, N)
     # squared distances through one batched matmul: |a|^2 + |b|^2 - 2 a.b
     d2 = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), z, z.transpose(1, 2), alpha=-2)  # (S, N, N)
     d2.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    m = n - n_keep
     near_d2, near_idx = d2.topk(k + m, dim=2, largest=False)  # (S, N, k+m) each, ascending
     del d2
     rows = torch.arange(n, device=z.device)
-    h_all = _kl_from_kth(z, sq, near_d2[..., k - 1], near_idx[..., k - 1], rows, k).reshape(lead)
+    h_all = _kl_from_kth(z, sq, near_d2[..., k - 1], near_idx[..., k - 1], rows, k)
     if keep is None:
         return h_all, None
-    keep = keep.to(z.device)
     kept_nb = keep[near_idx]  # (S, N, k+m) which neighbours are kept tokens
     # the k-th kept neighbour: the first slot where the running count of kept neighbours reaches k
     slot = ((kept_nb.cumsum(dim=2) == k) & kept_nb).int().argmax(dim=2, keepdim=True)  # (S, N, 1)
     kth_d2 = near_d2.gather(2, slot).squeeze(2)[:, keep]  # (S, N')
     kth_idx = near_idx.gather(2, slot).squeeze(2)[:, keep]  # (S, N')
-    h_keep = _kl_from_kth(z, sq, kth_d2, kth_idx, rows[keep], k).reshape(lead)
-    return h_all, h_keep
+    return h_all, _kl_from_kth(z, sq, kth_d2, kth_idx, rows[keep], k)
 
 
 def _kl_from_kth(
@@ -166,16 +212,19 @@ def renyi_entropy(z: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
     """
     if alpha == 1:
         raise ValueError("renyi entropy needs alpha != 1 (alpha = 1 is the Shannon limit).")
+    return _in_passes(lambda part: _renyi_entropies(part, alpha), z)
+
+
+def _renyi_entropies(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`renyi_entropy` of each stream of ``z`` (S, N, d); returns (S,) float64."""
     z = z.float()
-    *lead, n, d = z.shape
-    z = z.reshape(-1, n, d)  # (S, N, d)
+    n = z.shape[1]
     z = (z - z.mean(dim=1, keepdim=True)) / z.std(dim=1, keepdim=True).clamp_min(1e-6)
     d2 = torch.cdist(z, z).pow(2)  # (S, N, N)
     off_diag = ~torch.eye(n, dtype=torch.bool, device=z.device)
     sigma2 = d2[:, off_diag].sqrt().median(dim=1).values.pow(2).clamp_min(1e-12)  # (S,)
     kernel = torch.exp(-d2 / (2 * sigma2.view(-1, 1, 1))).double()  # (S, N, N)
-    h = torch.log(kernel.pow(alpha - 1).mean(dim=(1, 2))) / (1 - alpha)  # (S,)
-    return h.reshape(lead)
+    return torch.log(kernel.pow(alpha - 1).mean(dim=(1, 2))) / (1 - alpha)  # (S,)
 
 
 def entropy(z: torch.Tensor, estimator: str, *, bins: int = 20, k: int = 25, alpha: float = 4.0) -> torch.Tensor:
@@ -196,12 +245,14 @@ def entropy_with_subset(
 
     The same as ``entropy(z, ...)`` and ``entropy(z[..., keep, :], ...)``; knn shares one
     distance matrix and one neighbour search between the two (bucket ranges and the renyi
-    bandwidth depend on the token set, so those are measured twice).
+    bandwidth depend on the token set, so those are measured twice, pass by pass: a pass's streams
+    are still in cache for the second measure).
     """
     if estimator == "knn":
         return _knn_entropies(z, k, keep)
     kw = dict(bins=bins, k=k, alpha=alpha)
-    return entropy(z, estimator, **kw), entropy(z[..., keep, :], estimator, **kw)
+    keep = keep.to(z.device)
+    return _in_passes(lambda part: (entropy(part, estimator, **kw), entropy(part[:, keep], estimator, **kw)), z)
 
 
 def unit_tokens(z: torch.Tensor) -> torch.Tensor:
@@ -217,7 +268,8 @@ def token_cosine(a: torch.Tensor, b: torch.Tensor, *, unit: bool = False) -> tor
     ``unit=True`` says both inputs are already unit vectors (from :func:`unit_tokens`)."""
     if not unit:
         a, b = unit_tokens(a), unit_tokens(b)
-    return (a * b).sum(dim=-1).clamp_(-1.0, 1.0)
+    a, b = torch.broadcast_tensors(a, b)
+    return _in_passes(lambda pa, pb: (pa * pb).sum(dim=-1), a, b).clamp_(-1.0, 1.0)
 
 
 def importance_from_cosine(cos: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from entrodrop import estimators
 from entrodrop.estimators import (
     angular_distance,
     angular_distance_matrix,
@@ -15,6 +16,7 @@ from entrodrop.estimators import (
     knn_entropy,
     norm_ratio_to_median,
     renyi_entropy,
+    token_cosine,
 )
 
 
@@ -160,3 +162,23 @@ def test_angular_distance_matrix_is_symmetric_with_zero_diagonal():
     torch.testing.assert_close(m, m.T)
     assert m.diagonal().abs().max().item() < 2e-3
     assert m[1, 3].item() == pytest.approx(angular_distance(streams[1], streams[3]).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["bucket", "knn", "renyi"])
+def test_measuring_a_stream_per_pass_gives_what_one_pass_over_all_streams_gives(monkeypatch, estimator):
+    # on the CPU the estimators measure as many streams per pass as fit CPU_PASS_BYTES (a few of the bundled
+    # model's); a budget of 1 byte forces one stream per pass, a huge one every stream in one pass
+    torch.manual_seed(0)
+    z = torch.randn(2, 3, 80, 16)
+    z[:, 1:, 0] *= 300
+    keep = torch.ones(80, dtype=torch.bool)
+    keep[[0, 7]] = False
+    b = torch.randn(2, 3, 80, 16)
+    results = {}
+    for budget in (1, 2**40):
+        monkeypatch.setattr(estimators, "CPU_PASS_BYTES", budget)
+        results[budget] = (entropy(z, estimator), *entropy_with_subset(z, estimator, keep), token_cosine(z, b))
+    for per_stream, one_pass in zip(results[1], results[2**40], strict=True):
+        assert per_stream.shape == one_pass.shape
+        torch.testing.assert_close(per_stream, one_pass, rtol=1e-12, atol=0)
+    assert results[1][0].shape == (2, 3)
