@@ -179,6 +179,9 @@ def peak_rss() -> int:
     return _status_kib("VmHWM") * 1024
 
 
+ONE_PASS = 2**62  # a pass budget no stream count reaches: the estimators measure every stream in one pass
+
+
 def memory_child(samples: int, seq_len: int, batch: int = 1, one_pass: bool = False) -> None:
     """Run in a fresh process: seconds and peak RSS added by calibrating ``samples`` windows, ``batch`` a forward,
     printed as JSON. ``one_pass``: the estimators measure every stream in one pass (section 5)."""
@@ -206,9 +209,6 @@ def run_memory_child(samples: int, seq_len: int, batch: int = 1, one_pass: bool 
                "--batch", str(batch), *(["--one-pass"] if one_pass else [])]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-ONE_PASS = 2**62  # a pass budget no stream count reaches: the estimators measure every stream in one pass
 
 
 def passes(loaded, windows, batches: list[int], rounds: int) -> dict:
