@@ -22,7 +22,7 @@
    report) is what the single-estimator runs add to the forward beyond their estimator.
    ``--breakdown-only`` runs this part alone.
 5. The estimators in passes of a few streams (the library's default on the CPU, ``estimators.CPU_PASS_BYTES``)
-   against one pass over all 61 streams, with 1, 2, 4 and 8 windows a batch (``--passes-batches``): the
+   against one pass per call (the 31 X or 30 Y streams), with 1, 2, 4 and 8 windows a batch (``--passes-batches``): the
    median seconds of one captured batch's statistics, the two alternated ``--rounds`` times in this process,
    and the peak memory added by a calibration of two such batches and its scores, each in a fresh process.
    ``--passes-only`` runs this part alone.
@@ -183,8 +183,8 @@ ONE_PASS = 2**62  # a pass budget no stream count reaches: the estimators measur
 
 
 def memory_child(samples: int, seq_len: int, batch: int = 1, one_pass: bool = False) -> None:
-    """Run in a fresh process: seconds and peak RSS added by calibrating ``samples`` windows, ``batch`` a forward,
-    printed as JSON. ``one_pass``: the estimators measure every stream in one pass (section 5)."""
+    """Run in a fresh process: peak RSS added by calibrating ``samples`` windows, ``batch`` a forward, and the
+    scores, printed as JSON. ``one_pass``: the estimators measure every stream in one pass (section 5)."""
     if one_pass:
         estimators.CPU_PASS_BYTES = ONE_PASS
     loaded = load_model("smollm2")
@@ -193,14 +193,10 @@ def memory_child(samples: int, seq_len: int, batch: int = 1, one_pass: bool = Fa
     run_calibration(loaded.model, warm, settings=SETTINGS, spec=loaded.arch, batch_size=batch)  # allocator steady
     windows = make_windows(loaded.tokenizer, corpus, num_samples=samples, seq_len=seq_len, seed=1)
     baseline = reset_peak_rss()
-    t0 = time.perf_counter()
-    scores = run_calibration(loaded.model, windows, settings=SETTINGS, spec=loaded.arch, batch_size=batch,
-                             overlap=False)
-    seconds = time.perf_counter() - t0
+    scores = run_calibration(loaded.model, windows, settings=SETTINGS, spec=loaded.arch, batch_size=batch)
     peak = peak_rss()
-    print(json.dumps({"samples": samples, "batch": batch, "one_pass": one_pass, "seconds": seconds,
-                      "baseline_bytes": baseline, "peak_bytes": peak, "added_bytes": peak - baseline,
-                      "scores": scores.to_dict()}))
+    print(json.dumps({"samples": samples, "batch": batch, "one_pass": one_pass, "baseline_bytes": baseline,
+                      "peak_bytes": peak, "added_bytes": peak - baseline, "scores": scores.to_dict()}))
 
 
 def run_memory_child(samples: int, seq_len: int, batch: int = 1, one_pass: bool = False) -> dict:
@@ -224,18 +220,20 @@ def passes(loaded, windows, batches: list[int], rounds: int) -> dict:
                                        torch.device("cpu"))) as captured:
             streams = next(captured)
         seconds = {"passes": [], "one_pass": []}
-        for r in range(rounds + 1):
-            for mode in (("passes", "one_pass") if r % 2 == 0 else ("one_pass", "passes")):
-                estimators.CPU_PASS_BYTES = ONE_PASS if mode == "one_pass" else default
-                stats = RunningStats(loaded.num_layers, SETTINGS.estimators)
-                t0 = time.perf_counter()
-                _fold(stats, streams, SETTINGS)
-                if r:  # round 0 warms up
-                    seconds[mode].append(time.perf_counter() - t0)
-        estimators.CPU_PASS_BYTES = default
+        try:
+            for r in range(rounds + 1):
+                for mode in (("passes", "one_pass") if r % 2 == 0 else ("one_pass", "passes")):
+                    estimators.CPU_PASS_BYTES = ONE_PASS if mode == "one_pass" else default
+                    stats = RunningStats(loaded.num_layers, SETTINGS.estimators)
+                    t0 = time.perf_counter()
+                    _fold(stats, streams, SETTINGS)
+                    if r:  # round 0 warms up
+                        seconds[mode].append(time.perf_counter() - t0)
+        finally:
+            estimators.CPU_PASS_BYTES = default
         runs = {mode: run_memory_child(2 * batch, seq_len, batch, one_pass=mode == "one_pass")
                 for mode in ("passes", "one_pass")}
-        result[batch] = {"tokens": int(streams.xs.shape[1]),
+        result[batch] = {"tokens": int(streams.xs.shape[1]), "threads": torch.get_num_threads(),
                          "statistics_ms": {mode: round(statistics.median(v) * 1e3, 1) for mode, v in seconds.items()},
                          "added_peak_mb": {mode: round(m["added_bytes"] / 2**20, 1) for mode, m in runs.items()},
                          "max_relative_difference": score_difference(runs["one_pass"]["scores"],
@@ -244,9 +242,10 @@ def passes(loaded, windows, batches: list[int], rounds: int) -> dict:
 
 
 def print_passes(result: dict, rounds: int) -> None:
-    print(f"the estimators in passes against one pass over all 61 streams ({len(os.sched_getaffinity(0))} cores): "
-          f"one batch's statistics, median of {rounds} alternated runs; peak memory added by calibrating 2 batches, "
-          f"each in a fresh process")
+    threads = next(iter(result.values()))["threads"]
+    print(f"the estimators in passes against one pass per call (31 or 30 streams), {len(os.sched_getaffinity(0))} "
+          f"cores, {threads} torch thread(s): one batch's statistics, median of {rounds} alternated runs; peak "
+          f"memory added by calibrating 2 batches, each in a fresh process")
     for batch, r in result.items():
         t, m = r["statistics_ms"], r["added_peak_mb"]
         print(f"  {batch} window(s) a batch ({r['tokens']} tokens): statistics {t['passes']:.0f} ms in passes, "
@@ -276,7 +275,7 @@ def main() -> None:
     if args.breakdown_windows < 1:
         parser.error("--breakdown-windows must be at least 1")
     batches = [int(b) for b in args.passes_batches.split(",")]
-    if min(batches) < 1 or max(batches) > args.samples:
+    if not args.breakdown_only and (min(batches) < 1 or max(batches) > args.samples):
         parser.error("--passes-batches must be at least 1 and at most --samples")
     if args.memory_child is not None:
         memory_child(args.memory_child, args.seq_len, args.batch, args.one_pass)

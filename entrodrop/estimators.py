@@ -39,20 +39,22 @@ ENTROPY_ESTIMATORS = ("bucket", "knn", "renyi")
 # fading below 20x in the last two streams (19x, 9x) does not let it back in.
 MASSIVE_RATIO = 20.0
 
-# The estimators measure a few streams per pass, as many as keep a pass's largest temporary (an (N, d)
-# or (N, N) float32 array per stream) within these bytes, at least one. On the CPU a pass then stays
-# within a core's cache (L2 here: 4 MiB) and reuses the memory the pass before freed: one pass over the
-# 31 streams X_0..X_30 of the bundled model would allocate about 18 MB per step at one 256-token window,
-# mapped in afresh page by page each time. On either, knn's N x N distances are kept for a pass's streams only,
-# not for all of a call's (31 x N^2 x 4 bytes: 0.5 GB at 2048 tokens a batch). Each stream's result is
-# the same, bit for bit (docs/results.md section 0).
+# The estimators measure a few streams per pass, as many as keep a pass's largest temporary (about an
+# (N, d) or (N, N) float32 array per stream) within these bytes, at least one. On the CPU the passes then
+# reuse the memory the pass before freed, where one pass over the 31 streams X_0..X_30 of the bundled
+# model would allocate about 18 MB per step at one 256-token window, mapped in afresh page by page each
+# time; and knn's N x N distances are held for a pass's streams only, not for all of a call's (31 x N^2 x
+# 4 bytes: 0.5 GB at 2048 tokens a batch). On the CPU each stream's bucket and knn entropy is the same bit
+# for bit (renyi's float64 mean can be reduced in another order: within an ulp), docs/results.md section 0.
 CPU_PASS_BYTES = 4 * 2**20
+# On an accelerator, passes only bound memory (every stream of one 256-token window of the bundled model
+# fits one pass); unmeasured, no GPU having been lent to this project.
 ACCELERATOR_PASS_BYTES = 256 * 2**20
 
 
 def _streams_per_pass(n: int, d: int, device: torch.device) -> int:
     budget = CPU_PASS_BYTES if device.type == "cpu" else ACCELERATOR_PASS_BYTES
-    return max(1, budget // (4 * n * max(n, d)))
+    return max(1, budget // (4 * max(n, 1) * max(n, d, 1)))
 
 
 def _in_passes(measure, *streams: torch.Tensor):
@@ -60,9 +62,10 @@ def _in_passes(measure, *streams: torch.Tensor):
     time (see :data:`CPU_PASS_BYTES`). ``measure`` takes (s, N, d) tensors and returns a tensor (s, ...) or a
     tuple of them; the passes' results are joined and shaped (lead..., ...)."""
     *lead, n, d = streams[0].shape
-    flat = [z.reshape(-1, n, d) for z in streams]
-    count = flat[0].shape[0]
+    count = math.prod(lead)
+    flat = [z.reshape(count, n, d) for z in streams]
     step = _streams_per_pass(n, d, flat[0].device)
+    # no streams still make one (empty) call, so that measure's own checks run
     parts = [measure(*(z[i : i + step] for z in flat)) for i in range(0, max(count, 1), step)]
 
     def join(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -79,7 +82,7 @@ def bucket_entropy(z: torch.Tensor, bins: int = 20) -> torch.Tensor:
 
     ``z``: (..., N, d); returns (...,) float64. Each dimension gets ``bins`` bins between its own
     min and max over the N tokens; a constant dimension has entropy 0. Upper bound d*log(bins).
-    Leading dimensions are independent problems, computed in one vectorised pass.
+    Leading dimensions are independent problems, computed a few at a time (see :data:`CPU_PASS_BYTES`).
 
     The min-max range makes it fragile to outliers: one massive-activation token stretches the
     range of its large dimensions and packs every other token into one bin there, which is why
@@ -227,15 +230,19 @@ def _renyi_entropies(z: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.log(kernel.pow(alpha - 1).mean(dim=(1, 2))) / (1 - alpha)  # (S,)
 
 
+def _check_estimator(name: str) -> None:
+    if name not in ENTROPY_ESTIMATORS:
+        raise ValueError(f"Unknown entropy estimator {name!r}; choose from {', '.join(ENTROPY_ESTIMATORS)}.")
+
+
 def entropy(z: torch.Tensor, estimator: str, *, bins: int = 20, k: int = 25, alpha: float = 4.0) -> torch.Tensor:
     """Dispatch to one estimator by name."""
+    _check_estimator(estimator)
     if estimator == "bucket":
         return bucket_entropy(z, bins)
     if estimator == "knn":
         return knn_entropy(z, k)
-    if estimator == "renyi":
-        return renyi_entropy(z, alpha)
-    raise ValueError(f"Unknown entropy estimator {estimator!r}; choose from {', '.join(ENTROPY_ESTIMATORS)}.")
+    return renyi_entropy(z, alpha)
 
 
 def entropy_with_subset(
@@ -245,13 +252,13 @@ def entropy_with_subset(
 
     The same as ``entropy(z, ...)`` and ``entropy(z[..., keep, :], ...)``; knn shares one
     distance matrix and one neighbour search between the two (bucket ranges and the renyi
-    bandwidth depend on the token set, so those are measured twice, pass by pass: a pass's streams
-    are still in cache for the second measure).
+    bandwidth depend on the token set, so those are measured twice, pass by pass).
     """
+    _check_estimator(estimator)
+    keep = torch.as_tensor(keep, device=z.device)
     if estimator == "knn":
         return _knn_entropies(z, k, keep)
     kw = dict(bins=bins, k=k, alpha=alpha)
-    keep = keep.to(z.device)
     return _in_passes(lambda part: (entropy(part, estimator, **kw), entropy(part[:, keep], estimator, **kw)), z)
 
 
@@ -269,6 +276,8 @@ def token_cosine(a: torch.Tensor, b: torch.Tensor, *, unit: bool = False) -> tor
     if not unit:
         a, b = unit_tokens(a), unit_tokens(b)
     a, b = torch.broadcast_tensors(a, b)
+    if a.dim() < 2:  # one token
+        return (a * b).sum(dim=-1).clamp_(-1.0, 1.0)
     return _in_passes(lambda pa, pb: (pa * pb).sum(dim=-1), a, b).clamp_(-1.0, 1.0)
 
 

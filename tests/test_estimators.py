@@ -166,19 +166,33 @@ def test_angular_distance_matrix_is_symmetric_with_zero_diagonal():
 
 @pytest.mark.parametrize("estimator", ["bucket", "knn", "renyi"])
 def test_measuring_a_stream_per_pass_gives_what_one_pass_over_all_streams_gives(monkeypatch, estimator):
-    # on the CPU the estimators measure as many streams per pass as fit CPU_PASS_BYTES (a few of the bundled
-    # model's); a budget of 1 byte forces one stream per pass, a huge one every stream in one pass
+    # on the CPU the estimators measure as many streams per pass as fit CPU_PASS_BYTES; a budget of 1 byte
+    # forces one stream per pass, a huge one every stream in one pass; 16 KiB makes passes of 2 streams here
     torch.manual_seed(0)
-    z = torch.randn(2, 3, 80, 16)
+    z = torch.randn(2, 3, 40, 16)
     z[:, 1:, 0] *= 300
-    keep = torch.ones(80, dtype=torch.bool)
+    keep = torch.ones(40, dtype=torch.bool)
     keep[[0, 7]] = False
-    b = torch.randn(2, 3, 80, 16)
+    b = torch.randn(2, 3, 40, 16)
     results = {}
-    for budget in (1, 2**40):
+    for budget in (1, 16 * 2**10, 2**40):
         monkeypatch.setattr(estimators, "CPU_PASS_BYTES", budget)
         results[budget] = (entropy(z, estimator), *entropy_with_subset(z, estimator, keep), token_cosine(z, b))
-    for per_stream, one_pass in zip(results[1], results[2**40], strict=True):
-        assert per_stream.shape == one_pass.shape
-        torch.testing.assert_close(per_stream, one_pass, rtol=1e-12, atol=0)
+    for budget in (1, 16 * 2**10):
+        for in_passes, one_pass in zip(results[budget], results[2**40], strict=True):
+            assert in_passes.shape == one_pass.shape and in_passes.dtype == one_pass.dtype
+            if estimator == "renyi":  # its float64 mean may be reduced in another order
+                torch.testing.assert_close(in_passes, one_pass, rtol=1e-15, atol=0)
+            else:
+                assert torch.equal(in_passes, one_pass)
     assert results[1][0].shape == (2, 3)
+
+
+def test_estimators_take_one_stream_without_leading_dimensions_and_one_token_cosines():
+    torch.manual_seed(0)
+    z = torch.randn(40, 16)
+    assert entropy(z, "bucket").shape == () and entropy(z, "knn").shape == ()
+    assert token_cosine(z[0], z[0]).item() == pytest.approx(1.0)  # one token: a scalar
+    assert token_cosine(torch.randn(3, 0, 16), torch.randn(3, 0, 16)).shape == (3, 0)
+    with pytest.raises(ValueError, match="bucket, knn, renyi"):
+        entropy_with_subset(z, "kde", torch.ones(40, dtype=torch.bool))
