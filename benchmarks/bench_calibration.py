@@ -254,6 +254,13 @@ def print_passes(result: dict, rounds: int) -> None:
               f"{r['max_relative_difference']:.1e} (relative)")
 
 
+def write_json(path: str | None, result: dict) -> None:
+    """The run's figures as JSON at ``path`` (``--json``; None: not asked for)."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=32)
@@ -290,10 +297,8 @@ def main() -> None:
     if args.passes_only:
         in_passes = passes(loaded, windows, batches, args.rounds)
         print_passes(in_passes, args.rounds)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"model": loaded.name, "seq_len": args.seq_len, "rounds": args.rounds,
-                           "cores": len(os.sched_getaffinity(0)), "passes_by_batch": in_passes}, fh, indent=2)
+        write_json(args.json, {"model": loaded.name, "seq_len": args.seq_len, "rounds": args.rounds,
+                               "cores": len(os.sched_getaffinity(0)), "passes_by_batch": in_passes})
         return
     part = windows[: args.breakdown_windows]
     breakdown, timing = {}, {}
@@ -317,10 +322,9 @@ def main() -> None:
               f"forward: knn {b['knn_vs_decoder']:.3f}, bucket {b['bucket_vs_decoder']:.3f}, the rest "
               f"{b['rest_vs_decoder']:.3f}")
     if args.breakdown_only:
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"model": loaded.name, "windows": len(part), "seq_len": args.seq_len, "rounds": args.rounds,
-                           "cores": len(os.sched_getaffinity(0)), "breakdown_by_threads": breakdown}, fh, indent=2)
+        write_json(args.json, {"model": loaded.name, "windows": len(part), "seq_len": args.seq_len,
+                               "rounds": args.rounds, "cores": len(os.sched_getaffinity(0)),
+                               "breakdown_by_threads": breakdown})
         return
     dp = data_parallel(args.samples, args.seq_len)
 
@@ -364,9 +368,7 @@ def main() -> None:
           f"added part {result['added_peak_ratio']:.3f} (goal within 5%)")
     print(f"  running statistics kept between batches: {state} bytes, whatever the sample count")
     print_passes(in_passes, args.rounds)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

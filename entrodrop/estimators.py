@@ -134,7 +134,7 @@ def knn_entropy(z: torch.Tensor, k: int = 25) -> torch.Tensor:
 
 
 def _knn_entropies(z: torch.Tensor, k: int, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """KL entropy of all N tokens and, when ``keep`` (N,) bool is given, of the kept tokens alone."""
+    """KL entropy of all N tokens and, when ``keep`` (N,) bool on ``z``'s device is given, of the kept tokens alone."""
     n = z.shape[-2]
     n_keep = n if keep is None else int(keep.sum())
     if min(n, n_keep) <= k:
@@ -144,7 +144,6 @@ def _knn_entropies(z: torch.Tensor, k: int, keep: torch.Tensor | None = None) ->
         )
     if keep is None:
         return _in_passes(lambda part: _knn_pass(part, k, None, 0)[0], z), None
-    keep = keep.to(z.device)
     return _in_passes(lambda part: _knn_pass(part, k, keep, n - n_keep), z)
 
 
